@@ -1,0 +1,1 @@
+"""Data stage: corpora, cleaning, deduplication, mixing and token shards."""

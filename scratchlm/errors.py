@@ -1,0 +1,21 @@
+"""The project's exceptions.
+
+A `ScratchLMError` is a user mistake or a bad input: the CLI prints its message on one line and
+exits with status 2. Anything else escaping the library is a bug and keeps its traceback.
+"""
+
+
+class ScratchLMError(Exception):
+    """A problem the user can act on; the message says what went wrong and where."""
+
+
+class InputFileError(ScratchLMError):
+    """A file given by the user is missing, empty, unreadable or malformed."""
+
+
+class ConfigError(ScratchLMError):
+    """A setting has an invalid value, or a key that does not exist."""
+
+
+class SpecialTokenInTextError(ScratchLMError):
+    """Text to encode contains a special token's string and the caller did not allow it."""
