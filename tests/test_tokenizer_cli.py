@@ -1,0 +1,105 @@
+"""The `scratchlm tokenizer` commands as a user runs them: results, and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from scratchlm.cli import main
+from scratchlm.tokenizer import Tokenizer
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scratchlm.cli", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tok.json"
+    result = run("tokenizer", "train", "--vocab-size", "600", "--max-bytes", "200k", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "trained 600 tokens" in result.stdout and "embedded corpus" in result.stdout
+    return out
+
+
+def test_train_on_files_then_encode_decode_round_trip(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. the dog sat on the log.\n" * 50)
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "270", "--out", str(out), "--quiet", "--workers", "1"]) == 0
+    assert Tokenizer.load(out).vocab_size == 270
+    capsys.readouterr()
+    assert main(["tokenizer", "encode", "--tokenizer", str(out), "--text", "the cat sat"]) == 0
+    ids = capsys.readouterr().out.strip()
+    assert main(["tokenizer", "decode", "--tokenizer", str(out), "--ids", ids]) == 0
+    assert capsys.readouterr().out == "the cat sat"
+
+
+def test_encode_reads_stdin_and_decode_reads_stdin(trained):
+    encoded = run("tokenizer", "encode", "--tokenizer", str(trained), stdin="Hello, world!")
+    assert encoded.returncode == 0
+    decoded = run("tokenizer", "decode", "--tokenizer", str(trained), stdin=encoded.stdout)
+    assert decoded.stdout == "Hello, world!"
+
+
+def test_stats_reports_bytes_per_token_and_vocab_use(trained, capsys):
+    assert main(["tokenizer", "stats", "--tokenizer", str(trained), "--text", "the value of the expression", "--json"]) == 0
+    import json
+
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["text_bytes"] == 27 and 1 < stats["bytes_per_token"] < 27
+    assert 0 < stats["vocab_used"] < 1 and len(stats["longest"]) == 10
+
+
+def test_export_then_import_round_trip(trained, tmp_path, capsys):
+    hf = tmp_path / "hf" / "tokenizer.json"
+    assert main(["tokenizer", "export", "--tokenizer", str(trained), "--out", str(hf)]) == 0
+    assert main(["tokenizer", "import", str(hf.parent), "--out", str(tmp_path / "back.json")]) == 0
+    assert Tokenizer.load(tmp_path / "back.json").ranks == Tokenizer.load(trained).ranks
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["tokenizer", "train", "--input", "missing.txt", "--out", "x.json"], None, "missing.txt: no such file"),
+        (["tokenizer", "train", "--vocab-size", "10", "--out", "x.json"], None, "vocab size 10 is too small"),
+        (["tokenizer", "encode", "--tokenizer", "nope.json", "--text", "hi"], None, "nope.json: no such tokenizer file"),
+        (["tokenizer", "decode", "--tokenizer", "TOK", "--ids", "1 two"], None, "'two' (item 2 of the input) is not a token id"),
+        (["tokenizer", "decode", "--tokenizer", "TOK", "--ids", "99999"], None, "token id 99999 is not in the vocabulary"),
+        (["tokenizer", "encode", "--tokenizer", "TOK"], "a <|endoftext|>", "special token '<|endoftext|>'"),
+        (["tokenizer", "train", "--pattern", "([", "--out", "x.json"], None, "pattern '([' is neither"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(trained, tmp_path, args, stdin, message):
+    args = [str(trained) if a == "TOK" else a for a in args]
+    result = subprocess.run(
+        [sys.executable, "-m", "scratchlm.cli", *args], input=stdin, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scratchlm: error:") and message in lines[0], result.stderr
+
+
+def test_bad_size_is_a_usage_error_without_traceback():
+    result = run("tokenizer", "train", "--max-bytes", "lots", "--out", "x.json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'lots' is not a size" in result.stderr
+
+
+def test_undecodable_input_warns_with_counts(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok ok ok \xff\xff ok ok\n" * 4)
+    result = run("tokenizer", "train", "--input", str(bad), "--vocab-size", "262", "--out", str(tmp_path / "t.json"), "--quiet")
+    assert result.returncode == 0
+    assert "8 undecodable bytes replaced" in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"], ["tokenizer", "stats"]])
+def test_help_is_available_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: scratchlm" in capsys.readouterr().out
