@@ -57,7 +57,7 @@ def hf_trainer_tokenizer(blocks: list[str], pattern: str, vocab_size: int) -> HF
     return tok
 
 
-def throughput(fn, data_bytes: int, repeats: int = 3) -> float:
+def throughput(fn, data_bytes: int, repeats: int = 7) -> float:
     """Best of `repeats` runs, in MB/s."""
     best = float("inf")
     for _ in range(repeats):

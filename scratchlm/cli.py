@@ -233,9 +233,13 @@ def _tokenizer_stats(args: argparse.Namespace) -> int:
     print(f"text             {stats.text_bytes:,} bytes -> {stats.tokens:,} tokens")
     print(f"bytes per token  {stats.bytes_per_token:.3f}")
     print(f"vocab used       {stats.distinct_tokens:,} of {stats.vocab_size:,} ({stats.vocab_used:.1%})")
-    print(f"longest tokens   " + "  ".join(f"{b.decode('utf-8', 'replace')!r}" for _, b in stats.longest))
-    print("most frequent    " + "  ".join(f"{tokenizer.decode([i])!r}x{c}" for i, c in stats.most_common))
+    print("longest tokens   " + "  ".join(_short(b.decode("utf-8", "replace")) for _, b in stats.longest))
+    print("most frequent    " + "  ".join(f"{_short(tokenizer.decode([i]))}x{c}" for i, c in stats.most_common))
     return 0
+
+
+def _short(text: str, limit: int = 24) -> str:
+    return repr(text) if len(text) <= limit else repr(text[: limit - 1] + "…")
 
 
 def _tokenizer_import(args: argparse.Namespace) -> int:
