@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+import regex
 import tiktoken
 
 from scratchlm.atomic_io import write_text_atomic
@@ -62,10 +63,12 @@ class Tokenizer:
             name=name, pat_str=self.pattern, mergeable_ranks=ranks, special_tokens=special_tokens
         )
         # Some imported vocabularies (SmolLM2's) lack a few single bytes, such as control
-        # characters. tiktoken needs every byte, so those get ids from `vocab_size` up, and
-        # encoding drops them, as Hugging Face's BPE does with a byte it has no token for.
+        # characters. tiktoken needs every byte, so those get ids from `vocab_size` up. Hugging
+        # Face's BPE skips a byte it has no token for and merges its neighbours within the
+        # chunk as if it were not there; `_encode_skipping_absent` does the same, for the rare
+        # text that contains such a byte.
         self._vocab_size = vocab_size if vocab_size is not None else self._encoding.max_token_value + 1
-        self._has_placeholders = self._encoding.max_token_value >= self._vocab_size
+        self._absent_bytes = bytes(b[0] for b, i in ranks.items() if len(b) == 1 and i >= self._vocab_size)
         if any(i >= self._vocab_size for i in special_tokens.values()):
             raise TokenizerFormatError(f"a special token's id is not below the vocab size {self._vocab_size}")
 
@@ -75,11 +78,26 @@ class Tokenizer:
         """One more than the largest id: the size an embedding table needs."""
         return self._vocab_size
 
-    def _drop_placeholders(self, ids: list[int]) -> list[int]:
-        if not self._has_placeholders:
-            return ids
-        limit = self._vocab_size
-        return [i for i in ids if i < limit]
+    def _has_absent_byte(self, text: str) -> bool:
+        if not self._absent_bytes:
+            return False
+        data = text.encode("utf-8", errors="surrogatepass")
+        return len(data.translate(None, self._absent_bytes)) != len(data)
+
+    def _encode_skipping_absent(self, text: str, allowed: set[str]) -> list[int]:
+        """Slow path: pre-tokenize, delete absent bytes inside each chunk, then BPE."""
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates, as tiktoken
+        chunk_pattern = regex.compile(self.pattern)
+        special = regex.compile("(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")") if allowed else None
+        ids: list[int] = []
+        for n, part in enumerate(special.split(text) if special else [text]):
+            if n % 2:  # odd parts are the allowed special tokens the split kept
+                ids.append(self.special_tokens[part])
+                continue
+            for chunk in chunk_pattern.findall(part):
+                data = chunk.encode("utf-8", errors="surrogatepass").translate(None, self._absent_bytes)
+                ids.extend(self.ranks[p] for p in bpe_parts(data, self.ranks) if data)
+        return ids
 
     @property
     def eot_id(self) -> int | None:
@@ -107,11 +125,13 @@ class Tokenizer:
             ids = self._encoding.encode(text, allowed_special=allowed, disallowed_special="all")
         except ValueError:
             raise self._special_in_text_error([text], allowed) from None
-        return self._drop_placeholders(ids)
+        return self._encode_skipping_absent(text, allowed) if self._has_absent_byte(text) else ids
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text`, treating special-token strings as plain text."""
-        return self._drop_placeholders(self._encoding.encode_ordinary(text))
+        if self._has_absent_byte(text):
+            return self._encode_skipping_absent(text, set())
+        return self._encoding.encode_ordinary(text)
 
     def encode_batch(
         self, texts: Sequence[str], num_threads: int = 1, allowed_special: AllowedSpecial = ()
@@ -125,7 +145,9 @@ class Tokenizer:
             )
         except ValueError:
             raise self._special_in_text_error(texts, allowed) from None
-        return [self._drop_placeholders(ids) for ids in batch] if self._has_placeholders else batch
+        if self._absent_bytes:
+            batch = [self._encode_skipping_absent(t, allowed) if self._has_absent_byte(t) else ids for t, ids in zip(texts, batch)]
+        return batch
 
     def _allowed(self, allowed_special: AllowedSpecial) -> set[str]:
         if allowed_special == "all":
