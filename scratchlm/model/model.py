@@ -1,0 +1,235 @@
+"""The decoder-only transformer: one file, every architecture in `ModelConfig`.
+
+    tokens -> embedding (+ learned positions) -> n_layer x Block -> norm -> linear head -> logits
+    Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))          (pre-norm, GPT-2 onward)
+
+Attention runs through `scaled_dot_product_attention`, which picks FlashAttention or
+memory-efficient kernels on GPUs. Generation keeps a preallocated `KVCache`, so each new token
+costs one position, not a rerun of the prompt. The model is written for one device: parallelism,
+compilation and activation checkpointing are applied from outside (`scratchlm/train/`).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scratchlm.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): LayerNorm without centring or bias."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32: under bf16 autocast the mean of squares loses too much precision.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.n_embd
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig, length: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of position * frequency, shape (length, head_dim / 2) (Su et al. 2021)."""
+    half = config.head_dim // 2
+    freqs = 1.0 / (config.rope_base ** (torch.arange(half, device=device, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + half]) by position-dependent angles: Hugging Face's layout,
+    so Llama-family checkpoints load without permuting weights. x: (B, heads, T, head_dim)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the positions generated so far, preallocated to
+    `max_len`. `pos` is the number of positions filled."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (batch, config.kv_heads, max_len, config.head_dim)
+        return cls(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        hd = config.head_dim
+        # One matmul for queries, keys and values; keys and values have n_kv_head heads.
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * hd, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * hd, config.n_embd, bias=config.bias)
+        self.q_norm = make_norm(config, hd) if config.qk_norm else None
+        self.k_norm = make_norm(config, hd) if config.qk_norm else None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int) -> Tensor:
+        cfg = self.config
+        B, T, _ = x.shape
+        hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k = cache.keys[layer][:, :, : start + T]
+            v = cache.values[layer][:, :, : start + T]
+        mask, causal = None, T > 1
+        if start > 0 and T > 1:  # a chunk after cached positions: query i sees keys 0 .. start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=nkv != nh,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        width = 2 * config.hidden if config.mlp == "swiglu" else config.hidden  # SwiGLU: gate and up in one matmul
+        self.up = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.down = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":  # Shazeer 2020
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":  # squared ReLU (So et al. 2021), used by modded-nanoGPT
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_embed = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        if config.positions == "rope":
+            cos, sin = rope_tables(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) for matrices and embeddings, zero biases, and the
+        projections that write into the residual stream scaled by 1/sqrt(2 * n_layer), so the
+        residual's variance does not grow with depth (Radford et al. 2019, section 2.3)."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif param.dim() == 1:  # norm weights
+                nn.init.ones_(param)
+            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets (B, T; -100 to
+        ignore a position), the mean next-token cross-entropy in nats."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+        x = self.embed(idx)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        param = self.embed.weight
+        return KVCache.empty(self.config, batch, max_len or self.config.block_size, param.device, param.dtype)
+
+
+def count_params(config: ModelConfig, include_embeddings: bool = True) -> int:
+    """Exact parameter count, from a model built on the meta device (no memory used)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    if not include_embeddings:
+        total -= model.embed.weight.numel() + (model.pos_embed.weight.numel() if model.pos_embed is not None else 0)
+    return total
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4), the output layer
+    included even when tied, plus attention scores and mixing, 12 * layers * width * context
+    (Kaplan et al. 2020; PaLM appendix B)."""
+    t = seq_len or config.block_size
+    matmul_params = count_params(config, include_embeddings=False) + config.vocab_size * config.n_embd
+    return 6 * matmul_params + 12 * config.n_layer * config.n_embd * t
