@@ -58,8 +58,200 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"scratchlm {__version__}")
     stages = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_quickstart_command(stages)
     _add_tokenizer_commands(stages)
+    _add_data_commands(stages)
+    _add_model_commands(stages)
+    _add_pretrain_command(stages)
+    _add_generate_command(stages)
     return parser
+
+
+# ---- scratchlm quickstart -----------------------------------------------------------
+def _add_quickstart_command(stages: argparse._SubParsersAction) -> None:
+    qs = stages.add_parser(
+        "quickstart",
+        help="the whole path on the embedded corpus, in minutes on a CPU",
+        description="Train a tokenizer on the embedded corpus (CPython's own documentation), tokenize it, "
+        "pretrain a small Llama-style model within a wall-clock budget, evaluate it (validation loss and "
+        "bits per byte), sample from it, and write a report. Under 10 minutes on 2 CPU cores.",
+    )
+    qs.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output folder (default: runs/quickstart)")
+    qs.add_argument("--max-time", default=None, help="pretraining budget, e.g. 120s or 5m (default: the quickstart recipe's 300s)")
+    qs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    qs.add_argument("--quiet", action="store_true", help="no progress bars")
+    qs.set_defaults(run=_quickstart)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from scratchlm.quickstart import quickstart
+
+    overrides = list(args.set) + ([f"max_time={args.max_time}"] if args.max_time else [])
+    result = quickstart(args.out, overrides, progress=not args.quiet)
+    run = result.run
+    print()
+    for n, sample in enumerate(run.samples, 1):
+        print(f"--- sample {n} ---\n{sample.strip()}\n")
+    print(f"validation: {run.val_loss:.4f} nats/token, {run.val_bpb:.4f} bits per byte "
+          f"({run.params / 1e6:.2f}M parameters, {run.tokens:,} tokens, {run.tokens_per_s:,.0f} tokens/s)")
+    print(f"done in {result.seconds:.0f}s. Everything is in {result.out}/:")
+    print(f"  tokenizer  {result.tokenizer}")
+    print(f"  shards     {result.shards}/")
+    print(f"  model      {run.run_dir / 'model'}/")
+    print(f"  report     {run.run_dir / 'report.md'}  (loss curve: {run.run_dir / 'loss.png'}, metrics: {run.run_dir / 'metrics.jsonl'})")
+    print(f"next: scratchlm generate {run.run_dir} --prompt \"The \"")
+    return 0
+
+
+# ---- scratchlm data ... ---------------------------------------------------------------
+def _add_data_commands(stages: argparse._SubParsersAction) -> None:
+    data = stages.add_parser("data", help="turn text into token shards", description="Data preparation: turn text into token shards for pretraining.")
+    cmds = data.add_subparsers(title="data commands", metavar="COMMAND", required=True)
+    tok = cmds.add_parser(
+        "tokenize",
+        help="tokenize text files into train/val shards",
+        description="Tokenize text files (each file a document, <|endoftext|> between documents) into "
+        "memory-mapped shards with a manifest and a copy of the tokenizer. With 20 or more files, 10%% of "
+        "files go to validation by a hash of their name; with fewer, the last 10%% of each file. With no "
+        "--input, tokenizes the embedded corpus.",
+    )
+    tok.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories (default: embedded corpus)")
+    tok.add_argument("--tokenizer", required=True, type=Path, help="tokenizer file (scratchlm, tokenizer.json or .gguf)")
+    tok.add_argument("--out", required=True, type=Path, help="output folder for shards")
+    tok.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default: 0.1)")
+    tok.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default: 16M)")
+    tok.set_defaults(run=_data_tokenize)
+
+
+def _data_tokenize(args: argparse.Namespace) -> int:
+    from scratchlm.data.tokenize import tokenize_files
+    from scratchlm.tokenizer import load_tokenizer
+
+    manifest = tokenize_files(args.input, load_tokenizer(args.tokenizer), args.out, args.val_fraction, args.shard_tokens)
+    counts = {split: sum(f["tokens"] for f in files) for split, files in manifest["splits"].items()}
+    if manifest.get("undecodable_bytes"):
+        print(f"scratchlm: warning: {manifest['undecodable_bytes']} undecodable bytes replaced with U+FFFD", file=sys.stderr)
+    print(f"{counts['train']:,} train and {counts['val']:,} validation tokens ({manifest['dtype']}; validation: {manifest['split_rule']})")
+    print(f"wrote {args.out}/")
+    return 0
+
+
+# ---- scratchlm model ... --------------------------------------------------------------
+def _add_model_commands(stages: argparse._SubParsersAction) -> None:
+    model = stages.add_parser("model", help="inspect model presets", description="Model architectures and presets.")
+    cmds = model.add_subparsers(title="model commands", metavar="COMMAND", required=True)
+    info = cmds.add_parser(
+        "info",
+        help="parameters, FLOPs per token and memory of a preset",
+        description="Print a preset's architecture, parameter count, training FLOPs per token and estimated "
+        "training memory. With no preset, list all presets.",
+    )
+    info.add_argument("preset", nargs="?", help="preset name (omit to list all)")
+    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
+    info.add_argument("--micro-batch", type=int, default=8, help="sequences per step, for the activation memory estimate (default: 8)")
+    info.set_defaults(run=_model_info)
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from scratchlm.model import PRESETS
+    from scratchlm.model.info import describe, memory_estimate
+
+    if not args.preset:
+        for name, config in PRESETS.items():
+            print(describe(name, config, short=True))
+        return 0
+    from scratchlm.config import build, parse_overrides
+    from scratchlm.model import ModelConfig, get_preset
+
+    config = get_preset(args.preset)
+    if args.set:
+        config = build(ModelConfig, config.to_dict() | parse_overrides(args.set), f"--set for {args.preset}")
+    print(describe(args.preset, config))
+    for line in memory_estimate(config, args.micro_batch):
+        print(line)
+    return 0
+
+
+# ---- scratchlm pretrain --------------------------------------------------------------
+def _add_pretrain_command(stages: argparse._SubParsersAction) -> None:
+    from scratchlm.train.config import builtin_recipes
+
+    pre = stages.add_parser(
+        "pretrain",
+        help="train a model from scratch on token shards",
+        description="Pretrain a decoder-only transformer on token shards. Writes RUN/metrics.jsonl, loss.png, "
+        "report.md, checkpoints/ and the final model/. With no --recipe, uses the default CPU recipe, which "
+        "sizes the model to the time budget. Works unchanged under torchrun --nproc_per_node N (data parallel).",
+    )
+    pre.add_argument("--data", required=True, type=Path, help="shard folder (from scratchlm data tokenize)")
+    pre.add_argument("--out", required=True, type=Path, help="run folder")
+    pre.add_argument("--recipe", default=None, help=f"TOML recipe file or built-in name ({', '.join(builtin_recipes())}; default: cpu-default)")
+    pre.add_argument("--max-time", default=None, help="wall-clock budget, e.g. 120s, 10m (overrides the recipe)")
+    pre.add_argument("--max-steps", type=int, default=None, help="step budget (overrides the recipe)")
+    pre.add_argument("--val-text", type=Path, default=None, help="evaluate on this text file instead of the val split")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key, e.g. lr=1e-3 or model_config.n_layer=6 (repeatable)")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(run=_pretrain)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from scratchlm.train.config import load_train_config, resolve_recipe
+    from scratchlm.train.loop import pretrain
+
+    overrides = list(args.set)
+    if args.max_time is not None:
+        overrides += [f"max_time={args.max_time}", "max_steps=none"]
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    config = load_train_config(resolve_recipe(args.recipe), overrides)
+    summary = pretrain(args.data, args.out, config, val_text=args.val_text, resume=args.resume, progress=not args.quiet)
+    if summary.val_bpb is not None:
+        print(f"step {summary.steps}: val loss {summary.val_loss:.4f} nats/token, {summary.val_bpb:.4f} bits per byte")
+    print(f"wrote {summary.run_dir}/ (model/, report.md, loss.png, metrics.jsonl)")
+    return 0
+
+
+# ---- scratchlm generate ---------------------------------------------------------------
+def _add_generate_command(stages: argparse._SubParsersAction) -> None:
+    gen = stages.add_parser(
+        "generate",
+        help="sample text from a trained model",
+        description="Sample continuations of a prompt (from --prompt or standard input), streaming tokens to "
+        "the terminal as they are produced. MODEL is a run folder, its model/ folder or a checkpoint folder.",
+    )
+    gen.add_argument("model", type=Path, help="run folder, model folder or checkpoint folder")
+    gen.add_argument("--prompt", default=None, help="the prompt (default: read standard input; empty: start a new document)")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy; higher is more random (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this probability mass")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeating tokens (default: 1.0, off)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a sample at this string (repeatable)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    gen.add_argument("--num-samples", type=int, default=1, help="independent samples (default: 1)")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    gen.set_defaults(run=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from scratchlm.serve.sampling import SamplingConfig, generate_text
+    from scratchlm.train.runfolder import load_model
+
+    model, tokenizer = load_model(args.model, args.device)
+    prompt = args.prompt if args.prompt is not None else ("" if sys.stdin.isatty() else sys.stdin.read())
+    config = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed, num_samples=args.num_samples,
+    )
+    if config.num_samples == 1:  # stream as tokens arrive
+        sys.stdout.write(prompt)
+        generate_text(model, tokenizer, prompt, config, on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return 0
+    for n, text in enumerate(generate_text(model, tokenizer, prompt, config), 1):
+        print(f"--- sample {n} ---\n{prompt}{text}\n")
+    return 0
 
 
 # ---- scratchlm tokenizer ... ------------------------------------------------------------

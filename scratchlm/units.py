@@ -16,3 +16,16 @@ def parse_bytes(value: str | int) -> int:
     if not match or match.group(2).lower() not in _SIZE_SUFFIXES:
         raise ConfigError(f"{value!r} is not a size (examples: 2500, 500k, 10MB, 1MiB)")
     return int(float(match.group(1)) * _SIZE_SUFFIXES[match.group(2).lower()])
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """'120s' -> 120.0, '5m' -> 300.0, '1.5h' -> 5400.0, 90 -> 90.0 (seconds)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _DURATION_UNITS:
+        raise ConfigError(f"{value!r} is not a duration (examples: 90, 120s, 5m, 1.5h)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]

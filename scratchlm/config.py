@@ -1,0 +1,112 @@
+"""The one config loader: TOML files and `key=value` overrides into dataclasses.
+
+Unknown keys are errors that name the key and the closest valid one; values are converted to
+the field's type ("3e-4" -> float, "true" -> bool), so a recipe and the command line behave
+the same.
+"""
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from scratchlm.errors import ConfigError, InputFileError
+
+T = TypeVar("T")
+
+
+def load_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"{p}: no such config file")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["lr=3e-4", "model_config.n_layer=6"] -> {"lr": "3e-4", "model_config": {"n_layer": "6"}}."""
+    result: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value")
+        node = result
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build(cls: type[T], data: dict, where: str = "config") -> T:
+    """Instantiate dataclass `cls` from `data`, converting values and refusing unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = convert(value, hints[key], f"{where}: {key}")
+    return cls(**kwargs)
+
+
+def convert(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a TOML value or a command-line string to `annotation`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return convert(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, not {value!r}")
+        try:
+            number = annotation(float(value)) if annotation is int and isinstance(value, str) and "e" in value.lower() else annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be {'an integer' if annotation is int else 'a number'}, not {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{where} must be an integer, not {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} must be a string, not {value!r}")
+        return str(value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table of key = value")
+        return dict(value)
+    return value

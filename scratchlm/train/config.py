@@ -1,0 +1,103 @@
+"""`TrainConfig`: everything a pretraining run needs, loaded from a TOML recipe plus
+`--set key=value` overrides (`scratchlm.config`)."""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from scratchlm.config import build, load_toml, merge, parse_overrides
+from scratchlm.errors import ConfigError
+from scratchlm.units import parse_duration
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset name, or "auto" to size a small Llama-style model to the time budget
+    model: str = "auto"
+    model_config: dict = field(default_factory=dict)  # overrides of ModelConfig fields
+    seq_len: int | None = None  # default: the model's block_size
+    # batch
+    micro_batch: int = 16  # sequences per forward pass on each process
+    batch_tokens: int | None = None  # tokens per optimizer step; reached by gradient accumulation
+    # budget: the first limit reached ends the run; the LR schedule spans the budget
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_time: str | None = None  # e.g. "120s", "5m"
+    # optimizer and schedule
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    cooldown_fraction: float = 0.3  # wsd: share of the budget spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation and logging
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    log_every: int = 10
+    samples: int = 3
+    sample_tokens: int = 120
+    sample_prompt: str = ""
+    # checkpoints
+    checkpoint_every: int = 100  # steps; also at the end
+    # machinery
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    seed: int = 1337
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+    def __post_init__(self) -> None:
+        budget = (self.max_steps, self.max_tokens, self.max_time)
+        if all(b is None for b in budget):
+            raise ConfigError("training needs a budget: set max_steps, max_tokens or max_time")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+        positive = {"micro_batch": self.micro_batch, "lr": self.lr, "eval_every": self.eval_every,
+                    "log_every": self.log_every, "eval_tokens": self.eval_tokens}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, not {value}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+
+    @property
+    def max_seconds(self) -> float | None:
+        return parse_duration(self.max_time) if self.max_time is not None else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_train_config(recipe: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> TrainConfig:
+    """Defaults, then the recipe file, then `key=value` overrides."""
+    data = dict(base or {})
+    where = "config"
+    if recipe is not None:
+        data = merge(data, load_toml(recipe))
+        where = str(recipe)
+    data = merge(data, parse_overrides(overrides or []))
+    return build(TrainConfig, data, where)
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def resolve_recipe(recipe: str | Path | None) -> Path:
+    """A recipe file path, or the name of a built-in recipe; None means `cpu-default`."""
+    if recipe is None:
+        return RECIPES_DIR / "cpu-default.toml"
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    builtin = RECIPES_DIR / f"{recipe}.toml"
+    if builtin.is_file():
+        return builtin
+    raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe ({', '.join(builtin_recipes())})")

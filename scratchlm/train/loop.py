@@ -1,0 +1,407 @@
+"""Pretraining: next-token prediction on token shards.
+
+    for each step:  (micro_batch x seq_len tokens) x grad_accum micro-steps on each rank
+                    -> clip gradients -> AdamW step with the scheduled learning rate
+                    -> log; every eval_every steps: validation loss and bits per byte
+                    -> every checkpoint_every steps: checkpoint (weights, optimizer, data
+                       position, RNG), so that --resume continues bit-identically on CPU
+
+The data stream is read sequentially: step s, micro-step m, rank r reads the window starting at
+`(s * accum * world + m * world + r) * micro_batch * seq_len`, so the data position is the
+step number and a resumed or distributed run reads exactly what an uninterrupted single
+process would.
+"""
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from scratchlm.data.shards import TokenShards
+from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
+from scratchlm.model import GPT, ModelConfig, count_params, flops_per_token, get_preset
+from scratchlm.tokenizer import Tokenizer, load_tokenizer
+from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scratchlm.train.config import TrainConfig
+from scratchlm.train.distributed import DistInfo, init_distributed, mean_across_ranks, shutdown
+from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
+from scratchlm.train.optim import build_optimizer, lr_at
+from scratchlm.train.runfolder import save_model_folder, write_report
+
+
+class TrainingError(ScratchLMError):
+    """Training cannot go on (repeated non-finite losses)."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    params: int
+    final_loss: float | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    tokens_per_s: float = 0.0
+    mfu: float | None = None
+    samples: list[str] = field(default_factory=list)
+
+
+# ---- devices and precision ----------------------------------------------------------
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it; float32 on CPU by default, where bf16 matmuls
+    are slower than fp32 on most processors."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs; on a CPU, the measured float32 matmul rate of this machine
+    (so CPU 'MFU' is the share of what a big matmul achieves, an estimate)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+    if device.type == "cpu":
+        a = torch.randn(1024, 1024)
+        a @ a
+        start = time.perf_counter()
+        for _ in range(8):
+            a @ a
+        return 8 * 2 * 1024**3 / (time.perf_counter() - start)
+    return None
+
+
+# ---- model sizing ---------------------------------------------------------------------
+def choose_model(config: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The preset named by the config, or for "auto" a CPU preset sized to the time budget
+    (see docs/training.md: measured best bits per byte per budget on 2 cores)."""
+    if config.model == "auto":
+        seconds = config.max_seconds or 600.0
+        name = "cpu-small" if seconds <= 180 else "cpu-base" if seconds <= 900 else "cpu-large"
+        base = get_preset(name)
+    else:
+        base = get_preset(config.model)
+    padded_vocab = -(-vocab_size // 64) * 64
+    model_config = base.replace(vocab_size=padded_vocab)
+    if config.model_config:
+        model_config = model_config.replace(**config.model_config)
+    if config.seq_len:
+        model_config = model_config.replace(block_size=config.seq_len)
+    if model_config.vocab_size < vocab_size:
+        raise ConfigError(f"model vocab_size {model_config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return model_config
+
+
+# ---- evaluation -----------------------------------------------------------------------
+def token_byte_lengths(tokenizer: Tokenizer, size: int) -> np.ndarray:
+    """UTF-8 bytes each id stands for; 0 for special tokens, which bits per byte leaves out."""
+    lengths = np.zeros(size, dtype=np.int64)
+    for token, i in tokenizer.ranks.items():
+        if i < size:
+            lengths[i] = len(token)
+    return lengths
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch: int, byte_lengths: np.ndarray,
+    device: torch.device, amp: torch.dtype | None,
+) -> tuple[float, float]:
+    """Mean loss in nats per token and bits per byte over non-overlapping windows of `tokens`.
+    Bits per byte = total nats over non-special targets / (ln 2 * their UTF-8 bytes): it does
+    not depend on the tokenizer, so models with different vocabularies compare fairly."""
+    was_training = model.training
+    model.eval()
+    windows = (len(tokens) - 1) // seq_len
+    if windows < 1:
+        raise InputFileError(f"validation text has {len(tokens)} tokens, fewer than one context window ({seq_len + 1})")
+    total_nats, total_tokens, bpb_nats, total_bytes = 0.0, 0, 0.0, 0
+    lengths = torch.from_numpy(byte_lengths).to(device)
+    for first in range(0, windows, batch):
+        n = min(batch, windows - first)
+        chunk = torch.from_numpy(tokens[first * seq_len : (first + n) * seq_len + 1].astype(np.int64))
+        x = torch.stack([chunk[i * seq_len : (i + 1) * seq_len] for i in range(n)]).to(device)
+        y = torch.stack([chunk[i * seq_len + 1 : (i + 1) * seq_len + 1] for i in range(n)]).to(device)
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            logits, _ = model(x)
+        nats = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
+        total_nats += nats.sum().item()
+        total_tokens += nats.numel()
+        nbytes = lengths[y.view(-1)]
+        bpb_nats += (nats * (nbytes > 0)).sum().item()
+        total_bytes += nbytes.sum().item()
+    if was_training:
+        model.train()
+    return total_nats / total_tokens, bpb_nats / (math.log(2) * max(total_bytes, 1))
+
+
+# ---- the loop -------------------------------------------------------------------------
+def pretrain(
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    val_text: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunSummary:
+    """Train a model from scratch on the shard folder `data`, writing the run folder `out`."""
+    run_dir = Path(out)
+    shards = TokenShards.open(data)
+    tokenizer = _shard_tokenizer(Path(data), shards)
+    info = init_distributed("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    try:
+        return _train(run_dir, shards, tokenizer, config, info, val_text, resume, progress)
+    finally:
+        shutdown(info)
+
+
+def _shard_tokenizer(data: Path, shards: TokenShards) -> Tokenizer:
+    path = data / "tokenizer.json"
+    if not path.is_file():
+        raise InputFileError(f"{data}: no tokenizer.json beside the shards (scratchlm data tokenize writes one)")
+    tokenizer = load_tokenizer(path)
+    shards.check_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: TrainConfig, info: DistInfo,
+           val_text: str | Path | None, resume: bool, progress: bool) -> RunSummary:
+    device = resolve_device(config.device, info)
+    amp = autocast_dtype(device, config.dtype)
+    model_config = choose_model(config, tokenizer.vocab_size)
+    seq_len = model_config.block_size
+    train_tokens = shards.tokens("train")
+    if train_tokens < seq_len + 1:
+        raise InputFileError(f"{shards.path}: train split has {train_tokens} tokens, fewer than one context window ({seq_len + 1})")
+    val_tokens = _validation_tokens(shards, tokenizer, val_text, seq_len, config.eval_tokens)
+
+    per_micro = config.micro_batch * seq_len
+    target = config.batch_tokens or per_micro * info.world
+    accum = max(1, round(target / (per_micro * info.world)))
+    tokens_per_step = accum * per_micro * info.world
+
+    if info.is_main:
+        _prepare_run_dir(run_dir, resume)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = GPT(model_config).to(device)
+    optimizer = build_optimizer(model, config, device)
+    step, elapsed_before = 0, 0.0
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise InputFileError(f"{run_dir}: nothing to resume (no checkpoint)")
+        state = load_checkpoint(checkpoint, model)
+        _check_resumable(state, model_config, config, run_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_before = state["step"], state["elapsed"]
+        torch.set_rng_state(state["rng_cpu"])
+        random.setstate(state["rng_python"])
+        metrics.truncate_after(step)
+    train_model: torch.nn.Module = model
+    if config.activation_checkpointing:
+        from scratchlm.train.wrap import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if config.compile:
+        train_model = torch.compile(model)
+    if info.enabled:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    params = count_params(model_config)
+    flops_tok = flops_per_token(model_config, seq_len)
+    peak = peak_flops(device) if info.is_main else None
+    byte_lengths = token_byte_lengths(tokenizer, model_config.vocab_size)
+    max_seconds = config.max_seconds
+    max_steps = _max_steps(config, tokens_per_step)
+    if info.is_main:
+        _write_run_config(run_dir, config, model_config, shards, tokens_per_step, accum, info)
+
+    bar = tqdm(
+        total=max_steps if max_steps else int(max_seconds), initial=step if max_steps else int(elapsed_before),
+        unit="step" if max_steps else "s", desc="pretraining", disable=not (progress and info.is_main), dynamic_ncols=True,
+    )
+    start = time.perf_counter() - elapsed_before
+    nonfinite = 0
+    last_loss = val_loss = val_bpb = None
+    window_tokens, window_seconds = 0, 0.0  # throughput counts training steps only, not evals
+    tokens_per_s, mfu = 0.0, None
+    model.train()
+    while True:
+        elapsed = time.perf_counter() - start
+        if _is_last(step, elapsed, max_steps, max_seconds):
+            break
+        step_start = time.perf_counter()
+        progress_fraction = _progress(step, elapsed, max_steps, max_seconds)
+        lr = lr_at(step, progress_fraction, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss_sum = 0.0
+        for micro in range(accum):
+            x, y = _batch(shards, step, micro, accum, info, config.micro_batch, seq_len, device)
+            sync = nullcontext() if not info.enabled or micro == accum - 1 else train_model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    _, loss = train_model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.item()
+        loss_value = mean_across_ranks(loss_sum / accum, info, device)
+        if not math.isfinite(loss_value):
+            nonfinite += 1
+            optimizer.zero_grad(set_to_none=True)
+            metrics.write({"step": step, "nonfinite": True, "lr": lr})
+            if nonfinite >= config.max_nonfinite:
+                raise TrainingError(f"loss was not finite for {nonfinite} steps in a row (step {step}); lower the learning rate (lr={config.lr})")
+            step += 1
+            continue
+        nonfinite = 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step += 1
+        last_loss = loss_value
+        window_tokens += tokens_per_step
+        window_seconds += time.perf_counter() - step_start
+
+        last = _is_last(step, time.perf_counter() - start, max_steps, max_seconds)
+        row = None
+        if step % config.log_every == 0 or step == 1 or last:
+            tokens_per_s = window_tokens / max(window_seconds, 1e-9)
+            window_tokens, window_seconds = 0, 0.0
+            mfu = flops_tok * tokens_per_s / peak if peak else None
+            row = {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                   "tokens_per_s": round(tokens_per_s, 1), "tokens": step * tokens_per_step,
+                   "elapsed": round(time.perf_counter() - start, 2)}
+            if mfu is not None:
+                row["mfu"] = round(mfu, 4)
+        if step % config.eval_every == 0 or last:
+            val_loss, val_bpb = evaluate(model, val_tokens, seq_len, config.micro_batch, byte_lengths, device, amp)
+            row = (row or {"step": step}) | {"val_loss": round(val_loss, 5), "val_bpb": round(val_bpb, 5)}
+        if row is not None:
+            metrics.write(row)
+            bar.set_postfix({k: row[k] for k in ("loss", "val_bpb") if k in row} | {"tok/s": f"{tokens_per_s:,.0f}"} | ({"mfu": f"{mfu:.1%}"} if mfu else {}))
+        if info.is_main and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+            save_checkpoint(run_dir, step, model, {
+                "optimizer": optimizer.state_dict(), "step": step, "elapsed": time.perf_counter() - start,
+                "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
+                "model_config": model_config.to_dict(), "tokens_per_step": tokens_per_step,
+            })
+        bar.update(1 if max_steps else int(time.perf_counter() - start) - bar.n)
+        if last:
+            break
+    bar.close()
+    seconds = time.perf_counter() - start
+    summary = RunSummary(run_dir, step, step * tokens_per_step, seconds, params, last_loss, val_loss, val_bpb,
+                         tokens_per_s, mfu)
+    if info.is_main:
+        save_model_folder(run_dir, model, model_config, tokenizer)
+        summary.samples = _samples(model, tokenizer, config)
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        plot_loss_curve(rows, run_dir / "loss.png", title=f"{run_dir.name}: {params / 1e6:.2f}M parameters")
+        write_report(run_dir, summary, config, model_config, shards, rows)
+    return summary
+
+
+def _validation_tokens(shards: TokenShards, tokenizer: Tokenizer, val_text: str | Path | None, seq_len: int, limit: int) -> np.ndarray:
+    if val_text is not None:
+        from scratchlm.tokenizer.corpus import read_text
+
+        text, _ = read_text(val_text)
+        tokens = np.asarray(tokenizer.encode_ordinary(text), dtype=np.int64)
+        where = str(val_text)
+    else:
+        available = shards.tokens("val")
+        tokens = shards.read("val", 0, min(available, limit + 1)) if available else np.zeros(0, np.int64)
+        where = f"{shards.path} (val split)"
+    if len(tokens) < seq_len + 1:
+        raise InputFileError(f"{where}: {len(tokens)} validation tokens, fewer than one context window ({seq_len + 1}); give more text or a shorter seq_len")
+    return tokens[: limit + 1]
+
+
+def _batch(shards: TokenShards, step: int, micro: int, accum: int, info: DistInfo, batch: int, seq_len: int, device: torch.device):
+    window = batch * seq_len
+    start = ((step * accum + micro) * info.world + info.rank) * window
+    data = torch.from_numpy(shards.read("train", start, window + 1))
+    x = data[:-1].view(batch, seq_len)
+    y = data[1:].view(batch, seq_len)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _max_steps(config: TrainConfig, tokens_per_step: int) -> int | None:
+    limits = [config.max_steps] if config.max_steps else []
+    if config.max_tokens:
+        limits.append(-(-config.max_tokens // tokens_per_step))
+    return min(limits) if limits else None
+
+
+def _progress(step: int, elapsed: float, max_steps: int | None, max_seconds: float | None) -> float:
+    """How far through the budget the run is, in [0, 1]: steps when the budget is in steps or
+    tokens, wall-clock when it is in time (whichever is further along when both are set)."""
+    fractions = []
+    if max_steps:
+        fractions.append(step / max_steps)
+    if max_seconds:
+        fractions.append(elapsed / max_seconds)
+    return min(1.0, max(fractions)) if fractions else 0.0
+
+
+def _is_last(step: int, elapsed: float, max_steps: int | None, max_seconds: float | None) -> bool:
+    return bool((max_steps and step >= max_steps) or (max_seconds and elapsed >= max_seconds))
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resumable(state: dict, model_config: ModelConfig, config: TrainConfig, run_dir: Path) -> None:
+    if state.get("model_config") != model_config.to_dict():
+        saved = state.get("model_config") or {}
+        diff = next((k for k in saved if saved.get(k) != model_config.to_dict().get(k)), "?")
+        raise ConfigError(f"{run_dir}: checkpoint was made with a different model ({diff}: {saved.get(diff)!r} vs {model_config.to_dict().get(diff)!r})")
+
+
+def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig, shards: TokenShards, tokens_per_step: int, accum: int, info: DistInfo) -> None:
+    import json
+
+    from scratchlm.atomic_io import write_text_atomic
+
+    write_text_atomic(run_dir / "config.json", json.dumps({
+        "train": config.to_dict(), "model": model_config.to_dict(), "data": str(shards.path),
+        "tokens_per_step": tokens_per_step, "grad_accum": accum, "world_size": info.world,
+    }, indent=2) + "\n")
+
+
+def _samples(model: GPT, tokenizer: Tokenizer, config: TrainConfig) -> list[str]:
+    if config.samples <= 0:
+        return []
+    from scratchlm.serve.sampling import SamplingConfig, generate_text
+
+    sampling = SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=config.sample_tokens, seed=config.seed, num_samples=config.samples)
+    return generate_text(model, tokenizer, config.sample_prompt, sampling)

@@ -1,0 +1,56 @@
+"""The run folder's record: `metrics.jsonl` (one JSON object per logged step), the loss-curve
+PNG and `report.md`."""
+
+import json
+from pathlib import Path
+
+from scratchlm.atomic_io import write_text_atomic
+
+
+class MetricsLog:
+    """Appends rows to `metrics.jsonl`, flushed at once so a killed run keeps its record."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint, which the resumed run redoes."""
+        if self.enabled and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(rows: list[dict], out: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss", linewidth=1.5, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

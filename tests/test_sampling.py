@@ -1,0 +1,299 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from scratchlm.errors import ConfigError
+from scratchlm.model import GPT, get_preset
+from scratchlm.serve import (
+    FINISHED,
+    CompletionStream,
+    SamplingConfig,
+    Utf8StreamDecoder,
+    apply_repetition_penalty,
+    encode_prompt,
+    filter_logits,
+    fit_context,
+    generate_text,
+    generate_tokens,
+)
+from scratchlm.tokenizer import train_bpe
+
+TRAIN_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
+    "Numbers 1 2 3 and 日本語のテキスト, русский текст, emoji 🙂 end.\n"
+) * 20
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=20)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+
+
+def steps_of(model, prompt_ids, config, eot_id=None) -> list[list[int]]:
+    return list(generate_tokens(model, prompt_ids, config, eot_id))
+
+
+def column(steps: list[list[int]], sample: int = 0) -> list[int]:
+    return [step[sample] for step in steps]
+
+
+def greedy_by_recomputation(model, prompt_ids: list[int], n: int) -> list[int]:
+    """Reference: rerun the whole sequence without a cache for every new token."""
+    seq = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([seq]))
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt_ids) :]
+
+
+class ScriptedModel(nn.Module):
+    """Draws scripts[row][n] as the n-th new token of each row, whatever it is fed (the last
+    entry repeats), so text-layer tests control exactly which bytes arrive."""
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int, block_size: int = 128) -> None:
+        super().__init__()
+        self.config = get_preset("cpu-tiny").replace(vocab_size=vocab_size, block_size=block_size)
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the sampler a device
+        self.scripts = scripts
+        self.fed_lengths: list[int] = []
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> SimpleNamespace:
+        return SimpleNamespace(pos=0)
+
+    def forward(self, idx, targets=None, cache=None):
+        batch, length = idx.shape
+        self.fed_lengths.append(length)
+        n = len(self.fed_lengths) - 1  # index of the token this call's last position predicts
+        cache.pos += length
+        logits = torch.zeros(batch, length, self.config.vocab_size)
+        for row in range(batch):
+            script = self.scripts[row % len(self.scripts)]
+            logits[row, -1, script[min(n, len(script) - 1)]] = 10.0
+        return logits, None
+
+
+def byte_tokens(tokenizer, text: str) -> list[int]:
+    """One token per UTF-8 byte, so multi-byte characters are split across tokens."""
+    return [tokenizer.ranks[bytes([b])] for b in text.encode("utf-8")]
+
+
+# ---- the token layer -----------------------------------------------------------------------
+def test_greedy_with_kv_cache_equals_argmax_of_full_recomputation(model, tokenizer):
+    prompt = tokenizer.encode("The quick brown fox")
+    assert column(steps_of(model, prompt, GREEDY)) == greedy_by_recomputation(model, prompt, 20)
+
+
+def test_prompt_is_run_once_then_one_token_per_step(tokenizer):
+    scripted = ScriptedModel([byte_tokens(tokenizer, "abcdef")], tokenizer.vocab_size)
+    steps_of(scripted, [1, 2, 3, 4], SamplingConfig(temperature=0, max_new_tokens=6))
+    assert scripted.fed_lengths == [4, 1, 1, 1, 1, 1]
+
+
+def test_top_k_one_equals_greedy(model, tokenizer):
+    prompt = tokenizer.encode("A café")
+    top1 = SamplingConfig(temperature=1.3, top_k=1, max_new_tokens=20, seed=5)
+    assert steps_of(model, prompt, top1) == steps_of(model, prompt, GREEDY)
+
+
+def test_same_seed_gives_same_samples_and_other_seeds_differ(model, tokenizer):
+    prompt = tokenizer.encode("The")
+    config = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=1, num_samples=2)
+    first = steps_of(model, prompt, config)
+    assert first == steps_of(model, prompt, config)
+    assert first != steps_of(model, prompt, SamplingConfig(temperature=1.0, max_new_tokens=16, seed=2, num_samples=2))
+    assert column(first, 0) != column(first, 1)  # samples of one batch are independent draws
+
+
+def test_sample_that_draws_eot_is_finished_while_others_go_on(tokenizer):
+    eot = tokenizer.eot_id
+    scripted = ScriptedModel([[5, eot], [5, 6, 7, eot]], tokenizer.vocab_size)
+    steps = steps_of(scripted, [1], SamplingConfig(temperature=0, max_new_tokens=10, num_samples=2), eot)
+    assert steps == [[5, 5], [eot, 6], [FINISHED, 7], [FINISHED, eot]]
+
+
+def test_generation_restores_the_models_training_mode(model, tokenizer):
+    model.train()
+    steps = generate_tokens(model, tokenizer.encode("The"), GREEDY)
+    next(steps)
+    assert not model.training
+    steps.close()
+    assert model.training
+    model.eval()
+
+
+def test_fit_context_crops_prompt_to_leave_room_but_keeps_half_the_context():
+    assert fit_context(10, 128, 20) == (10, 20)  # fits: nothing changes
+    assert fit_context(200, 128, 10) == (119, 10)  # 119 prompt + 10 new - 1 unfed = 128 positions
+    assert fit_context(100, 128, 200) == (64, 65)  # the prompt keeps half; the cache fills after 65
+
+
+def test_prompt_longer_than_context_keeps_its_end(model, tokenizer):
+    block = model.config.block_size
+    prompt = (tokenizer.encode(TRAIN_TEXT) * 2)[: block + 50]
+    got = column(steps_of(model, prompt, SamplingConfig(temperature=0, max_new_tokens=10)))
+    assert got == greedy_by_recomputation(model, prompt[-(block + 1 - 10) :], 10)
+
+
+def test_generation_stops_when_the_cache_is_full(model, tokenizer):
+    block = model.config.block_size
+    prompt = (tokenizer.encode(TRAIN_TEXT) * 2)[:100]
+    steps = steps_of(model, prompt, SamplingConfig(temperature=0, max_new_tokens=500))
+    assert len(steps) == block + 1 - block // 2
+
+
+def test_empty_token_prompt_raises_config_error(model):
+    with pytest.raises(ConfigError, match="prompt"):
+        generate_tokens(model, [], GREEDY)
+
+
+# ---- logits filters ------------------------------------------------------------------------
+def test_temperature_divides_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    assert torch.allclose(filter_logits(logits, 0.5), logits / 0.5)
+    assert torch.allclose(filter_logits(logits, 1.0), logits)
+
+
+def test_temperature_zero_keeps_only_the_argmax():
+    out = filter_logits(torch.tensor([[0.1, 3.0, -2.0]]), 0.0)
+    assert out[0, 1] == 3.0 and torch.isinf(out[0, [0, 2]]).all()
+
+
+def test_top_k_keeps_the_k_largest_logits():
+    out = filter_logits(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), 1.0, top_k=2)
+    assert torch.isfinite(out).tolist() == [[False, True, True, False]]
+
+
+def test_top_p_keeps_smallest_set_reaching_the_mass():
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05]])
+    logits = probs.log()
+
+    def kept(top_p: float) -> list[bool]:
+        return torch.isfinite(filter_logits(logits, 1.0, top_p=top_p)).tolist()[0]
+
+    assert kept(0.75) == [False, True, False, True, False]  # 0.5 + 0.3 = 0.8 >= 0.75
+    assert kept(0.85) == [False, True, True, True, False]  # needs the 0.1 too
+    assert kept(0.5) == [False, True, False, False, False]  # the top token alone reaches 0.5
+    assert kept(0.01) == [False, True, False, False, False]  # the top token always stays
+    assert kept(1.0) == [True] * 5
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = torch.tensor([[2.0, -1.0, 3.0, -4.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 3.0, -4.0]]
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_repetition_penalty_steers_greedy_away_from_repeats(tokenizer):
+    # Logits 10 for token 5 and 6 for token 6: once 5 is seen it drops to 5 and 6 wins; once
+    # both are seen (5 and 3), 5 wins again.
+    class TwoFavourites(ScriptedModel):
+        def forward(self, idx, targets=None, cache=None):
+            logits, _ = super().forward(idx, targets, cache)
+            logits[:, -1, 6] = 6.0
+            return logits, None
+
+    scripted = TwoFavourites([[5]], tokenizer.vocab_size)
+    config = SamplingConfig(temperature=0, repetition_penalty=2.0, max_new_tokens=3)
+    assert column(steps_of(scripted, [1], config)) == [5, 6, 5]
+
+
+# ---- config ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -0.1), ("temperature", math.nan), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+     ("repetition_penalty", 0.0), ("max_new_tokens", 0), ("num_samples", 0), ("stop", ("",))],
+)
+def test_invalid_sampling_config_raises_config_error_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SamplingConfig(**{field: value})
+
+
+def test_a_single_stop_string_is_not_split_into_characters():
+    assert SamplingConfig(stop="\n\n").stop == ("\n\n",)
+
+
+# ---- the text layer --------------------------------------------------------------------------
+def test_utf8_stream_decoder_holds_the_bytes_of_a_split_character():
+    data = "é日🙂".encode()
+    decoder = Utf8StreamDecoder()
+    pieces = [decoder.push(data[i : i + 1]) for i in range(len(data))]
+    assert "".join(pieces) + decoder.flush() == "é日🙂"
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[:3] == ["", "é", ""]
+
+
+def test_utf8_stream_decoder_flush_marks_an_unfinished_character():
+    decoder = Utf8StreamDecoder()
+    assert decoder.push("日".encode()[:2]) == ""
+    assert decoder.flush() == "\ufffd"
+
+
+def test_streamed_pieces_concatenate_to_the_returned_text_without_replacement_chars(tokenizer):
+    text = "café 日本語 🙂 brûlée"
+    scripted = ScriptedModel([byte_tokens(tokenizer, text) + [tokenizer.eot_id]], tokenizer.vocab_size)
+    pieces: list[str] = []
+    out = generate_text(scripted, tokenizer, "A", SamplingConfig(temperature=0, max_new_tokens=100),
+                        on_text=lambda i, p: pieces.append(p))
+    assert out == [text]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_string_truncates_and_is_never_streamed(tokenizer):
+    scripted = ScriptedModel([byte_tokens(tokenizer, "hello\n\nUser: more")], tokenizer.vocab_size)
+    pieces: list[str] = []
+    config = SamplingConfig(temperature=0, max_new_tokens=50, stop=("\n\nUser:",))
+    out = generate_text(scripted, tokenizer, "A", config, on_text=lambda i, p: pieces.append(p))
+    assert out == ["hello"]
+    assert "".join(pieces) == "hello"
+    assert len(scripted.fed_lengths) == len("hello\n\nUser:")  # generation ends at the stop string
+
+
+def test_held_back_start_of_a_stop_string_is_released_when_it_does_not_complete():
+    stream = CompletionStream(stops=("\n\nUser:",))
+    assert stream.push(b"hi\n\n") == "hi"
+    assert stream.push(b"Us") == ""
+    assert stream.push(b"a") == "\n\nUsa"
+    assert stream.push(b"\n") == ""
+    assert stream.finish() == "\n"
+    assert stream.text == "hi\n\nUsa\n" and not stream.stopped
+
+
+def test_eot_ends_a_sample_and_is_not_part_of_its_text(tokenizer):
+    scripted = ScriptedModel([byte_tokens(tokenizer, "ab") + [tokenizer.eot_id], byte_tokens(tokenizer, "abcd")],
+                             tokenizer.vocab_size)
+    out = generate_text(scripted, tokenizer, "x", SamplingConfig(temperature=0, max_new_tokens=4, num_samples=2))
+    assert out == ["ab", "abcd"]
+
+
+def test_generate_text_returns_one_completion_per_sample_without_the_prompt(model, tokenizer):
+    config = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3, num_samples=3)
+    out = generate_text(model, tokenizer, "The quick", config)
+    assert len(out) == 3 and not any(o.startswith("The quick") for o in out)
+
+
+def test_empty_prompt_starts_from_eot(tokenizer):
+    assert encode_prompt(tokenizer, "") == [tokenizer.eot_id]
+
+
+def test_empty_prompt_without_eot_raises_config_error():
+    tokenizer = train_bpe(["abc abc"], vocab_size=260, workers=1, min_frequency=1, special_tokens=())
+    with pytest.raises(ConfigError, match="empty"):
+        encode_prompt(tokenizer, "")
+
+
+def test_prompt_may_contain_special_tokens(tokenizer):
+    assert encode_prompt(tokenizer, "<|endoftext|>") == [tokenizer.eot_id]
