@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scratchlm import __version__
-from scratchlm.errors import InputFileError, ScratchLMError
+from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
 from scratchlm.units import parse_bytes
 
 EXIT_USER_ERROR = 2
@@ -271,10 +271,10 @@ def _add_tokenizer_commands(stages: argparse._SubParsersAction) -> None:
         "streamed; undecodable bytes are replaced and counted). With no --input, trains on the "
         "embedded corpus (CPython's own documentation), which every machine has.",
     )
-    train.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories (default: embedded corpus)")
-    train.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary: 256 bytes + merges + special tokens (default: 8192)")
+    train.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories; hidden files and folders (.git) are skipped (default: embedded corpus)")
+    train.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary: 256 bytes + merges + special tokens; fewer if the corpus runs out of pairs seen --min-frequency times (default: 8192)")
     train.add_argument("--out", required=True, type=Path, help="where to write the tokenizer (JSON)")
-    train.add_argument("--pattern", default="gpt4", help="pre-tokenization regex or a name: gpt4 (default), gpt2, llama3, smollm")
+    train.add_argument("--pattern", default="gpt4", help="pre-tokenization: a name, gpt4 (default), gpt2, llama3 or smollm, or a regex whose matches must cover all text")
     train.add_argument(
         "--special-tokens", nargs="*", metavar="TOKEN", default=None,
         help="special tokens, given the top ids (default: <|endoftext|> <|im_start|> <|im_end|>)",
@@ -289,7 +289,9 @@ def _add_tokenizer_commands(stages: argparse._SubParsersAction) -> None:
     encode = cmds.add_parser("encode", help="print the token ids of a text", description="Encode text (from --text, --file or standard input) to token ids.")
     _add_tokenizer_arg(encode)
     _add_text_args(encode)
-    encode.add_argument("--allow-special", action="store_true", help="encode special-token strings in the text as special tokens (otherwise they are an error)")
+    special = encode.add_mutually_exclusive_group()
+    special.add_argument("--allow-special", action="store_true", help="encode special-token strings in the text as special tokens (by default they are an error)")
+    special.add_argument("--special-as-text", action="store_true", help="encode special-token strings in the text as ordinary text")
     encode.add_argument("--show-tokens", action="store_true", help="print each token's text next to its id")
     encode.set_defaults(run=_tokenizer_encode)
 
@@ -337,23 +339,35 @@ def _add_text_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_text_arg(args: argparse.Namespace) -> str:
-    from scratchlm.tokenizer.corpus import read_text
+    """The text of --text, --file or standard input, as valid Unicode: bytes that are not
+    UTF-8 become U+FFFD, with a warning that counts them."""
+    from scratchlm.tokenizer.corpus import decode_text, read_text
 
     if args.text is not None:
-        return args.text
-    if args.file is not None:
+        # Non-UTF-8 bytes in argv arrive as surrogate escapes; turn them back into bytes.
+        text, bad = decode_text(args.text.encode("utf-8", "surrogateescape"))
+        source = "--text"
+    elif args.file is not None:
         text, bad = read_text(args.file)
-        if bad:
-            print(f"scratchlm: warning: {args.file}: {bad} undecodable bytes replaced with U+FFFD", file=sys.stderr)
-        return text
-    if sys.stdin.isatty():
-        print("(reading text from standard input; end with Ctrl-D)", file=sys.stderr)
-    return sys.stdin.read()
+        source = str(args.file)
+    else:
+        if sys.stdin.isatty():
+            print("(reading text from standard input; end with Ctrl-D)", file=sys.stderr)
+        text, bad = decode_text(sys.stdin.buffer.read())
+        source = "standard input"
+    if bad:
+        print(f"scratchlm: warning: {source}: {bad} undecodable byte sequences replaced with U+FFFD", file=sys.stderr)
+    return text
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from scratchlm.tokenizer import DEFAULT_SPECIAL_TOKENS, save_hf_tokenizer, train_tokenizer
 
+    from scratchlm.atomic_io import check_writable_file
+
+    for path in (args.out, args.hf_out):
+        if path is not None:
+            check_writable_file(path)
     specials = DEFAULT_SPECIAL_TOKENS if args.special_tokens is None else tuple(args.special_tokens)
     start = time.perf_counter()
     tokenizer, report, read = train_tokenizer(
@@ -361,21 +375,20 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
         min_frequency=args.min_frequency, max_bytes=args.max_bytes, workers=args.workers, progress=not args.quiet,
     )
     seconds = time.perf_counter() - start
+    tokenizer.save(args.out)  # before any message: a closed pipe must not lose the result
+    if args.hf_out:
+        save_hf_tokenizer(tokenizer, args.hf_out)
     if read.total_undecodable:
         worst = ", ".join(f"{f}: {n}" for f, n in sorted(read.undecodable_bytes.items(), key=lambda x: -x[1])[:3])
-        print(f"scratchlm: warning: {read.total_undecodable} undecodable bytes replaced with U+FFFD ({worst})", file=sys.stderr)
+        print(f"scratchlm: warning: {read.total_undecodable} undecodable byte sequences replaced with U+FFFD ({worst})", file=sys.stderr)
     if report.stopped_early:
         print(f"scratchlm: warning: {report.stopped_early}", file=sys.stderr)
-    tokenizer.save(args.out)
     source = f"{read.files} files" if args.input else "the embedded corpus"
     print(
         f"trained {tokenizer.vocab_size} tokens ({report.merges} merges, {len(specials)} special) on "
         f"{read.bytes_read / 1e6:.2f} MB from {source} ({report.distinct_chunks:,} distinct chunks) in {seconds:.1f}s"
     )
-    print(f"wrote {args.out}")
-    if args.hf_out:
-        save_hf_tokenizer(tokenizer, args.hf_out)
-        print(f"wrote {args.hf_out} (Hugging Face format)")
+    print(f"wrote {args.out}" + (f" and {args.hf_out} (Hugging Face format)" if args.hf_out else ""))
     return 0
 
 
@@ -383,7 +396,11 @@ def _tokenizer_encode(args: argparse.Namespace) -> int:
     from scratchlm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    ids = tokenizer.encode(_read_text_arg(args), allowed_special="all" if args.allow_special else ())
+    text = _read_text_arg(args)
+    if args.special_as_text:
+        ids = tokenizer.encode_ordinary(text)
+    else:
+        ids = tokenizer.encode(text, allowed_special="all" if args.allow_special else ())
     if args.show_tokens:
         for i in ids:
             print(f"{i}\t{tokenizer.token_bytes(i)!r}")
@@ -399,7 +416,7 @@ def _tokenizer_decode(args: argparse.Namespace) -> int:
     raw = args.ids if args.ids is not None else sys.stdin.read()
     ids = []
     for n, field in enumerate(raw.replace(",", " ").split(), start=1):
-        if not field.isdigit():
+        if not (field.isascii() and field.isdigit()):
             raise InputFileError(f"{field!r} (item {n} of the input) is not a token id (a non-negative integer)")
         ids.append(int(field))
     sys.stdout.write(tokenizer.decode(ids))
@@ -411,6 +428,8 @@ def _tokenizer_decode(args: argparse.Namespace) -> int:
 def _tokenizer_stats(args: argparse.Namespace) -> int:
     from scratchlm.tokenizer import load_tokenizer, tokenizer_stats
 
+    if args.top < 0:
+        raise ConfigError(f"--top must be 0 or more, not {args.top}")
     tokenizer = load_tokenizer(args.tokenizer)
     stats = tokenizer_stats(tokenizer, _read_text_arg(args), top=args.top)
     if args.json:

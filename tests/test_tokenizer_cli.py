@@ -70,6 +70,15 @@ def test_export_then_import_round_trip(trained, tmp_path, capsys):
         (["tokenizer", "decode", "--tokenizer", "TOK", "--ids", "99999"], None, "token id 99999 is not in the vocabulary"),
         (["tokenizer", "encode", "--tokenizer", "TOK"], "a <|endoftext|>", "special token '<|endoftext|>'"),
         (["tokenizer", "train", "--pattern", "([", "--out", "x.json"], None, "pattern '([' is neither"),
+        (["tokenizer", "train", "--pattern", "GPT2", "--out", "x.json"], None, "unknown pattern name 'GPT2'"),
+        (["tokenizer", "train", "--pattern", "\\w+", "--out", "x.json"], None, "characters would be lost"),
+        (["tokenizer", "train", "--pattern", "\\X", "--out", "x.json"], None, "not supported by the encoder"),
+        (["tokenizer", "train", "--out", "."], None, ".: is a folder"),
+        (["tokenizer", "train", "--workers", "-1", "--out", "x.json"], None, "workers must be at least 1"),
+        (["tokenizer", "train", "--min-frequency", "0", "--out", "x.json"], None, "min frequency must be at least 1"),
+        (["tokenizer", "decode", "--tokenizer", "TOK", "--ids", "\u00b2"], None, "is not a token id"),
+        (["tokenizer", "stats", "--tokenizer", "TOK", "--top", "-1", "--text", "x"], None, "--top must be 0 or more"),
+        (["tokenizer", "export", "--tokenizer", "TOK", "--out", "."], None, "is a folder"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(trained, tmp_path, args, stdin, message):
@@ -94,7 +103,7 @@ def test_undecodable_input_warns_with_counts(tmp_path):
     bad.write_bytes(b"ok ok ok \xff\xff ok ok\n" * 4)
     result = run("tokenizer", "train", "--input", str(bad), "--vocab-size", "262", "--out", str(tmp_path / "t.json"), "--quiet")
     assert result.returncode == 0
-    assert "8 undecodable bytes replaced" in result.stderr
+    assert "8 undecodable byte sequences replaced" in result.stderr
 
 
 @pytest.mark.parametrize("command", [[], ["tokenizer"], ["tokenizer", "train"], ["tokenizer", "encode"], ["tokenizer", "stats"]])
@@ -103,3 +112,31 @@ def test_help_is_available_for_every_command(command, capsys):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: scratchlm" in capsys.readouterr().out
+
+
+def test_non_utf8_stdin_is_replaced_with_a_warning(trained):
+    result = subprocess.run(
+        [sys.executable, "-m", "scratchlm.cli", "tokenizer", "stats", "--tokenizer", str(trained)],
+        input=b"caf\xe9\n", capture_output=True,
+    )
+    assert result.returncode == 0 and b"1 undecodable byte sequences" in result.stderr
+
+
+def test_special_as_text_encodes_the_string_as_plain_text(trained, capsys):
+    assert main(["tokenizer", "encode", "--tokenizer", str(trained), "--text", "<|endoftext|>", "--special-as-text"]) == 0
+    ids = [int(i) for i in capsys.readouterr().out.split()]
+    assert len(ids) > 1 and Tokenizer.load(trained).decode(ids) == "<|endoftext|>"
+
+
+def test_pattern_override_on_a_scratchlm_tokenizer(trained, tmp_path, capsys):
+    assert main(["tokenizer", "import", str(trained), "--pattern", "gpt2", "--out", str(tmp_path / "g.json")]) == 0
+    assert Tokenizer.load(tmp_path / "g.json").pattern.startswith("'s|'t")
+
+
+def test_outputs_are_readable_by_others(trained):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(trained.stat().st_mode) == 0o666 & ~umask

@@ -61,7 +61,7 @@ def test_exported_tokenizer_json_encodes_exactly_as_we_do(ours, exported):
 @given(text=tricky_text)
 def test_exported_tokenizer_agrees_on_arbitrary_text(ours, exported, text):
     hf = tokenizers.Tokenizer.from_file(str(exported))
-    assert hf.encode(text).ids == ours.encode_ordinary(text)
+    assert hf.encode(text).ids == ours.encode(text, allowed_special="all")  # HF always splits added tokens
 
 
 def test_transformers_fast_tokenizer_loads_export(ours, exported):
@@ -108,6 +108,10 @@ def _minimal_hf(**overrides) -> dict:
         ({"normalizer": {"type": "NFC"}}, "normalizer 'NFC' is not supported"),
         ({"pre_tokenizer": {"type": "Metaspace"}}, "pre-tokenizer \\['Metaspace'\\] is not"),
         ({"model": {"type": "BPE", "byte_fallback": True, "vocab": {}}}, "byte_fallback"),
+        ({"model": {"type": "BPE", "vocab": {}}}, "no vocabulary"),
+        ({"model": {"type": "BPE", "vocab": []}}, "no vocabulary"),
+        ({"normalizer": "NFC"}, "normalizer 'NFC'"),
+        ({"pre_tokenizer": {"type": "Sequence"}}, "malformed tokenizer.json"),
     ],
 )
 def test_unsupported_hf_tokenizers_are_refused_with_the_reason(overrides, message):

@@ -107,3 +107,19 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
 
 def test_merge_pair_replaces_left_to_right_without_overlap():
     assert merge_pair([1, 1, 1, 2, 1, 1], 1, 1, 9) == [9, 1, 2, 9]
+
+
+def test_hidden_files_and_folders_are_not_corpus(tmp_path):
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "index").write_bytes(b"\x00binary")
+    (tmp_path / ".hidden.txt").write_text("secret")
+    (tmp_path / "a.txt").write_text("visible text\n")
+    _, _, read = train_tokenizer([tmp_path], 260, workers=1, min_frequency=1)
+    assert read.files == 1
+
+
+def test_max_bytes_cutting_a_character_is_not_reported_as_undecodable(tmp_path):
+    path = tmp_path / "utf.txt"
+    path.write_bytes("aaaa\u00e9\u00e9\n".encode())
+    _, _, read = train_tokenizer([path], 260, workers=1, min_frequency=1, max_bytes=5)
+    assert read.total_undecodable == 0

@@ -34,8 +34,11 @@ def load_tokenizer(path: str | Path, pattern: str | None = None) -> Tokenizer:
     if magic == b"GGUF":
         return import_gguf_tokenizer(p, pattern)
     data = read_json(p)
-    if pattern is None and isinstance(data, dict) and data.get("format") == FORMAT_NAME:
-        return Tokenizer.from_dict(data, source=str(p))
+    if isinstance(data, dict) and data.get("format") == FORMAT_NAME:
+        tokenizer = Tokenizer.from_dict(data, source=str(p))
+        if pattern is None:
+            return tokenizer
+        return Tokenizer(tokenizer.ranks, tokenizer.special_tokens, pattern, tokenizer.name, tokenizer.metadata, tokenizer.vocab_size)
     return hf_tokenizer_from_dict(data, str(p), pattern, name=p.parent.name or "imported")
 
 

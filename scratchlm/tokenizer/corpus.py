@@ -36,12 +36,17 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            # Hidden files and folders (.git, .cache) are not corpus text.
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise InputFileError(f"{path}: directory contains no files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise InputFileError(f"{path}: not a regular file or folder")
         else:
             raise InputFileError(f"{path}: no such file or directory")
     if not files:
@@ -81,7 +86,10 @@ def read_text_blocks(
                 raw = handle.read(want) if want > 0 else b""
                 final = len(raw) < want or want <= 0
                 report.bytes_read += len(raw)
-                text, bad = _decode_block(decoder, raw, final)
+                # At the --max-bytes limit the last character may be cut: drop its start
+                # rather than report it as undecodable.
+                budget_cut = max_bytes is not None and report.bytes_read >= max_bytes
+                text, bad = _decode_block(decoder, raw, final and not budget_cut)
                 if bad:
                     report.undecodable_bytes[str(path)] = report.undecodable_bytes.get(str(path), 0) + bad
                 text = carry + text
@@ -96,8 +104,14 @@ def read_text_blocks(
 def read_text(path: str | Path) -> tuple[str, int]:
     """A whole text file and its count of undecodable bytes."""
     p = Path(path)
+    if p.is_dir():
+        raise InputFileError(f"{p}: is a folder, not a text file")
     if not p.is_file():
         raise InputFileError(f"{p}: no such file")
-    raw = p.read_bytes()
+    return decode_text(p.read_bytes())
+
+
+def decode_text(raw: bytes) -> tuple[str, int]:
+    """UTF-8 text with U+FFFD for undecodable bytes, and how many replacements were made."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     return _decode_block(decoder, raw, final=True)

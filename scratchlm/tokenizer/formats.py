@@ -88,13 +88,23 @@ def read_json(path: Path) -> object:
 def hf_tokenizer_from_dict(data: object, where: str, pattern: str | None = None, name: str = "imported") -> Tokenizer:
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise TokenizerFormatError(f"{where}: neither a scratchlm tokenizer nor a Hugging Face tokenizer.json")
+    try:
+        return _hf_tokenizer(data, where, pattern, name)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        raise TokenizerFormatError(f"{where}: malformed tokenizer.json ({type(exc).__name__}: {exc})") from None
+
+
+def _hf_tokenizer(data: dict, where: str, pattern: str | None, name: str) -> Tokenizer:
     model = data["model"]
     if model.get("type") != "BPE":
         raise TokenizerFormatError(f"{where}: model type {model.get('type')!r} is not supported; only byte-level BPE is")
     if model.get("byte_fallback"):
         raise TokenizerFormatError(f"{where}: BPE with byte_fallback (SentencePiece style) is not byte-level BPE; not supported")
     if data.get("normalizer") is not None:
-        raise TokenizerFormatError(f"{where}: normalizer {data['normalizer'].get('type')!r} is not supported")
+        kind = data["normalizer"].get("type") if isinstance(data["normalizer"], dict) else data["normalizer"]
+        raise TokenizerFormatError(f"{where}: normalizer {kind!r} is not supported")
+    if not isinstance(model.get("vocab"), dict) or not model["vocab"]:
+        raise TokenizerFormatError(f"{where}: the BPE model has no vocabulary")
     resolved = resolve_pattern(pattern) if pattern else _pattern_from_hf(data.get("pre_tokenizer"), where)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     added = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
@@ -195,6 +205,8 @@ def _tokenizer_from_token_strings(
     name: str,
     metadata: dict | None = None,
 ) -> Tokenizer:
+    if not vocab:
+        raise TokenizerFormatError(f"{where}: the vocabulary is empty")
     added_ids = set(added.values())
     try:
         ranks = {token_string_to_bytes(t): int(i) for t, i in vocab.items() if int(i) not in added_ids}

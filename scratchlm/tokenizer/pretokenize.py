@@ -5,10 +5,13 @@ space before it, two words, or letters and digits. The pattern is part of a toke
 (through the `regex` module) and encoding (through tiktoken's Rust engine) use the same string.
 """
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from functools import cache
 
 import regex
+import tiktoken
 
 from scratchlm.errors import ConfigError
 
@@ -41,15 +44,32 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "smollm": SMOLLM_PATTERN
 DEFAULT_PATTERN_NAME = "gpt4"
 
 
+# Text a pattern must cut into pieces that join back to it: every kind of character a corpus
+# holds. A pattern that skips characters would make tiktoken silently drop them.
+_COVERAGE_PROBE = "Hello, World! it's 1234567 + 3.14 == x_y; \t\n\r\n  tabs\t\u00a0é日本🙂\x00\x1d\u2028 ~`@#$%^&*()[]{}<>|\\/?\"' end"
+
+
+@cache
 def resolve_pattern(pattern: str) -> str:
-    """Accept a pattern's name (`gpt2`, `gpt4`, `smollm`) or a regex, and check it compiles."""
-    resolved = PATTERNS.get(pattern, pattern)
+    """A pattern's name (`gpt4`, `gpt2`, `llama3`, `smollm`) or a regex, checked three ways:
+    `regex` compiles it (training), tiktoken compiles it (encoding), and it covers all text."""
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    names = ", ".join(PATTERNS)
+    if re.fullmatch(r"[\w-]+", pattern):  # looks like a name, not a regex: a typo, most likely
+        raise ConfigError(f"unknown pattern name {pattern!r} (known: {names}; or give a regex)")
     try:
-        regex.compile(resolved)
+        compiled = regex.compile(pattern)
     except regex.error as exc:
-        names = ", ".join(PATTERNS)
         raise ConfigError(f"pattern {pattern!r} is neither a known name ({names}) nor a valid regex: {exc}") from None
-    return resolved
+    pieces = compiled.findall(_COVERAGE_PROBE)
+    if "".join(pieces) != _COVERAGE_PROBE or not all(isinstance(p, str) and p for p in pieces):
+        raise ConfigError(f"pattern {pattern!r} does not cut text into pieces that cover it all (characters would be lost)")
+    try:
+        tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
+    except ValueError as exc:
+        raise ConfigError(f"pattern {pattern!r} is not supported by the encoder (tiktoken): {str(exc).splitlines()[0]}") from None
+    return pattern
 
 
 def split_on_special(text: str, special_tokens: Iterable[str]) -> list[str]:

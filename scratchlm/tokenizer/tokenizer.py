@@ -164,8 +164,9 @@ class Tokenizer:
                 if token not in allowed and (at := text.find(token)) >= 0:
                     where = f"text {n}, character {at}" if len(texts) > 1 else f"character {at}"
                     return SpecialTokenInTextError(
-                        f"text contains the special token {token!r} at {where}; allow it explicitly "
-                        "to encode it as a special token, or use encode_ordinary to treat it as text"
+                        f"text contains the special token {token!r} at {where}; allow it to encode it as "
+                        "a special token (allowed_special, CLI --allow-special), or treat it as plain text "
+                        "(encode_ordinary, CLI --special-as-text)"
                     )
         return SpecialTokenInTextError("text contains a special token that was not allowed")
 

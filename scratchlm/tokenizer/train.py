@@ -65,6 +65,8 @@ def train_bpe(
     """
     pattern = resolve_pattern(pattern)
     num_merges = merges_for_vocab(vocab_size, special_tokens)
+    if min_frequency < 1:
+        raise ConfigError(f"min frequency must be at least 1, not {min_frequency}")
     report = report if report is not None else TrainReport()
     chunk_counts = count_corpus_chunks(texts, pattern, special_tokens, workers, progress)
     if not chunk_counts:
@@ -149,6 +151,8 @@ def count_corpus_chunks(
 ) -> Counter[str]:
     """Count distinct chunks over all text blocks, `workers` processes at a time."""
     workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, not {workers}")
     count = partial(count_chunks, pattern=pattern, special_tokens=tuple(special_tokens))
     total: Counter[str] = Counter()
     bar = tqdm(desc="counting chunks", unit="B", unit_scale=True, disable=not progress)
