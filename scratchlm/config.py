@@ -50,18 +50,21 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def build(cls: type[T], data: dict, where: str = "config") -> T:
-    """Instantiate dataclass `cls` from `data`, converting values and refusing unknown keys."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
+def check_keys(cls: type, data: dict, where: str) -> None:
+    """Refuse a key `cls` does not have, naming the closest one that exists."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        kwargs[key] = convert(value, hints[key], f"{where}: {key}")
-    return cls(**kwargs)
+
+
+def build(cls: type[T], data: dict, where: str = "config") -> T:
+    """Instantiate dataclass `cls` from `data`, converting values and refusing unknown keys."""
+    check_keys(cls, data, where)
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: convert(value, hints[key], f"{where}: {key}") for key, value in data.items()})
 
 
 def convert(value: Any, annotation: Any, where: str) -> Any:

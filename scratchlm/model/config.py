@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from scratchlm.config import build
 from scratchlm.errors import ConfigError
 
 
@@ -64,19 +65,12 @@ class ModelConfig:
         return 4 * self.n_embd
 
     def replace(self, **changes) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ConfigError(f"model config has no key {sorted(unknown)[0]!r}")
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; values may be strings from the command line ("6", "true")."""
+        return build(ModelConfig, self.to_dict() | changes, "model config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"model config has no key {sorted(unknown)[0]!r}")
-        return cls(**data)
+        return build(cls, data, "model config")

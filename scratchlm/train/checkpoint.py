@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.errors import InputFileError
+from scratchlm.errors import ConfigError, InputFileError
 
 KEEP = 2  # older checkpoints are deleted once a newer one is complete
 
@@ -46,13 +46,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "state.pt").is_file() else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
-    """Load weights into `model` (strictly: names and shapes must match) and return the state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict) -> dict:
+    """Load weights into `model` and return the saved state, after checking the checkpoint was
+    made for the same architecture (`model_config`, a ModelConfig as a dict)."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
+        raise InputFileError(f"{path / 'state.pt'}: unreadable checkpoint state ({type(exc).__name__})") from None
+    saved = state.get("model_config") or {}
+    if saved != model_config:
+        key = next((k for k in model_config if saved.get(k) != model_config[k]), "?")
+        raise ConfigError(f"{path.parent.parent}: checkpoint was made with a different model ({key}: {saved.get(key)!r} vs {model_config.get(key)!r})")
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        raise InputFileError(f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # shape mismatch or a corrupt file
+        raise InputFileError(f"{path}: checkpoint weights do not load ({str(exc).splitlines()[0]})") from None
     if missing or unexpected:
-        name = (missing or unexpected)[0]
+        name = sorted(missing or unexpected)[0]
         raise InputFileError(f"{path}: checkpoint does not fit this model (tensor {name!r} {'missing' if missing else 'unexpected'})")
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return state

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from scratchlm.config import build, load_toml, merge, parse_overrides
+from scratchlm.config import build, check_keys, load_toml, merge, parse_overrides
 from scratchlm.errors import ConfigError
 from scratchlm.units import parse_duration
 
@@ -75,12 +75,13 @@ class TrainConfig:
 def load_train_config(recipe: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> TrainConfig:
     """Defaults, then the recipe file, then `key=value` overrides."""
     data = dict(base or {})
-    where = "config"
     if recipe is not None:
-        data = merge(data, load_toml(recipe))
-        where = str(recipe)
-    data = merge(data, parse_overrides(overrides or []))
-    return build(TrainConfig, data, where)
+        from_file = load_toml(recipe)
+        check_keys(TrainConfig, from_file, str(recipe))
+        data = merge(data, from_file)
+    from_cli = parse_overrides(overrides or [])
+    check_keys(TrainConfig, from_cli, "--set")
+    return build(TrainConfig, merge(data, from_cli), str(recipe) if recipe is not None else "config")
 
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"

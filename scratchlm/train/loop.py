@@ -214,8 +214,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise InputFileError(f"{run_dir}: nothing to resume (no checkpoint)")
-        state = load_checkpoint(checkpoint, model)
-        _check_resumable(state, model_config, config, run_dir)
+        state = load_checkpoint(checkpoint, model, model_config.to_dict())
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_before = state["step"], state["elapsed"]
         torch.set_rng_state(state["rng_cpu"])
@@ -378,13 +377,6 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _check_resumable(state: dict, model_config: ModelConfig, config: TrainConfig, run_dir: Path) -> None:
-    if state.get("model_config") != model_config.to_dict():
-        saved = state.get("model_config") or {}
-        diff = next((k for k in saved if saved.get(k) != model_config.to_dict().get(k)), "?")
-        raise ConfigError(f"{run_dir}: checkpoint was made with a different model ({diff}: {saved.get(diff)!r} vs {model_config.to_dict().get(diff)!r})")
 
 
 def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelConfig, shards: TokenShards, tokens_per_step: int, accum: int, info: DistInfo) -> None:

@@ -56,7 +56,7 @@ def _load(folder: Path, config: ModelConfig, tokenizer_path: Path, device) -> tu
     model = GPT(config)
     missing, unexpected = load_weights(model, str(folder / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise InputFileError(f"{folder}: weights do not match the model config ({(missing or unexpected)[0]})")
+        raise InputFileError(f"{folder}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
     model.to(device).eval()
     return model, load_tokenizer(tokenizer_path)
 

@@ -1,0 +1,220 @@
+"""Pretraining end to end on tiny configs: it trains, logs, checkpoints, resumes exactly,
+runs data-parallel, and refuses bad input with one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scratchlm.data.shards import TokenShards
+from scratchlm.data.tokenize import tokenize_files
+from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.tokenizer import train_bpe
+from scratchlm.train.config import load_train_config
+from scratchlm.train.loop import TrainingError, pretrain
+from scratchlm.train.metrics import read_metrics
+from scratchlm.train.runfolder import load_model
+
+TINY = ["model=cpu-tiny", "micro_batch=4", "samples=0", "log_every=1", "eval_every=5", "eval_tokens=2048", "warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def shards(embedded_sample, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(embedded_sample)
+    tokenizer = train_bpe([embedded_sample], 512, workers=1)
+    tokenize_files([root / "corpus.txt"], tokenizer, root / "shards")
+    return root / "shards"
+
+
+def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scratchlm.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
+
+
+def test_tokenize_writes_shards_with_a_tail_validation_split(shards):
+    data = TokenShards.open(shards)
+    manifest = data.manifest
+    assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 512
+    assert "last 10%" in manifest["split_rule"]
+    train, val = data.tokens("train"), data.tokens("val")
+    assert 0.07 < val / (train + val) < 0.13
+    assert data.read("train", 0, 10).max() < 512
+    assert (shards / "tokenizer.json").is_file()
+
+
+def test_pretrain_lowers_loss_and_writes_the_run_folder(shards, tmp_path):
+    config = load_train_config(None, TINY + ["max_steps=25", "lr=1e-2", "samples=2", "sample_tokens=20"])
+    summary = pretrain(shards, tmp_path / "run", config, progress=False)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 0.7
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[0])
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20, 25]
+    assert all(0 < r["val_bpb"] < 10 for r in evals)
+    for name in ("loss.png", "report.md", "config.json", "model/model.safetensors", "model/tokenizer.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "bits per byte" in report and "Sample 1" in report
+    assert len(summary.samples) == 2
+    model, tokenizer = load_model(tmp_path / "run")
+    assert tokenizer.vocab_size == 512 and model.config.vocab_size == 512
+
+
+def test_bits_per_byte_is_loss_per_byte_in_bits(shards, tmp_path):
+    from scratchlm.train.loop import evaluate, token_byte_lengths
+
+    model, tokenizer = GPTFromScratch(shards)
+    data = TokenShards.open(shards)
+    tokens = data.read("val", 0, 1025)
+    lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    loss, bpb = evaluate(model, tokens, 128, 4, lengths, torch.device("cpu"), None)
+    targets = tokens[1:]
+    specials = np.isin(targets, list(tokenizer.special_tokens.values()))
+    # Untrained: about ln(vocab) nats on every token; bpb divides the non-special share by bytes.
+    assert loss == pytest.approx(np.log(512), rel=0.1)
+    expected = loss * (~specials).sum() / (np.log(2) * lengths[targets].sum())
+    assert bpb == pytest.approx(expected, rel=0.05)
+
+
+def GPTFromScratch(shards):
+    from scratchlm.model import GPT, get_preset
+    from scratchlm.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(shards / "tokenizer.json")
+    return GPT(get_preset("cpu-tiny").replace(vocab_size=512)).eval(), tokenizer
+
+
+def test_resume_after_sigkill_reproduces_losses_and_weights(shards, tmp_path):
+    args = ["pretrain", "--data", str(shards), "--quiet", "--set", "model=cpu-small", "--set", "micro_batch=8",
+            "--set", "samples=0", "--set", "log_every=1", "--set", "eval_every=1000", "--set", "checkpoint_every=10",
+            "--max-steps", "40"]
+    whole = cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm.cli", *args, "--out", str(killed_dir)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed_dir / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_000010"):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = latest.read_text().strip()
+    assert stopped_at < "step_000040", "the run finished before it could be killed"
+    resumed = cli(*args, "--out", str(killed_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert losses(killed_dir) == losses(tmp_path / "whole")
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(killed_dir / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_parallel_on_two_processes_matches_one_process(shards, tmp_path):
+    common = ["pretrain", "--data", str(shards), "--quiet", "--set", "model=cpu-tiny", "--set", "micro_batch=2",
+              "--set", "batch_tokens=512", "--set", "samples=0", "--set", "log_every=1", "--set", "eval_every=1000",
+              "--max-steps", "8"]
+    single = cli(*common, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "scratchlm.cli", *common, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["grad_accum"] == 2
+    assert len(one) == len(two) == 8
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+
+
+def test_nonfinite_losses_skip_steps_then_stop_the_run(shards, tmp_path, monkeypatch):
+    from scratchlm.model import GPT
+
+    real_forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        return logits, (loss * float("nan") if loss is not None else None)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    config = load_train_config(None, TINY + ["max_steps=20", "max_nonfinite=3"])
+    with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
+        pretrain(shards, tmp_path / "run", config, progress=False)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["nonfinite"] for r in rows] == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "lr_max=1"], "unknown key 'lr_max'; did you mean 'lr'?"),
+        (["--set", "lr=fast"], "lr must be a number"),
+        (["--set", "model=gpt3"], "unknown model preset 'gpt3'"),
+        (["--recipe", "nope"], "recipe 'nope' is neither a file nor a built-in recipe"),
+        (["--set", "model_config.n_layers=3"], "model config: unknown key 'n_layers'; did you mean 'n_layer'?"),
+        (["--val-text", "VALTEXT"], "fewer than one context window"),
+    ],
+)
+def test_pretrain_user_errors_are_one_line(shards, tmp_path, extra, message):
+    (tmp_path / "short.txt").write_text("too short")
+    extra = [str(tmp_path / "short.txt") if e == "VALTEXT" else e for e in extra]
+    result = cli("pretrain", "--data", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "2", *extra)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_missing_shards_and_mismatched_tokenizer_are_refused(shards, tmp_path):
+    config = load_train_config(None, TINY + ["max_steps=2"])
+    with pytest.raises(InputFileError, match="no such shard folder"):
+        pretrain(tmp_path / "nope", tmp_path / "run", config)
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in shards.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    train_bpe(["different text entirely"], 300, workers=1, min_frequency=1).save(other / "tokenizer.json")
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        pretrain(other, tmp_path / "run", config)
+
+
+def test_resume_with_a_different_model_is_refused(shards, tmp_path):
+    pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=2"]), progress=False)
+    changed = load_train_config(None, TINY + ["max_steps=4", "model_config.n_layer=3"])
+    with pytest.raises(ConfigError, match="different model \\(n_layer: 2 vs 3\\)"):
+        pretrain(shards, tmp_path / "run", changed, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        pretrain(shards, tmp_path / "run", changed, progress=False)
+
+
+def test_generate_streams_a_continuation_from_a_run_folder(shards, tmp_path):
+    pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=3"]), progress=False)
+    result = cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The ") and len(result.stdout) > 5
+    again = cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
+    assert again.stdout == result.stdout
+
+
+def test_quickstart_end_to_end_with_a_tiny_budget(tmp_path):
+    result = cli("quickstart", "--out", str(tmp_path / "qs"), "--max-time", "8s", "--quiet",
+                 "--set", "model=cpu-tiny", "--set", "eval_tokens=4096", "--set", "samples=1", "--set", "sample_tokens=20",
+                 timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bits per byte" in result.stdout and "report" in result.stdout
+    assert (tmp_path / "qs" / "run" / "report.md").is_file()
+    assert (tmp_path / "qs" / "run" / "loss.png").is_file()
