@@ -14,7 +14,7 @@ from scratchlm.tokenizer import train_tokenizer
 from scratchlm.train.config import load_train_config, resolve_recipe
 from scratchlm.train.loop import RunSummary, pretrain
 
-QUICKSTART_VOCAB = 4096
+QUICKSTART_VOCAB = 2048  # beat 4096 for minutes-long CPU budgets (docs/benchmarks.md)
 
 
 @dataclass

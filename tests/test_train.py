@@ -218,3 +218,52 @@ def test_quickstart_end_to_end_with_a_tiny_budget(tmp_path):
     assert "bits per byte" in result.stdout and "report" in result.stdout
     assert (tmp_path / "qs" / "run" / "report.md").is_file()
     assert (tmp_path / "qs" / "run" / "loss.png").is_file()
+
+
+def test_activation_checkpointing_gives_the_same_losses(shards, tmp_path):
+    plain = pretrain(shards, tmp_path / "plain", load_train_config(None, TINY + ["max_steps=4"]), progress=False)
+    recomputed = pretrain(shards, tmp_path / "ckpt", load_train_config(None, TINY + ["max_steps=4", "activation_checkpointing=true"]), progress=False)
+    a = [r["loss"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "ckpt" / "metrics.jsonl")]
+    assert a == pytest.approx(b, abs=1e-5) and plain.steps == recomputed.steps == 4
+
+
+def test_bfloat16_autocast_trains(shards, tmp_path):
+    summary = pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=6", "dtype=bfloat16", "lr=1e-2"]), progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert summary.val_bpb is not None
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    from scratchlm.train.optim import lr_at
+
+    config = load_train_config(None, ["max_steps=100", "lr=1e-3", "warmup_steps=10", "min_lr_ratio=0.1"])
+    assert lr_at(0, 0.0, config) == pytest.approx(1e-4)
+    assert lr_at(9, 0.09, config) == pytest.approx(1e-3)
+    assert lr_at(50, 0.5, config) == pytest.approx(0.55e-3)
+    assert lr_at(100, 1.0, config) == pytest.approx(1e-4)
+    wsd = load_train_config(None, ["max_steps=100", "lr=1e-3", "warmup_steps=0", "schedule=wsd", "cooldown_fraction=0.2"])
+    assert lr_at(70, 0.7, wsd) == pytest.approx(1e-3)
+    assert lr_at(90, 0.9, wsd) == pytest.approx(0.55e-3)
+
+
+def test_plan_follows_chinchilla():
+    from scratchlm.train.plan import plan
+
+    result = plan(compute_flops=6 * 20 * (124e6) ** 2, probe=False)
+    assert result.optimal_params == pytest.approx(124e6)
+    assert result.optimal_tokens == pytest.approx(20 * 124e6)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        plan()
+
+
+def test_muon_orthogonalizes_and_trains(shards, tmp_path):
+    from scratchlm.train.optim import orthogonalize
+
+    torch.manual_seed(0)
+    singular = torch.linalg.svdvals(orthogonalize(torch.randn(48, 96)))
+    assert singular.min() > 0.5 and singular.max() < 1.3
+    pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=12", "optimizer=muon"]), progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5

@@ -24,7 +24,10 @@ class TrainConfig:
     max_tokens: int | None = None
     max_time: str | None = None  # e.g. "120s", "5m"
     # optimizer and schedule
-    lr: float = 3e-3
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-3  # AdamW's (with muon: for embeddings, head and norms)
+    muon_lr: float = 0.02  # Muon's, for the blocks' weight matrices
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     schedule: Literal["cosine", "wsd"] = "cosine"

@@ -32,8 +32,11 @@ from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.distributed import DistInfo, init_distributed, mean_across_ranks, shutdown
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
-from scratchlm.train.optim import build_optimizer, lr_at
+from scratchlm.train.optim import build_optimizer, lr_multiplier
 from scratchlm.train.runfolder import save_model_folder, write_report
+
+
+SPIKE_FACTOR = 1.5
 
 
 class TrainingError(ScratchLMError):
@@ -95,11 +98,12 @@ def peak_flops(device: torch.device) -> float | None:
 
 # ---- model sizing ---------------------------------------------------------------------
 def choose_model(config: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The preset named by the config, or for "auto" a CPU preset sized to the time budget
-    (see docs/training.md: measured best bits per byte per budget on 2 cores)."""
+    """The preset named by the config, or for "auto" a CPU preset sized to the time budget.
+    At 2 minutes on 2 cores cpu-tiny beat cpu-small and cpu-base (docs/benchmarks.md); longer
+    budgets afford more parameters (Chinchilla: N grows with the square root of compute)."""
     if config.model == "auto":
         seconds = config.max_seconds or 600.0
-        name = "cpu-small" if seconds <= 180 else "cpu-base" if seconds <= 900 else "cpu-large"
+        name = "cpu-tiny" if seconds <= 600 else "cpu-small" if seconds <= 3600 else "cpu-base"
         base = get_preset(name)
     else:
         base = get_preset(config.model)
@@ -208,7 +212,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
     random.seed(config.seed)
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, resumed_scaler = 0, 0.0, None
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
     if resume:
         checkpoint = latest_checkpoint(run_dir)
@@ -219,6 +223,9 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         step, elapsed_before = state["step"], state["elapsed"]
         torch.set_rng_state(state["rng_cpu"])
         random.setstate(state["rng_python"])
+        if device.type == "cuda" and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        resumed_scaler = state.get("scaler")
         metrics.truncate_after(step)
     train_model: torch.nn.Module = model
     if config.activation_checkpointing:
@@ -245,6 +252,11 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
     )
     start = time.perf_counter() - elapsed_before
     nonfinite = 0
+    # float16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    if resume and resumed_scaler:
+        scaler.load_state_dict(resumed_scaler)
+    loss_ema = None  # for spike detection
     last_loss = val_loss = val_bpb = None
     window_tokens, window_seconds = 0, 0.0  # throughput counts training steps only, not evals
     tokens_per_s, mfu = 0.0, None
@@ -255,9 +267,10 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
             break
         step_start = time.perf_counter()
         progress_fraction = _progress(step, elapsed, max_steps, max_seconds)
-        lr = lr_at(step, progress_fraction, config)
+        factor = lr_multiplier(step, progress_fraction, config)
+        lr = config.lr * factor
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = group["base_lr"] * factor
         loss_sum = 0.0
         for micro in range(accum):
             x, y = _batch(shards, step, micro, accum, info, config.micro_batch, seq_len, device)
@@ -265,7 +278,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
             with sync:
                 with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                     _, loss = train_model(x, y)
-                (loss / accum).backward()
+                scaler.scale(loss / accum).backward()
             loss_sum += loss.item()
         loss_value = mean_across_ranks(loss_sum / accum, info, device)
         if not math.isfinite(loss_value):
@@ -277,13 +290,18 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
             step += 1
             continue
         nonfinite = 0
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf"))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step += 1
         last_loss = loss_value
+        # A spike: the loss jumps well above its recent average after warmup. Logged, not fatal.
+        spike = loss_ema is not None and step > config.warmup_steps and loss_value > SPIKE_FACTOR * loss_ema
+        loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
         window_tokens += tokens_per_step
         window_seconds += time.perf_counter() - step_start
 
@@ -298,6 +316,10 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
                    "elapsed": round(time.perf_counter() - start, 2)}
             if mfu is not None:
                 row["mfu"] = round(mfu, 4)
+        if spike:
+            row = (row or {"step": step, "loss": round(loss_value, 5)}) | {"spike": True}
+            if info.is_main:
+                bar.write(f"loss spike at step {step}: {loss_value:.3f} against a recent average of {loss_ema:.3f}")
         if step % config.eval_every == 0 or last:
             val_loss, val_bpb = evaluate(model, val_tokens, seq_len, config.micro_batch, byte_lengths, device, amp)
             row = (row or {"step": step}) | {"val_loss": round(val_loss, 5), "val_bpb": round(val_bpb, 5)}
@@ -308,7 +330,8 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
             save_checkpoint(run_dir, step, model, {
                 "optimizer": optimizer.state_dict(), "step": step, "elapsed": time.perf_counter() - start,
                 "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
-                "model_config": model_config.to_dict(), "tokens_per_step": tokens_per_step,
+                "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                "scaler": scaler.state_dict(), "model_config": model_config.to_dict(), "tokens_per_step": tokens_per_step,
             })
         bar.update(1 if max_steps else int(time.perf_counter() - start) - bar.n)
         if last:

@@ -40,9 +40,15 @@ def plot_loss_curve(rows: list[dict], out: Path, title: str = "") -> Path:
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
+        smooth, average = [], None
+        for loss in losses:  # exponential moving average: single steps are noisy
+            average = loss if average is None else 0.9 * average + 0.1 * loss
+            smooth.append(average)
+        ax.plot(steps, smooth, color="tab:blue", label="train loss (smoothed)", linewidth=1.5)
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss", linewidth=1.5, markersize=3)
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss", linewidth=1.5, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(title)

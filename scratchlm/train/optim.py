@@ -1,33 +1,100 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedules."""
+"""Optimizers (AdamW; Muon for hidden matrices) and the learning-rate schedules."""
 
 import math
 
 import torch
+from torch import Tensor
 
 from scratchlm.train.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Decay matrices and embeddings; never norms' gains or biases, which decay would pull
-    towards zero for no regularising benefit (as in GPT-2/3 and nanoGPT)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8, fused=device.type == "cuda"
-    )
+    """AdamW with weight decay on matrices and embeddings only, never on norms' gains or biases,
+    which decay would pull towards zero for no regularising benefit (GPT-2/3, nanoGPT). With
+    `optimizer = "muon"`, the hidden matrices of the blocks use Muon instead."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.optimizer == "muon":
+        hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
+        other = [p for n, p in params if not (p.dim() == 2 and n.startswith("blocks."))]
+        groups = [
+            {"params": hidden, "use_muon": True, "lr": config.muon_lr, "base_lr": config.muon_lr, "weight_decay": 0.0},
+            {"params": [p for p in other if p.dim() >= 2], "use_muon": False, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": [p for p in other if p.dim() < 2], "use_muon": False, "lr": config.lr, "base_lr": config.lr, "weight_decay": 0.0},
+        ]
+        return Muon(groups, betas=(config.beta1, config.beta2), momentum=config.muon_momentum)
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "base_lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": config.lr},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8, fused=device.type == "cuda")
 
 
-def lr_at(step: int, progress: float, config: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, then over the budget's progress (0..1) either cosine
-    decay to `min_lr_ratio * lr`, or warmup-stable-decay: constant, then a linear decay over
-    the last `cooldown_fraction` (Hägele et al. 2024), which lets a run be extended."""
-    peak, floor = config.lr, config.lr * config.min_lr_ratio
+def lr_multiplier(step: int, progress: float, config: TrainConfig) -> float:
+    """The schedule as a factor of each group's base learning rate: linear warmup over
+    `warmup_steps`, then over the budget's progress (0..1) either cosine decay to
+    `min_lr_ratio`, or warmup-stable-decay: constant, then a linear decay over the last
+    `cooldown_fraction` (Hägele et al. 2024), which lets a run be extended."""
+    floor = config.min_lr_ratio
     if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     if config.schedule == "wsd":
         start = 1.0 - config.cooldown_fraction
         if progress <= start:
-            return peak
-        return floor + (peak - floor) * max(0.0, 1.0 - (progress - start) / max(config.cooldown_fraction, 1e-9))
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            return 1.0
+        return floor + (1.0 - floor) * max(0.0, 1.0 - (progress - start) / max(config.cooldown_fraction, 1e-9))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def lr_at(step: int, progress: float, config: TrainConfig) -> float:
+    return config.lr * lr_multiplier(step, progress, config)
+
+
+def orthogonalize(update: Tensor, steps: int = 5) -> Tensor:
+    """Approximately replace the matrix by U V^T of its SVD (all singular values near 1) with a
+    quintic Newton-Schulz iteration, coefficients from Jordan et al. 2024 (Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.float()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups with `use_muon` (hidden weight matrices): Nesterov momentum, then the
+    update orthogonalised, scaled by sqrt(max(1, rows / cols)). AdamW for the other groups
+    (embeddings, head, norms). One optimizer, so schedules, clipping and checkpoints treat it
+    like any other."""
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.95), momentum: float = 0.95, eps: float = 1e-8):
+        super().__init__(groups, dict(lr=1e-3, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, use_muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["use_muon"]:
+                    buf = state.setdefault("momentum", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = orthogonalize(p.grad.lerp(buf, group["momentum"]))
+                    p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                    continue
+                beta1, beta2 = group["betas"]
+                state["step"] = state.get("step", 0) + 1
+                m = state.setdefault("exp_avg", torch.zeros_like(p))
+                v = state.setdefault("exp_avg_sq", torch.zeros_like(p))
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+        return None

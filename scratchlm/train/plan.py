@@ -1,0 +1,95 @@
+"""`scratchlm plan`: size a model and a token count for a compute or time budget.
+
+Chinchilla (Hoffmann et al. 2022): for a training compute C = 6 N D FLOPs, loss is lowest near
+D = 20 N tokens, so N = sqrt(C / 120) and D = 20 N. For a time budget, C comes from this
+machine's measured training throughput: a few real optimizer steps of a candidate preset on
+random tokens, timed after a warm-up step.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scratchlm.errors import ConfigError
+from scratchlm.model import GPT, PRESETS, ModelConfig, count_params, flops_per_token
+
+TOKENS_PER_PARAM = 20.0
+
+
+@dataclass
+class Plan:
+    compute_flops: float
+    optimal_params: float
+    optimal_tokens: float
+    preset: str
+    preset_params: int
+    tokens_for_preset: float  # 20 x the preset's parameters
+    measured_flops_per_s: float | None
+    estimated_seconds: float | None  # to train the preset on tokens_for_preset
+
+
+def measure_flops_per_s(config: ModelConfig, micro_batch: int = 8, steps: int = 3, device: str = "cpu") -> float:
+    """Achieved training FLOP/s of `config` here: forward, backward and AdamW on random tokens."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seq = min(config.block_size, 256 if device == "cpu" else config.block_size)
+    x = torch.randint(0, config.vocab_size, (micro_batch, seq + 1), device=device)
+
+    def step() -> None:
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocations, kernel selection
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return flops_per_token(config, seq) * micro_batch * seq / seconds
+
+
+def closest_preset(params: float, vocab_size: int | None = None, candidates: list[str] | None = None) -> str:
+    names = candidates or list(PRESETS)
+
+    def size(name: str) -> int:
+        config = PRESETS[name] if vocab_size is None else PRESETS[name].replace(vocab_size=vocab_size)
+        return count_params(config)
+
+    return min(names, key=lambda n: abs(math.log(size(n) / params)))
+
+
+def plan(
+    compute_flops: float | None = None,
+    seconds: float | None = None,
+    vocab_size: int | None = None,
+    device: str = "cpu",
+    probe: bool = True,
+) -> Plan:
+    """Plan for a compute budget in FLOPs, or a wall-clock budget (measured on `device`)."""
+    if (compute_flops is None) == (seconds is None):
+        raise ConfigError("give exactly one budget: compute (FLOPs) or time")
+    candidates = [n for n in PRESETS if n.startswith("cpu-")] if device == "cpu" else [n for n in PRESETS if not n.startswith("cpu-")]
+    rate = None
+    if seconds is not None:
+        guess = PRESETS[candidates[len(candidates) // 2]]
+        guess = guess.replace(vocab_size=vocab_size) if vocab_size else guess
+        rate = measure_flops_per_s(guess, device=device)
+        compute_flops = rate * seconds
+    n_opt = math.sqrt(compute_flops / (6 * TOKENS_PER_PARAM))
+    preset = closest_preset(n_opt, vocab_size, candidates)
+    config = PRESETS[preset].replace(vocab_size=vocab_size) if vocab_size else PRESETS[preset]
+    params = count_params(config)
+    tokens = TOKENS_PER_PARAM * params
+    estimate = None
+    if probe:
+        rate = measure_flops_per_s(config, device=device)
+        estimate = flops_per_token(config, min(config.block_size, 256 if device == "cpu" else config.block_size)) * tokens / rate
+    return Plan(compute_flops, n_opt, TOKENS_PER_PARAM * n_opt, preset, params, tokens, rate, estimate)
