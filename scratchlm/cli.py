@@ -494,7 +494,7 @@ def _plan(args: argparse.Namespace) -> int:
     from scratchlm.units import parse_duration
 
     result = plan(args.compute, parse_duration(args.time) if args.time else None, args.vocab_size, args.device)
-    print(f"compute budget     {result.compute_flops:.3g} FLOPs" + (f" ({result.measured_flops_per_s / 1e9:.1f} GFLOP/s measured here)" if args.time else ""))
+    print(f"compute budget     {result.compute_flops:.3g} FLOPs" + (f" ({result.budget_flops_per_s / 1e9:.1f} GFLOP/s measured here on cpu-base)" if args.time and args.device == "cpu" else f" ({result.budget_flops_per_s / 1e9:.1f} GFLOP/s measured here on gpt2-124m)" if args.time else ""))
     print(f"compute-optimal    {result.optimal_params / 1e6:.2f}M parameters on {result.optimal_tokens / 1e6:.1f}M tokens (20 tokens per parameter)")
     print(f"closest preset     {result.preset} ({result.preset_params / 1e6:.2f}M parameters) -> {result.tokens_for_preset / 1e6:.1f}M tokens")
     if result.estimated_seconds is not None:

@@ -26,8 +26,9 @@ class Plan:
     preset: str
     preset_params: int
     tokens_for_preset: float  # 20 x the preset's parameters
-    measured_flops_per_s: float | None
+    measured_flops_per_s: float | None  # of the suggested preset
     estimated_seconds: float | None  # to train the preset on tokens_for_preset
+    budget_flops_per_s: float | None = None  # the probe that turned a time budget into FLOPs
 
 
 def measure_flops_per_s(config: ModelConfig, micro_batch: int = 8, steps: int = 3, device: str = "cpu") -> float:
@@ -76,13 +77,15 @@ def plan(
     """Plan for a compute budget in FLOPs, or a wall-clock budget (measured on `device`)."""
     if (compute_flops is None) == (seconds is None):
         raise ConfigError("give exactly one budget: compute (FLOPs) or time")
-    candidates = [n for n in PRESETS if n.startswith("cpu-")] if device == "cpu" else [n for n in PRESETS if not n.startswith("cpu-")]
-    rate = None
-    if seconds is not None:
-        guess = PRESETS[candidates[len(candidates) // 2]]
+    candidates = list(PRESETS)
+    micro_batch = 2 if device == "cpu" else 8  # keeps a probe of a 100M+ model to seconds on a CPU
+    rate = budget_rate = None
+    if seconds is not None:  # a first probe on a mid-sized model for the device gives C
+        guess = PRESETS["cpu-base" if device == "cpu" else "gpt2-124m"]
         guess = guess.replace(vocab_size=vocab_size) if vocab_size else guess
-        rate = measure_flops_per_s(guess, device=device)
+        rate = measure_flops_per_s(guess, micro_batch=micro_batch, device=device)
         compute_flops = rate * seconds
+        budget_rate = rate
     n_opt = math.sqrt(compute_flops / (6 * TOKENS_PER_PARAM))
     preset = closest_preset(n_opt, vocab_size, candidates)
     config = PRESETS[preset].replace(vocab_size=vocab_size) if vocab_size else PRESETS[preset]
@@ -90,6 +93,6 @@ def plan(
     tokens = TOKENS_PER_PARAM * params
     estimate = None
     if probe:
-        rate = measure_flops_per_s(config, device=device)
+        rate = measure_flops_per_s(config, micro_batch=micro_batch, device=device)
         estimate = flops_per_token(config, min(config.block_size, 256 if device == "cpu" else config.block_size)) * tokens / rate
-    return Plan(compute_flops, n_opt, TOKENS_PER_PARAM * n_opt, preset, params, tokens, rate, estimate)
+    return Plan(compute_flops, n_opt, TOKENS_PER_PARAM * n_opt, preset, params, tokens, rate, estimate, budget_rate)
