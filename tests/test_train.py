@@ -267,3 +267,11 @@ def test_muon_orthogonalizes_and_trains(shards, tmp_path):
     pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=12", "optimizer=muon"]), progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_plan_command_suggests_a_preset_and_a_time(capsys):
+    from scratchlm.cli import main
+
+    assert main(["plan", "--compute", "1e15"]) == 0
+    out = capsys.readouterr().out
+    assert "closest preset     cpu-base" in out and "estimated time" in out
