@@ -125,11 +125,12 @@ def _add_data_commands(stages: argparse._SubParsersAction) -> None:
 
 
 def _data_tokenize(args: argparse.Namespace) -> int:
+    from scratchlm.data.shards import split_tokens
     from scratchlm.data.tokenize import tokenize_files
     from scratchlm.tokenizer import load_tokenizer
 
     manifest = tokenize_files(args.input, load_tokenizer(args.tokenizer), args.out, args.val_fraction, args.shard_tokens)
-    counts = {split: sum(f["tokens"] for f in files) for split, files in manifest["splits"].items()}
+    counts = split_tokens(manifest)
     if manifest.get("undecodable_bytes"):
         print(f"scratchlm: warning: {manifest['undecodable_bytes']} undecodable bytes replaced with U+FFFD", file=sys.stderr)
     print(f"{counts['train']:,} train and {counts['val']:,} validation tokens ({manifest['dtype']}; validation: {manifest['split_rule']})")
@@ -275,7 +276,7 @@ def _add_tokenizer_commands(stages: argparse._SubParsersAction) -> None:
     train.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories; hidden files and folders (.git) are skipped (default: embedded corpus)")
     train.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary: 256 bytes + merges + special tokens; fewer if the corpus runs out of pairs seen --min-frequency times (default: 8192)")
     train.add_argument("--out", required=True, type=Path, help="where to write the tokenizer (JSON)")
-    train.add_argument("--pattern", default="gpt4", help="pre-tokenization: a name, gpt4 (default), gpt2, llama3 or smollm, or a regex whose matches must cover all text")
+    train.add_argument("--pattern", default=None, help="pre-tokenization: a name, gpt4 (default), gpt2, llama3 or smollm, or a regex whose matches must cover all text")
     train.add_argument(
         "--special-tokens", nargs="*", metavar="TOKEN", default=None,
         help="special tokens, given the top ids (default: <|endoftext|> <|im_start|> <|im_end|>)",
@@ -363,6 +364,7 @@ def _read_text_arg(args: argparse.Namespace) -> str:
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from scratchlm.tokenizer import DEFAULT_SPECIAL_TOKENS, save_hf_tokenizer, train_tokenizer
+    from scratchlm.tokenizer.pretokenize import DEFAULT_PATTERN_NAME
 
     from scratchlm.atomic_io import check_writable_file
 
@@ -372,7 +374,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     specials = DEFAULT_SPECIAL_TOKENS if args.special_tokens is None else tuple(args.special_tokens)
     start = time.perf_counter()
     tokenizer, report, read = train_tokenizer(
-        args.input, args.vocab_size, pattern=args.pattern, special_tokens=specials,
+        args.input, args.vocab_size, pattern=args.pattern or DEFAULT_PATTERN_NAME, special_tokens=specials,
         min_frequency=args.min_frequency, max_bytes=args.max_bytes, workers=args.workers, progress=not args.quiet,
     )
     seconds = time.perf_counter() - start

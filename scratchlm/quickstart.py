@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from scratchlm.data.shards import split_tokens
 from scratchlm.data.tokenize import tokenize_files
 from scratchlm.errors import ConfigError
 from scratchlm.tokenizer import train_tokenizer
@@ -44,7 +45,7 @@ def quickstart(
     log(f"      {read.bytes_read / 1e6:.2f} MB of text -> {tokenizer_path}")
     log("[2/3] tokenizing the corpus into train/val shards")
     manifest = tokenize_files(None, tokenizer, root / "shards")
-    counts = {split: sum(f["tokens"] for f in files) for split, files in manifest["splits"].items()}
+    counts = split_tokens(manifest)
     log(f"      {counts['train']:,} train tokens, {counts['val']:,} validation tokens -> {root / 'shards'}")
     log(f"[3/3] pretraining for {config.max_time} (model: {config.model}), then evaluating and sampling")
     run = pretrain(root / "shards", root / "run", config, progress=progress)

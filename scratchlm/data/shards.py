@@ -36,6 +36,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def split_tokens(manifest: dict) -> dict[str, int]:
+    """Token count of each split, from a manifest."""
+    return {split: sum(f["tokens"] for f in files) for split, files in manifest["splits"].items()}
+
+
 def val_by_hash(key: str, val_fraction: float) -> bool:
     """Stable train/val assignment: the same document goes to the same split on every run."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()

@@ -7,7 +7,7 @@ space before it, two words, or letters and digits. The pattern is part of a toke
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import cache
 
 import regex
@@ -88,6 +88,3 @@ def count_chunks(text: str, pattern: str, special_tokens: Iterable[str] = ()) ->
         counts.update(compiled.findall(part))
     return counts
 
-
-def iter_chunks(text: str, pattern: str) -> Iterator[str]:
-    yield from regex.compile(pattern).findall(text)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.tokenizer.corpus import ReadReport, expand_inputs, read_text_blocks
-from scratchlm.tokenizer.pretokenize import count_chunks, resolve_pattern
+from scratchlm.tokenizer.pretokenize import DEFAULT_PATTERN_NAME, count_chunks, resolve_pattern
 from scratchlm.tokenizer.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
 
 Pair = tuple[int, int]
@@ -49,7 +49,7 @@ class TrainReport:
 def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
-    pattern: str = "gpt4",
+    pattern: str = DEFAULT_PATTERN_NAME,
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
     workers: int | None = None,
@@ -86,7 +86,7 @@ def train_bpe(
 def train_tokenizer(
     inputs: Sequence[str | Path] | None,
     vocab_size: int,
-    pattern: str = "gpt4",
+    pattern: str = DEFAULT_PATTERN_NAME,
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
     max_bytes: int | None = None,
@@ -135,8 +135,6 @@ def tokenizer_from_merges(
     for left, right in merges:
         vocab.append(vocab[left] + vocab[right])
     ranks = {token: i for i, token in enumerate(vocab)}
-    if len(ranks) != len(vocab):
-        raise AssertionError("BPE produced the same token twice")  # impossible: merged pairs vanish
     specials = {token: len(vocab) + i for i, token in enumerate(special_tokens)}
     return Tokenizer(ranks, specials, pattern, name=name)
 

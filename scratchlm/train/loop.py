@@ -157,8 +157,8 @@ def evaluate(
     for first in range(0, windows, batch):
         n = min(batch, windows - first)
         chunk = torch.from_numpy(tokens[first * seq_len : (first + n) * seq_len + 1].astype(np.int64))
-        x = torch.stack([chunk[i * seq_len : (i + 1) * seq_len] for i in range(n)]).to(device)
-        y = torch.stack([chunk[i * seq_len + 1 : (i + 1) * seq_len + 1] for i in range(n)]).to(device)
+        x = chunk[:-1].view(n, seq_len).to(device)
+        y = chunk[1:].view(n, seq_len).to(device)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             logits, _ = model(x)
         nats = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
