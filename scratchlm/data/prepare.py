@@ -1,0 +1,678 @@
+"""`scratchlm data prepare`: sources in, clean deduplicated mixed token shards out.
+
+The run has four phases, each leaving files in `OUT/work/` that let an interrupted run resume:
+
+1. **clean** (parallel, per chunk of documents): read, extract HTML, normalise, filter, redact
+   PII, and compute each survivor's exact hash and MinHash signature;
+2. **deduplicate** (one process, over all chunks): exact copies by hash, then near copies by
+   MinHash LSH; the first document of each cluster is kept;
+3. **finish** (parallel, per chunk): split train/val by a hash of the text, write the kept
+   documents and the ledger, tokenize;
+4. **mix** (one process): write the training stream with each source repeated or sampled to
+   its weight, in a seeded order of chunks, then the validation stream, the manifest, and the
+   report.
+
+Chunks are cut from the input stream at fixed document and byte counts, so a chunk's content
+depends only on the inputs. Each chunk's outputs are written atomically, with a marker carrying
+a fingerprint of everything that went into it; a resumed run skips every chunk whose marker
+matches and redoes the rest, so changing a filter threshold redoes the cleaning while changing
+the tokenizer only redoes the tokenizing.
+
+Memory is bounded by the chunk size and the number of workers, plus, for deduplication,
+about 8 bytes per document and 8 per LSH band; signatures stay on disk (memory-mapped).
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from scratchlm import __version__
+from scratchlm.atomic_io import write_bytes_atomic, write_text_atomic
+from scratchlm.config import build, check_keys, load_toml, merge
+from scratchlm.data.dedup import MinHashConfig, MinHasher, band_hashes, choose_bands, exact_hash, near_duplicates, s_curve
+from scratchlm.data.filters import FilterConfig
+from scratchlm.data.mix import is_validation, repeats, source_epochs
+from scratchlm.data.normalize import NormalizeConfig
+from scratchlm.data.pii import PIIConfig
+from scratchlm.data.pipeline import Cleaner, CleaningConfig, StageCounts, clean_batch
+from scratchlm.data.report import write_report
+from scratchlm.data.shards import DEFAULT_SHARD_TOKENS, SPLITS, ShardWriter, token_dtype
+from scratchlm.data.sources import Document, ReadFailure, ReadIssue, SourceConfig, read_source, source_files
+from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.units import parse_bytes
+
+MAX_ISSUES_KEPT = 200
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """The top-level keys of a prepare config."""
+
+    tokenizer: str | None = None  # without one, stop after writing the kept documents
+    val_fraction: float = 0.01
+    seed: int = 0
+    workers: int = 0  # 0: every core
+    chunk_docs: int = 2000
+    chunk_bytes: str = "16MB"
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    train_bytes: str | None = None  # size of the training mixture; default: all kept train text
+    exact_dedup: bool = True
+    strict: bool = False  # any bad input (malformed line, binary file, bad bytes) stops the run
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
+        if self.chunk_docs < 1 or parse_bytes(self.chunk_bytes) < 1:
+            raise ConfigError("chunk_docs and chunk_bytes must be positive")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 (every core) or more, not {self.workers}")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    settings: PrepareSettings = PrepareSettings()
+    sources: tuple[SourceConfig, ...] = ()
+    cleaning: CleaningConfig = CleaningConfig()
+    minhash: MinHashConfig = MinHashConfig()
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("prepare: no sources (give --input PATHS, or [[sources]] tables in the config)")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"prepare: source names must be unique, got {', '.join(names)}")
+        weighted = [s.name for s in self.sources if s.weight is not None]
+        if weighted and len(weighted) != len(self.sources):
+            missing = ", ".join(s.name for s in self.sources if s.weight is None)
+            raise ConfigError(f"prepare: give a weight to every source or to none (no weight on: {missing})")
+
+
+_SECTIONS = {"normalize": NormalizeConfig, "filters": FilterConfig, "pii": PIIConfig, "minhash": MinHashConfig}
+
+
+def load_prepare_config(
+    path: str | Path | None = None, overrides: dict | None = None, inputs: list[str] | None = None, input_options: dict | None = None
+) -> PrepareConfig:
+    """A prepare config from a TOML file (or defaults), `--set` overrides and `--input` paths,
+    which make one source named `input` (with `input_options` such as format or text_field)."""
+    data = load_toml(path) if path else {}
+    where = str(path) if path else "prepare config"
+    data = merge(data, overrides or {})
+    sources = data.pop("sources", [])
+    if inputs:
+        sources = [{"name": "input", "paths": list(inputs), **(input_options or {})}]
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise ConfigError(f"{where}: sources must be [[sources]] tables")
+    sections = {name: data.pop(name, {}) for name in _SECTIONS}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: {name} must be a [{name}] table")
+    check_keys(_TopLevel, data, where)
+    return PrepareConfig(
+        settings=build(PrepareSettings, data, where),
+        sources=tuple(build(SourceConfig, s, f"{where}: sources[{n}]") for n, s in enumerate(sources)),
+        cleaning=CleaningConfig(
+            normalize=build(NormalizeConfig, sections["normalize"], f"{where}: [normalize]"),
+            filters=build(FilterConfig, sections["filters"], f"{where}: [filters]"),
+            pii=build(PIIConfig, sections["pii"], f"{where}: [pii]"),
+        ),
+        minhash=build(MinHashConfig, sections["minhash"], f"{where}: [minhash]"),
+    )
+
+
+@dataclass(frozen=True)
+class _TopLevel(PrepareSettings):
+    """Every key a config file may hold at the top level, for the unknown-key check."""
+
+    sources: list | None = None
+    normalize: dict | None = None
+    filters: dict | None = None
+    pii: dict | None = None
+    minhash: dict | None = None
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    stats: dict
+    manifest: dict | None
+
+
+# ---- fingerprints: what each phase's output depends on -------------------------------------
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _input_state(sources: Iterable[SourceConfig]) -> list:
+    """Names, sizes and modification times of the input files: a changed input invalidates
+    the chunks made from it."""
+    state = []
+    for source in sources:
+        if source.dataset:
+            state.append([source.name, source.dataset])
+            continue
+        for path in source_files(source):
+            info = path.stat()
+            state.append([source.name, str(path), info.st_size, info.st_mtime_ns])
+    return state
+
+
+def _clean_fingerprint(config: PrepareConfig) -> str:
+    return _digest([__version__, _input_state(config.sources), [dataclasses.asdict(s) for s in config.sources],
+                    dataclasses.asdict(config.cleaning), dataclasses.asdict(config.minhash),
+                    config.settings.chunk_docs, config.settings.chunk_bytes])
+
+
+# ---- the worker side ---------------------------------------------------------------------
+@dataclass
+class _Worker:
+    """What a worker process builds once and reuses for every chunk it is given."""
+
+    config: PrepareConfig
+    work: Path
+    tokenizer_path: str | None
+    cleaner: Cleaner = field(init=False)
+    hasher: MinHasher = field(init=False)
+    tokenizer: object = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.cleaner = Cleaner(self.config.cleaning)
+        self.hasher = MinHasher(self.config.minhash)
+        if self.tokenizer_path:
+            from scratchlm.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
+
+
+# A process pool's initializer can only hand its result to later tasks through a module-level
+# name; each worker process has its own copy.
+_PROCESS_WORKER: _Worker | None = None
+
+
+def _init_process(config: PrepareConfig, work: Path, tokenizer_path: str | None) -> None:
+    global _PROCESS_WORKER
+    _PROCESS_WORKER = _Worker(config, work, tokenizer_path)
+
+
+def _in_process(task: Callable, *args) -> object:
+    return task(_PROCESS_WORKER, *args)
+
+
+def _chunk_path(work: Path, phase: str, index: int, suffix: str) -> Path:
+    return work / phase / f"{index:06d}{suffix}"
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _clean_chunk(worker: _Worker, index: int, records: list, fingerprint: str) -> dict:
+    """Phase 1 on one chunk: survivors with their hashes and signatures, and the ledger of
+    rejected records."""
+    counts = StageCounts()
+    survivors, rejected = clean_batch(records, worker.cleaner, counts)
+    start = time.perf_counter()
+    texts = [doc.text for doc in survivors]
+    hashes = np.array([exact_hash(t) for t in texts], dtype=np.uint64)
+    counts.seconds["exact_dedup"] += time.perf_counter() - start
+    minhash = worker.config.minhash
+    start = time.perf_counter()
+    if minhash.enabled and texts:
+        signatures = worker.hasher.signatures(texts)
+        bands = band_hashes(signatures, *_bands(minhash))
+    else:
+        signatures = np.zeros((len(texts), 0), np.uint32)
+        bands = np.zeros((len(texts), 0), np.uint64)
+    counts.seconds["near_dedup"] += time.perf_counter() - start
+    work = worker.work
+    _write_jsonl(_chunk_path(work, "clean", index, ".docs.jsonl"), ({"id": d.id, "source": d.source, "text": d.text} for d in survivors))
+    _save_npz(
+        _chunk_path(work, "clean", index, ".npz"),
+        hashes=hashes, signatures=signatures, bands=bands,
+        nbytes=np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
+        ids=np.array([d.id for d in survivors], dtype=str), sources=np.array([d.source for d in survivors], dtype=str),
+    )  # fmt: skip
+    _write_jsonl(_chunk_path(work, "clean", index, ".rejected.jsonl"), rejected)
+    marker = {"fingerprint": fingerprint, "records": len(records), "survivors": len(survivors), "counts": counts.to_json()}
+    write_text_atomic(_chunk_path(work, "clean", index, ".json"), json.dumps(marker))
+    return marker
+
+
+def _bands(config: MinHashConfig) -> tuple[int, int]:
+    if config.bands is not None and config.rows is not None:
+        return config.bands, config.rows
+    return choose_bands(config.threshold, config.num_perm)
+
+
+def _finish_chunk(worker: _Worker, index: int, keep: np.ndarray, keeper_ids: dict[int, str], exact: np.ndarray, offset: int, fingerprint: str) -> dict:
+    """Phase 3 on one chunk: split, kept documents, full ledger, tokens."""
+    work, settings = worker.work, worker.config.settings
+    docs = _read_jsonl(_chunk_path(work, "clean", index, ".docs.jsonl"))
+    arrays = np.load(_chunk_path(work, "clean", index, ".npz"))
+    val = is_validation(arrays["hashes"], settings.val_fraction, settings.seed)
+    ledger = _read_jsonl(_chunk_path(work, "clean", index, ".rejected.jsonl"))
+    kept: list[dict] = []
+    for local, doc in enumerate(docs):
+        keeper = int(keep[local])
+        if keeper == offset + local:
+            split = "val" if val[local] else "train"
+            kept.append({"id": doc["id"], "source": doc["source"], "split": split, "text": doc["text"]})
+            ledger.append({"id": doc["id"], "source": doc["source"], "status": "kept", "split": split})
+        else:
+            stage = "exact_dedup" if exact[local] else "near_dedup"
+            ledger.append({"id": doc["id"], "source": doc["source"], "status": "duplicate", "stage": stage, "duplicate_of": keeper_ids[keeper]})
+    out = work.parent
+    _write_jsonl(out / "documents" / f"{index:06d}.jsonl", kept)
+    _write_jsonl(out / "ledger" / f"{index:06d}.jsonl", ledger)
+    summary: dict = {"fingerprint": fingerprint, "kept": Counter(), "kept_bytes": Counter(), "tokens": Counter()}
+    for doc in kept:
+        summary["kept"][f"{doc['source']}/{doc['split']}"] += 1
+        summary["kept_bytes"][f"{doc['source']}/{doc['split']}"] += len(doc["text"].encode("utf-8"))
+    if worker.tokenizer is not None:
+        summary["tokens"] = _tokenize_chunk(worker, index, kept, arrays["hashes"][[int(keep[i]) == offset + i for i in range(len(docs))]])
+    write_text_atomic(_chunk_path(work, "finish", index, ".json"), json.dumps(summary))
+    return summary
+
+
+def _tokenize_chunk(worker: _Worker, index: int, kept: list[dict], hashes: np.ndarray) -> Counter:
+    """Token ids of the kept documents, each followed by <|endoftext|>, per split, with the
+    document boundaries, sources and hashes that mixing needs. Special-token strings inside a
+    document are plain text: a corpus cannot inject control tokens."""
+    tokenizer = worker.tokenizer
+    dtype = token_dtype(tokenizer.vocab_size)
+    arrays: dict[str, np.ndarray] = {}
+    tokens: Counter = Counter()
+    for split in SPLITS:
+        rows = [(n, d) for n, d in enumerate(kept) if d["split"] == split]
+        ids = [tokenizer.encode_ordinary(d["text"]) + [tokenizer.eot_id] for _, d in rows]
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        arrays[f"{split}_tokens"] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        arrays[f"{split}_sources"] = np.array([d["source"] for _, d in rows], dtype=str)
+        arrays[f"{split}_hashes"] = hashes[[n for n, _ in rows]].astype(np.uint64) if rows else np.zeros(0, np.uint64)
+        for (_, d), n in zip(rows, lengths):
+            tokens[f"{d['source']}/{split}"] += int(n)
+    _save_npz(_chunk_path(worker.work, "tokens", index, ".npz"), **arrays)
+    return tokens
+
+
+# ---- running chunks in parallel, with bounded memory ------------------------------------
+def _run_tasks(tasks: Iterable[tuple], workers: int, worker_args: tuple, on_done: Callable[[object], None]) -> None:
+    """Run `(function, *args)` tasks, at most `2 * workers` in flight so that a fast reader
+    cannot fill memory with chunks waiting for a worker. With one worker, run inline."""
+    if workers == 1:
+        local = _Worker(*worker_args)
+        for task, *args in tasks:
+            on_done(task(local, *args))
+        return
+    pending: set[Future] = set()
+    with ProcessPoolExecutor(workers, initializer=_init_process, initargs=worker_args) as pool:
+        for task, *args in tasks:
+            if len(pending) >= 2 * workers:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    on_done(future.result())
+            pending.add(pool.submit(_in_process, task, *args))
+        for future in pending:
+            on_done(future.result())
+
+
+# ---- the run -----------------------------------------------------------------------------
+def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> PrepareResult:
+    """Run the whole pipeline into `out`; resumes a run interrupted there."""
+    start_time = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"{out}: exists and is not a folder")
+    work = out / "work"
+    for folder in ("clean", "finish", "tokens"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+    tokenizer = None
+    if config.settings.tokenizer:
+        from scratchlm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.settings.tokenizer)
+        if tokenizer.eot_id is None:
+            raise ConfigError(f"{config.settings.tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
+    workers = config.settings.workers or os.cpu_count() or 1
+    worker_args = (config, work, config.settings.tokenizer)
+    timings: dict[str, float] = {}
+
+    # Phase 1: clean
+    phase_start = time.perf_counter()
+    fingerprint = _clean_fingerprint(config)
+    issues: list[dict] = []
+    issue_counts: Counter = Counter()
+    total_bytes = _input_bytes(config.sources)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="clean", disable=not progress, file=sys.stderr)
+    chunk_count = 0
+
+    def chunks() -> Iterator[tuple]:
+        nonlocal chunk_count
+        for index, records in enumerate(_read_chunks(config, issues, issue_counts, bar)):
+            chunk_count = index + 1
+            marker = _load_marker(_chunk_path(work, "clean", index, ".json"))
+            if not (marker and marker["fingerprint"] == fingerprint):
+                yield _clean_chunk, index, records, fingerprint
+
+    _run_tasks(chunks(), workers, worker_args, lambda marker: None)
+    bar.close()
+    _remove_stale(out, chunk_count)
+    markers = {i: _load_marker(_chunk_path(work, "clean", i, ".json")) for i in range(chunk_count)}
+    timings["clean"] = time.perf_counter() - phase_start
+
+    # Phase 2: deduplicate
+    phase_start = time.perf_counter()
+    keeper, exact, dedup_stats = _deduplicate(config, work, markers, progress)
+    dedup_digest = hashlib.sha256(keeper.tobytes()).hexdigest()[:16]
+    timings["deduplicate"] = time.perf_counter() - phase_start
+
+    # Phase 3: finish
+    phase_start = time.perf_counter()
+    finish_fp = _digest([fingerprint, dedup_digest, config.settings.val_fraction, config.settings.seed, tokenizer.content_hash if tokenizer else None])
+    offsets = np.concatenate([[0], np.cumsum([markers[i]["survivors"] for i in range(chunk_count)])]).astype(np.int64)
+    referenced = _keeper_ids(work, keeper, offsets)
+    finished: dict[int, dict] = {}
+    todo = []
+    for index in range(chunk_count):
+        marker = _load_marker(_chunk_path(work, "finish", index, ".json"))
+        if marker and marker["fingerprint"] == finish_fp:
+            finished[index] = marker
+            continue
+        lo, hi = offsets[index], offsets[index + 1]
+        ids = {int(k): referenced[int(k)] for k in np.unique(keeper[lo:hi]) if int(k) in referenced}
+        todo.append((_finish_chunk, index, keeper[lo:hi], ids, exact[lo:hi], int(lo), finish_fp))
+    bar = tqdm(total=len(todo), unit="chunk", desc="finish", disable=not progress or not todo, file=sys.stderr)
+
+    def finished_one(summary: object) -> None:
+        bar.update(1)
+
+    _run_tasks(todo, min(workers, max(1, len(todo))), worker_args, finished_one)
+    bar.close()
+    finished = {i: _load_marker(_chunk_path(work, "finish", i, ".json")) for i in range(chunk_count)}
+    timings["finish"] = time.perf_counter() - phase_start
+
+    # Phase 4: mix and write shards
+    phase_start = time.perf_counter()
+    kept_bytes = Counter()
+    for marker in finished.values():
+        kept_bytes.update(marker["kept_bytes"])
+    train_bytes = {s.name: kept_bytes.get(f"{s.name}/train", 0) for s in config.sources}
+    target = parse_bytes(config.settings.train_bytes) if config.settings.train_bytes else None
+    epochs = source_epochs(train_bytes, {s.name: s.weight for s in config.sources}, target)
+    manifest = None
+    if tokenizer is not None:
+        manifest = _write_shards(out, work, tokenizer, chunk_count, epochs, config, progress)
+    timings["mix"] = time.perf_counter() - phase_start
+    timings["total"] = time.perf_counter() - start_time
+
+    stats = _stats(config, markers, finished, dedup_stats, epochs, issues, issue_counts, manifest, timings, total_bytes)
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_report(stats, out / "report.md")
+    _write_documents_manifest(out, chunk_count, finished)
+    return PrepareResult(out, stats, manifest)
+
+
+def _input_bytes(sources: Iterable[SourceConfig]) -> int | None:
+    total = 0
+    for source in sources:
+        if source.dataset:
+            return None
+        total += sum(p.stat().st_size for p in source_files(source))
+    return total
+
+
+def _read_chunks(config: PrepareConfig, issues: list[dict], issue_counts: Counter, bar: tqdm) -> Iterator[list]:
+    """The input records, cut into chunks at `chunk_docs` documents or `chunk_bytes` bytes.
+    Read issues go to `issues`; under `strict`, any bad input stops the run."""
+    settings = config.settings
+    limit = parse_bytes(settings.chunk_bytes)
+    chunk: list = []
+    size = 0
+    for source in config.sources:
+        for record in read_source(source):
+            if isinstance(record, ReadIssue):
+                if settings.strict:
+                    raise InputFileError(f"{record.where}: {record.detail} (--strict)")
+                issue_counts[record.issue] += 1
+                if len(issues) < MAX_ISSUES_KEPT:
+                    issues.append(dataclasses.asdict(record))
+                continue
+            if isinstance(record, ReadFailure):
+                if settings.strict:
+                    raise InputFileError(f"{record.detail} (--strict)")
+                nbytes = record.nbytes
+            else:
+                nbytes = len(record.text)
+            bar.update(nbytes)
+            chunk.append(record)
+            size += nbytes
+            if len(chunk) >= settings.chunk_docs or size >= limit:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _load_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _remove_stale(out: Path, chunk_count: int) -> None:
+    """Chunks past the end of the input, left by an earlier run over more input."""
+    for folder in (out / "work" / "clean", out / "work" / "finish", out / "work" / "tokens", out / "documents", out / "ledger"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                stem = path.name.split(".")[0]
+                if stem.isdigit() and int(stem) >= chunk_count:
+                    path.unlink()
+
+
+def _deduplicate(config: PrepareConfig, work: Path, markers: dict[int, dict], progress: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """keeper[i]: the global index of the document that document i is a copy of (itself when
+    kept); exact[i]: whether it is an exact copy. Exact copies are found first; near copies
+    among the remaining documents, with signatures memory-mapped from disk."""
+    count = len(markers)
+
+    def chunk_arrays(index: int, *names: str) -> list[np.ndarray]:
+        with np.load(_chunk_path(work, "clean", index, ".npz")) as arrays:
+            return [arrays[name] for name in names]
+
+    hashes = np.concatenate([np.zeros(0, np.uint64)] + [chunk_arrays(i, "hashes")[0] for i in range(count)])
+    n = len(hashes)
+    if config.settings.exact_dedup and n:
+        _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        keeper = first[inverse].astype(np.int64)
+    else:
+        keeper = np.arange(n, dtype=np.int64)
+    exact = keeper != np.arange(n)
+    unique = np.flatnonzero(~exact)
+    stats: dict = {"documents": int(n), "exact_duplicates": int(exact.sum()), "near_duplicates": 0}
+    minhash = config.minhash
+    if minhash.enabled and len(unique) > 1:
+        bands_rows = _bands(minhash)
+        stats["bands"], stats["rows"] = bands_rows
+        stats["s_curve"] = s_curve(*bands_rows)
+        sig_path = work / "signatures.npy"
+        signatures = None
+        band_rows = np.empty((len(unique), bands_rows[0]), dtype=np.uint64)
+        row, offset = 0, 0
+        for index in range(count):
+            chunk_signatures, chunk_bands = chunk_arrays(index, "signatures", "bands")
+            size = markers[index]["survivors"]
+            mine = unique[(unique >= offset) & (unique < offset + size)] - offset
+            if len(mine):
+                if signatures is None:
+                    signatures = np.lib.format.open_memmap(sig_path, mode="w+", dtype=chunk_signatures.dtype, shape=(len(unique), minhash.num_perm))
+                signatures[row : row + len(mine)] = chunk_signatures[mine]
+                band_rows[row : row + len(mine)] = chunk_bands[mine]
+            row += len(mine)
+            offset += size
+        signatures.flush()
+        texts = _text_lookup(work, markers, unique) if minhash.verify == "exact" else None
+        near = near_duplicates(band_rows, signatures, minhash, texts)
+        del signatures
+        sig_path.unlink()
+        near_global = unique[near]
+        keeper[unique] = near_global
+        keeper = keeper[keeper]  # an exact copy of a near duplicate points at the cluster's keeper
+        stats["near_duplicates"] = int((near != np.arange(len(unique))).sum())
+    sizes = np.bincount(np.bincount(keeper)) if n else np.zeros(0, np.int64)
+    stats["cluster_sizes"] = {str(size): int(count) for size, count in enumerate(sizes) if size > 1 and count}
+    return keeper, exact, stats
+
+
+def _text_lookup(work: Path, markers: dict[int, dict], unique: np.ndarray) -> Callable[[int], str]:
+    """Text of the i-th unique document, for exact-Jaccard verification; one chunk cached."""
+    offsets = np.concatenate([[0], np.cumsum([markers[i]["survivors"] for i in range(len(markers))])])
+    cache: dict[int, list[dict]] = {}
+
+    def text(i: int) -> str:
+        index = int(unique[i])
+        chunk = int(np.searchsorted(offsets, index, side="right") - 1)
+        if chunk not in cache:
+            cache.clear()
+            cache[chunk] = _read_jsonl(_chunk_path(work, "clean", chunk, ".docs.jsonl"))
+        return cache[chunk][index - offsets[chunk]]["text"]
+
+    return text
+
+
+def _keeper_ids(work: Path, keeper: np.ndarray, offsets: np.ndarray) -> dict[int, str]:
+    """Ids of the documents that others are duplicates of, for the ledger."""
+    wanted = np.unique(keeper[keeper != np.arange(len(keeper))])
+    ids: dict[int, str] = {}
+    for index in range(len(offsets) - 1):
+        lo, hi = offsets[index], offsets[index + 1]
+        mine = wanted[(wanted >= lo) & (wanted < hi)]
+        if len(mine):
+            chunk_ids = np.load(_chunk_path(work, "clean", index, ".npz"))["ids"]
+            ids.update({int(k): str(chunk_ids[k - lo]) for k in mine})
+    return ids
+
+
+def _write_shards(out: Path, work: Path, tokenizer, chunk_count: int, epochs: dict[str, float], config: PrepareConfig, progress: bool) -> dict:
+    """The training stream: `ceil(max epochs)` passes over the chunks, each in its own seeded
+    order, each document written as many times as `repeats` says; then validation, in order."""
+    for old in out.glob("*_0*.bin"):
+        old.unlink()
+    (out / "manifest.json").unlink(missing_ok=True)
+    writer = ShardWriter(out, tokenizer.vocab_size, config.settings.shard_tokens)
+    passes = max(1, int(np.ceil(max(epochs.values(), default=1.0))))
+    rng = np.random.default_rng(config.settings.seed)
+    written: Counter = Counter()
+    bar = tqdm(total=passes * chunk_count + chunk_count, unit="chunk", desc="mix", disable=not progress, file=sys.stderr)
+    for epoch in range(passes):
+        for index in rng.permutation(chunk_count):
+            arrays = np.load(_chunk_path(work, "tokens", int(index), ".npz"))
+            sources = arrays["train_sources"]
+            copies = np.zeros(len(sources), dtype=np.int64)
+            for name, share in epochs.items():
+                mine = sources == name
+                copies[mine] = repeats(arrays["train_hashes"][mine], share, config.settings.seed)
+            _add_documents(writer, "train", arrays, copies > epoch, written)
+            bar.update(1)
+    for index in range(chunk_count):
+        arrays = np.load(_chunk_path(work, "tokens", index, ".npz"))
+        _add_documents(writer, "val", arrays, np.ones(len(arrays["val_sources"]), dtype=bool), written)
+        bar.update(1)
+    bar.close()
+    tokenizer.save(out / "tokenizer.json")
+    tokens_by_source: dict[str, dict[str, int]] = {}
+    for (source, split), n in written.items():
+        tokens_by_source.setdefault(source, {})[split] = n
+    extra = {"source": "scratchlm data prepare", "split_rule": f"{config.settings.val_fraction:.2%} of documents, by a hash of their text",
+             "epochs": epochs, "tokens_by_source": tokens_by_source}  # fmt: skip
+    return writer.finish(tokenizer, extra)
+
+
+def _add_documents(writer: ShardWriter, split: str, arrays, chosen: np.ndarray, written: Counter) -> None:
+    if not chosen.any():
+        return
+    offsets = arrays[f"{split}_offsets"]
+    tokens = arrays[f"{split}_tokens"]
+    sources = arrays[f"{split}_sources"]
+    pieces = [tokens[offsets[i] : offsets[i + 1]] for i in np.flatnonzero(chosen)]
+    for i in np.flatnonzero(chosen):
+        written[str(sources[i]), split] += int(offsets[i + 1] - offsets[i])
+    writer.add(split, np.concatenate(pieces), documents=len(pieces))
+
+
+def _write_documents_manifest(out: Path, chunk_count: int, finished: dict[int, dict]) -> None:
+    files = [{"file": f"{i:06d}.jsonl", "documents": dict(finished[i]["kept"]), "bytes": dict(finished[i]["kept_bytes"])} for i in range(chunk_count)]
+    manifest = {"format": "scratchlm-documents", "version": 1, "fields": ["id", "source", "split", "text"], "files": files}
+    write_text_atomic(out / "documents" / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+
+def _stats(config, markers, finished, dedup, epochs, issues, issue_counts, manifest, timings, total_bytes) -> dict:
+    counts = StageCounts()
+    for marker in markers.values():
+        counts.merge_json(marker["counts"])
+    ledger: Counter = Counter()
+    for marker in finished.values():
+        for key, n in marker["kept"].items():
+            ledger[key] += n
+    inputs = sum(m["records"] for m in markers.values())
+    kept = sum(ledger.values())
+    rejected = sum(counts.rejected.values())
+    duplicates = dedup["exact_duplicates"] + dedup["near_duplicates"]
+    sources = {}
+    for source in config.sources:
+        name = source.name
+        stages = {stage: {"documents": counts.entered[stage, name], "bytes": counts.entered_bytes[stage, name]} for stage in ("read", "extract", "normalize", "filter", "pii")}
+        reasons = {reason: {"documents": n, "bytes": counts.rejected_bytes[s, reason]} for (s, reason), n in counts.rejected.items() if s == name}
+        kept_docs = {split: ledger.get(f"{name}/{split}", 0) for split in SPLITS}
+        kept_bytes = {split: sum(m["kept_bytes"].get(f"{name}/{split}", 0) for m in finished.values()) for split in SPLITS}
+        tokens = {split: sum(m["tokens"].get(f"{name}/{split}", 0) for m in finished.values()) for split in SPLITS}
+        sources[name] = {"stages": stages, "rejected": reasons, "kept": kept_docs, "kept_bytes": kept_bytes, "tokens_once": tokens,
+                         "weight": source.weight, "epochs": epochs.get(name)}  # fmt: skip
+    reasons = Counter()
+    for (_, reason), n in counts.rejected.items():
+        reasons[reason] += n
+    return {
+        "inputs": inputs,
+        "kept": kept,
+        "rejected": rejected,
+        "duplicates": duplicates,
+        "accounted": inputs == kept + rejected + duplicates,
+        "input_bytes": total_bytes,
+        "sources": sources,
+        "rejection_reasons": dict(reasons.most_common()),
+        "examples": counts.examples,
+        "pii_replaced": dict(counts.pii),
+        "dedup": dedup,
+        "read_issues": {"counts": dict(issue_counts), "first": issues},
+        "stage_seconds": dict(counts.seconds),
+        "phase_seconds": timings,
+        "tokens": {split: sum(f["tokens"] for f in manifest["splits"][split]) for split in SPLITS} if manifest else None,
+        "config": {"settings": dataclasses.asdict(config.settings), "cleaning": dataclasses.asdict(config.cleaning),
+                   "minhash": dataclasses.asdict(config.minhash), "sources": [dataclasses.asdict(s) for s in config.sources]},
+    }  # fmt: skip

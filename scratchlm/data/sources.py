@@ -1,0 +1,329 @@
+"""Reading documents out of the sources a pipeline config names.
+
+A source is a set of files (paths, folders or glob patterns) in one format, or a Hugging Face
+dataset. Reading streams: one document at a time, whatever the size of a file. Every record
+the reader meets comes out as a `Document` or, when it cannot become one (malformed JSON on a
+line, a missing field, a binary or empty file), as a `ReadFailure` that says where and why, so
+the pipeline's accounting covers bad input too. Document ids are `file` (a whole file),
+`file:line` or `file:rowN`, or the record's own id field: stable across runs, so the ledger and
+the report can name them; the source's name travels beside the id.
+
+Formats (chosen by extension with `format = "auto"`):
+- text (`.txt`, `.md`, anything unknown): one document per file, or per paragraph or line;
+- jsonl (`.jsonl`, `.ndjson`, `.json` with one object per line): the `text_field` of each line;
+- csv (`.csv`, `.tsv`): the `text_field` column;
+- parquet (`.parquet`): the `text_field` column, read in record batches;
+- html (`.html`, `.htm`): the main text, extracted later (in the worker processes) by trafilatura;
+- hf: a `datasets.save_to_disk` folder, or a hub name where the machine is online.
+A `.gz` suffix on a text, jsonl, csv or html file is read through gzip.
+"""
+
+import csv
+import glob
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.tokenizer.corpus import decode_text, expand_inputs
+
+Format = Literal["auto", "text", "jsonl", "csv", "parquet", "html", "hf"]
+_EXTENSIONS = {
+    ".txt": "text", ".md": "text", ".rst": "text",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+    ".csv": "csv", ".tsv": "csv",
+    ".parquet": "parquet",
+    ".html": "html", ".htm": "html", ".xhtml": "html",
+}  # fmt: skip
+BINARY_PROBE_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One input source of a pipeline. `weight` is its share of the training mixture (by bytes);
+    leave it out on every source to keep the sources' natural proportions."""
+
+    name: str
+    paths: list[str] = field(default_factory=list)
+    dataset: str | None = None  # Hugging Face: a save_to_disk folder or a hub name
+    format: Format = "auto"
+    text_field: str = "text"
+    id_field: str | None = None
+    text_unit: Literal["file", "paragraph", "line"] = "file"  # for text files
+    html: bool = False  # the text field holds HTML (jsonl, csv, parquet, hf): extract the main text
+    weight: float | None = None
+    split: str = "train"  # which split of a dataset with several
+    streaming: bool = False  # hub datasets: stream instead of downloading whole
+
+    def __post_init__(self) -> None:
+        where = f"source {self.name!r}"
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"{where}: name must be non-empty and contain no '/'")
+        if bool(self.paths) == bool(self.dataset):
+            raise ConfigError(f"{where}: give either paths or dataset")
+        if isinstance(self.paths, str) or not all(isinstance(p, str) for p in self.paths):
+            raise ConfigError(f"{where}: paths must be a list of strings")
+        if self.dataset and self.format not in ("auto", "hf"):
+            raise ConfigError(f"{where}: a dataset source has format hf, not {self.format!r}")
+        if self.weight is not None and not self.weight > 0:
+            raise ConfigError(f"{where}: weight must be positive, not {self.weight}")
+
+
+@dataclass
+class Document:
+    id: str
+    source: str
+    text: str
+    html: bool = False  # text is raw HTML, to be extracted
+
+
+@dataclass
+class ReadFailure:
+    """A record that could not become a document. It counts as an input, rejected at stage
+    `read`; `issue` is the kind, `detail` says where."""
+
+    id: str
+    source: str
+    issue: str
+    detail: str
+    nbytes: int = 0
+
+
+@dataclass
+class ReadIssue:
+    """Something wrong with an input that did not cost a document (undecodable bytes replaced
+    with U+FFFD). Reported; fatal under --strict."""
+
+    source: str
+    where: str
+    issue: str
+    detail: str
+
+
+Record = Document | ReadFailure | ReadIssue
+
+
+def source_files(config: SourceConfig) -> list[Path]:
+    """The files of a file source, in a fixed order; glob patterns are expanded."""
+    found: list[Path] = []
+    for pattern in config.paths:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise InputFileError(f"source {config.name!r}: pattern {pattern!r} matches no files")
+            found.extend(expand_inputs(matches))
+        else:
+            found.extend(expand_inputs([pattern]))
+    return found
+
+
+def file_format(path: Path, config: SourceConfig) -> str:
+    if config.format != "auto":
+        return config.format
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return _EXTENSIONS.get(suffixes[-1] if suffixes else "", "text")
+
+
+def read_source(config: SourceConfig) -> Iterator[Record]:
+    if config.dataset:
+        yield from _read_dataset(config)
+        return
+    for path in source_files(config):
+        yield from read_file(path, config)
+
+
+def read_file(path: Path, config: SourceConfig) -> Iterator[Record]:
+    fmt = file_format(path, config)
+    doc_id = str(path)
+    if fmt == "parquet":
+        yield from _read_parquet(path, config)
+        return
+    try:
+        with _open(path) as handle:
+            probe = handle.read(BINARY_PROBE_BYTES)
+    except (OSError, EOFError) as exc:
+        yield ReadFailure(doc_id, config.name, "unreadable_file", f"{path}: cannot read ({exc})")
+        return
+    if not probe.strip() and not _has_text_after(path, len(probe)):
+        yield ReadFailure(doc_id, config.name, "empty_file", f"{path}: empty file", path.stat().st_size)
+        return
+    if b"\x00" in probe:
+        yield ReadFailure(doc_id, config.name, "binary_file", f"{path}: binary data (NUL bytes), not text", path.stat().st_size)
+        return
+    if fmt in ("jsonl", "csv"):
+        # Line by line: a many-gigabyte JSONL file never sits in memory whole.
+        with _open(path) as handle:
+            yield from (_read_jsonl if fmt == "jsonl" else _read_csv)(path, handle, config)
+        return
+    with _open(path) as handle:
+        raw = handle.read()
+    text, bad = decode_text(raw)
+    if bad:
+        line = raw[: _first_bad_byte(raw)].count(b"\n") + 1
+        yield ReadIssue(config.name, f"{path}:{line}", "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD (first on line {line})")
+    if fmt == "html":
+        yield Document(doc_id, config.name, text, html=True)
+    else:
+        yield from _text_units(doc_id, config, text)
+
+
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")
+
+
+def _has_text_after(path: Path, offset: int) -> bool:
+    """Whether a file whose first block is blank holds anything else (a file of 8 KiB of
+    spaces followed by text is not empty)."""
+    with _open(path) as handle:
+        handle.seek(offset)
+        while block := handle.read(1 << 20):
+            if block.strip():
+                return True
+    return False
+
+
+def _first_bad_byte(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return len(raw)
+
+
+def _text_units(doc_id: str, config: SourceConfig, text: str) -> Iterator[Document]:
+    if config.text_unit == "file":
+        yield Document(doc_id, config.name, text)
+        return
+    separator = "\n\n" if config.text_unit == "paragraph" else "\n"
+    line = 1
+    for part in text.split(separator):
+        if part.strip():
+            yield Document(f"{doc_id}:{line}", config.name, part)
+        line += part.count("\n") + separator.count("\n")
+
+
+def _field_text(record: object, config: SourceConfig) -> tuple[str | None, str | None, str]:
+    """(text, id, problem): the text field of a parsed record, or what is wrong with it."""
+    if not isinstance(record, dict):
+        return None, None, "not_an_object"
+    if config.text_field not in record or record[config.text_field] is None:
+        return None, None, "missing_field"
+    text = record[config.text_field]
+    if not isinstance(text, str):
+        return None, None, "field_not_text"
+    record_id = record.get(config.id_field) if config.id_field else None
+    return text, None if record_id is None else str(record_id), ""
+
+
+def _record(config: SourceConfig, where: str, record: object, nbytes: int) -> Record:
+    text, record_id, problem = _field_text(record, config)
+    doc_id = where
+    if problem:
+        shown = f"{config.text_field!r} missing" if problem == "missing_field" else f"{config.text_field!r} is not a string" if problem == "field_not_text" else "not a JSON object"
+        return ReadFailure(doc_id, config.name, problem, f"{where}: {shown}", nbytes)
+    if record_id is not None:
+        doc_id = record_id
+    return Document(doc_id, config.name, text, html=config.html)
+
+
+def _read_jsonl(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        text, bad = decode_text(line)
+        if bad:
+            yield ReadIssue(config.name, where, "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD")
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield ReadFailure(where, config.name, "malformed_json", f"{where}: malformed JSON ({exc.msg}, column {exc.colno})", len(line))
+            continue
+        yield _record(config, where, record, len(line))
+
+
+def _read_csv(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
+    issues: list[ReadIssue] = []
+
+    def lines() -> Iterator[str]:
+        for number, raw in enumerate(handle, 1):
+            text, bad = decode_text(raw)
+            if bad:
+                issues.append(ReadIssue(config.name, f"{path}:{number}", "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD"))
+            yield text
+
+    delimiter = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
+    csv.field_size_limit(1 << 30)  # documents are long; the default 128 KiB cap would cut them
+    reader = csv.DictReader(lines(), delimiter=delimiter)
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        yield ReadFailure(str(path), config.name, "malformed_csv", f"{path}:1: {exc}")
+        return
+    if fieldnames is None or config.text_field not in fieldnames:
+        yield ReadFailure(str(path), config.name, "missing_field", f"{path}: no column {config.text_field!r} (columns: {', '.join(fieldnames or [])})")
+        return
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            yield from issues
+            return
+        except csv.Error as exc:
+            yield from issues
+            yield ReadFailure(f"{path}:{line}", config.name, "malformed_csv", f"{path}:{line}: {exc}")
+            return  # the reader cannot resynchronise after a broken quote
+        yield from issues
+        issues.clear()
+        yield _record(config, f"{path}:{line}", row, 0)
+
+
+def _read_parquet(path: Path, config: SourceConfig) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own error types for every kind of bad file
+        yield ReadFailure(str(path), config.name, "malformed_parquet", f"{path}: not a readable Parquet file ({exc})")
+        return
+    names = table.schema_arrow.names
+    if config.text_field not in names:
+        yield ReadFailure(str(path), config.name, "missing_field", f"{path}: no column {config.text_field!r} (columns: {', '.join(names)})")
+        return
+    columns = [config.text_field] + ([config.id_field] if config.id_field and config.id_field in names else [])
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=columns):
+        for record in batch.to_pylist():
+            yield _record(config, f"{path}:row{row}", record, 0)
+            row += 1
+
+
+def _read_dataset(config: SourceConfig) -> Iterator[Record]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"source {config.name!r}: Hugging Face datasets need the `datasets` package (pip install datasets)") from None
+    name = config.dataset
+    local = Path(name)
+    if local.exists():
+        try:
+            loaded = datasets.load_from_disk(str(local))
+        except (FileNotFoundError, ValueError) as exc:
+            raise InputFileError(f"{local}: not a dataset saved with save_to_disk ({exc})") from None
+    else:
+        try:
+            loaded = datasets.load_dataset(name, split=config.split, streaming=config.streaming)
+        except Exception as exc:  # offline, unknown name, gated: the hub client has many error types
+            raise InputFileError(f"source {config.name!r}: cannot load dataset {name!r} ({type(exc).__name__}: {exc})") from None
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if config.split not in loaded:
+            raise ConfigError(f"source {config.name!r}: dataset {name!r} has no split {config.split!r} (splits: {', '.join(loaded)})")
+        loaded = loaded[config.split]
+    for row, record in enumerate(loaded):
+        yield _record(config, f"{name}:row{row}", record, 0)
