@@ -40,9 +40,24 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 _SPACE_RUNS = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
 
 
+MAX_PASSES = 4
+
+
 def normalize_text(text: str, config: NormalizeConfig = NormalizeConfig()) -> str:
+    """The normalised text. Passes repeat until nothing changes, because one repair can expose
+    another (a C1 control turned into a quote can complete a mojibake sequence), and
+    normalising twice must give what normalising once gave."""
     if not config.enabled:
         return text
+    for _ in range(MAX_PASSES):
+        fixed = _normalize_once(text, config)
+        if fixed == text:
+            break
+        text = fixed
+    return text
+
+
+def _normalize_once(text: str, config: NormalizeConfig) -> str:
     if config.whitespace:
         # Line endings first: ftfy and the control-character rule would otherwise see \r.
         text = text.replace("\r\n", "\n").replace("\r", "\n")

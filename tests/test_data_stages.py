@@ -1,0 +1,144 @@
+"""The per-document stages and the readers: normalisation, PII, mixing and split, sources."""
+
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from scratchlm.data.mix import is_validation, repeats, source_epochs
+from scratchlm.data.normalize import NormalizeConfig, normalize_text
+from scratchlm.data.pii import PIIConfig, redact_pii
+from scratchlm.data.sources import Document, ReadFailure, ReadIssue, SourceConfig, read_source
+from scratchlm.errors import ConfigError, InputFileError
+
+
+# ---- normalisation --------------------------------------------------------------------------
+def test_normalize_repairs_mojibake_and_regularises_whitespace():
+    broken = "The Mona Lisa doesnâ€™t have eyebrows.\r\n\r\n\r\n\r\nnext line   \x07bell\u200b here\t \n"
+    assert normalize_text(broken) == "The Mona Lisa doesn’t have eyebrows.\n\nnext line   bell here"
+
+
+def test_normalize_composes_unicode_and_keeps_curly_quotes_and_indentation():
+    text = "cafe\u0301 “quoted”\n    indented code\n"
+    assert normalize_text(text) == "caf\u00e9 “quoted”\n    indented code"
+    assert normalize_text("ﬁ ①", NormalizeConfig(unicode_form="NFKC", fix_encoding=False)) == "fi 1"
+    assert normalize_text(" a  b ", NormalizeConfig(enabled=False)) == " a  b "
+    assert normalize_text("a    b", NormalizeConfig(collapse_spaces=True)) == "a b"
+
+
+def test_normalize_rejects_an_unknown_unicode_form():
+    with pytest.raises(ConfigError, match="unicode_form"):
+        NormalizeConfig(unicode_form="NFX")
+
+
+@given(st.text(st.characters(codec="utf-8"), max_size=200))
+def test_normalize_is_idempotent_and_leaves_no_controls_or_carriage_returns(text):
+    once = normalize_text(text)
+    assert normalize_text(once) == once
+    assert "\r" not in once and not any(unicodedata.category(c) == "Cc" and c not in "\t\n" for c in once)
+    assert unicodedata.is_normalized("NFC", once)
+
+
+# ---- PII --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected", "kind"),
+    [
+        ("write to jane.doe+lists@mail.example.co.uk today", "write to <EMAIL> today", "email"),
+        ("ssh 192.168.10.254 now", "ssh <IP_ADDRESS> now", "ip"),
+        ("v6 2001:0db8:85a3:0000:0000:8a2e:0370:7334 and fe80:0:0::1ff:fe23", "v6 <IP_ADDRESS> and <IP_ADDRESS>", "ip"),
+        ("call (555) 010-9999 or +44 20 7946 0958.", "call <PHONE> or <PHONE>.", "phone"),
+    ],
+)
+def test_pii_is_replaced_by_placeholders(text, expected, kind):
+    redacted, counts = redact_pii(text)
+    assert redacted == expected and counts[kind] == expected.count("<")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["version 1.2.3.4.5 of the package", "999.1.1.1 is no address", "on 2024-01-15 at 12:30:45", "id 1234567890 and pi 3.14159",
+     "slice x[1::2] and a::b", "ISBN 978-3-16-148410-0", "user@localhost has no domain"],
+)  # fmt: skip
+def test_pii_leaves_lookalikes_alone(text):
+    assert redact_pii(text) == (text, {"email": 0, "ip": 0, "phone": 0})
+
+
+def test_pii_kinds_can_be_switched_off():
+    text = "mail a@b.org from 10.0.0.1"
+    assert redact_pii(text, PIIConfig(email=""))[0] == "mail a@b.org from <IP_ADDRESS>"
+    assert redact_pii(text, PIIConfig(enabled=False))[0] == text
+
+
+# ---- mixing and split -----------------------------------------------------------------------
+def test_split_is_stable_and_close_to_the_fraction():
+    hashes = np.random.default_rng(0).integers(0, 2**63, size=20_000, dtype=np.uint64)
+    val = is_validation(hashes, 0.1, seed=0)
+    assert np.array_equal(val, is_validation(hashes, 0.1, seed=0))
+    assert val.mean() == pytest.approx(0.1, abs=0.01)
+    assert not np.array_equal(val, is_validation(hashes, 0.1, seed=1))
+
+
+def test_epochs_follow_weights_and_repeats_average_to_them():
+    epochs = source_epochs({"web": 900, "books": 100}, {"web": 1, "books": 1})
+    assert epochs == pytest.approx({"web": 500 / 900, "books": 5.0})
+    assert source_epochs({"a": 10, "b": 30}, {"a": None, "b": None}) == {"a": 1.0, "b": 1.0}
+    assert source_epochs({"a": 10, "b": 30}, {"a": None, "b": None}, train_bytes=80) == pytest.approx({"a": 2.0, "b": 2.0})
+    hashes = np.arange(50_000, dtype=np.uint64)
+    for share in (0.3, 1.0, 2.6):
+        copies = repeats(hashes, share, seed=3)
+        assert copies.mean() == pytest.approx(share, abs=0.02)
+        assert set(np.unique(copies)) <= {int(share), int(share) + 1}
+
+
+# ---- sources --------------------------------------------------------------------------------
+def records(config: SourceConfig) -> list:
+    return list(read_source(config))
+
+
+def test_text_files_by_glob_paragraph_and_line(tmp_path):
+    (tmp_path / "a.txt").write_text("first para\nstill first\n\nsecond para\n")
+    (tmp_path / "b.md").write_text("one\ntwo\n")
+    (tmp_path / "skip.log").write_text("not matched")
+    docs = records(SourceConfig("t", paths=[f"{tmp_path}/*.txt", f"{tmp_path}/*.md"], text_unit="paragraph"))
+    assert [(d.id.split("/")[-1], d.text) for d in docs] == [("a.txt:1", "first para\nstill first"), ("a.txt:4", "second para\n"), ("b.md:1", "one\ntwo\n")]
+    lines = records(SourceConfig("t", paths=[str(tmp_path / "b.md")], text_unit="line"))
+    assert [(d.id.split(":")[-1], d.text) for d in lines] == [("1", "one"), ("2", "two")]
+
+
+def test_jsonl_id_field_html_field_and_bad_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"url": "u1", "html": "<p>hi</p>"}\n[1, 2]\n{"url": "u3", "html": "caf\xe9"}\n')
+    got = records(SourceConfig("j", paths=[str(path)], text_field="html", id_field="url", html=True))
+    assert isinstance(got[0], Document) and got[0].id == "u1" and got[0].html
+    assert isinstance(got[1], ReadFailure) and got[1].issue == "not_an_object" and got[1].detail.endswith("x.jsonl:2: not a JSON object")
+    assert isinstance(got[2], ReadIssue) and got[2].where.endswith("x.jsonl:3")
+    assert isinstance(got[3], Document) and got[3].text == "caf\ufffd"
+
+
+def test_csv_with_a_missing_column_is_one_failure(tmp_path):
+    (tmp_path / "x.csv").write_text("title,body\na,b\n")
+    (failure,) = records(SourceConfig("c", paths=[str(tmp_path / "x.csv")]))
+    assert failure.issue == "missing_field" and "no column 'text' (columns: title, body)" in failure.detail
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["alpha", "beta"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["gamma"]})}).save_to_disk(tmp_path / "ds")  # fmt: skip
+    assert [d.text for d in records(SourceConfig("hf", dataset=str(tmp_path / "ds")))] == ["alpha", "beta"]
+    assert [d.text for d in records(SourceConfig("hf", dataset=str(tmp_path / "ds"), split="test"))] == ["gamma"]
+    with pytest.raises(ConfigError, match="no split 'dev'"):
+        records(SourceConfig("hf", dataset=str(tmp_path / "ds"), split="dev"))
+
+
+def test_source_config_mistakes(tmp_path):
+    with pytest.raises(ConfigError, match="either paths or dataset"):
+        SourceConfig("s")
+    with pytest.raises(ConfigError, match="weight must be positive"):
+        SourceConfig("s", paths=["x"], weight=0)
+    with pytest.raises(InputFileError, match="matches no files"):
+        records(SourceConfig("s", paths=[f"{tmp_path}/*.nothing"]))
+    (tmp_path / "ok.txt").write_text(json.dumps({"text": "x"}))
+    assert records(SourceConfig("s", paths=[str(tmp_path / "ok.txt")], format="jsonl"))[0].text == "x"
