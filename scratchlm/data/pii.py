@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\d]|\.\d)")
+_IPV4 = re.compile(rf"(?=\d)(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\d]|\.\d)")
 _H = r"[0-9A-Fa-f]{1,4}"
 _IPV6 = re.compile(
     rf"(?<![\w:])(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{2,6}}:{_H}(?::{_H}){{0,4}})(?![\w:])"
 )
 _PHONE = re.compile(
-    r"(?<![\w+])"
+    r"(?=[+(\d])(?<![\w+])"  # the lookahead first: most positions fail on one character
     r"(?:\+\d{1,3}[ .-]?)?"  # country code
     r"(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"  # area code, bracketed or followed by a separator
     r"\d{3,4}[ .-]\d{3,4}"
