@@ -203,6 +203,8 @@ def test_config_mistakes_are_one_clear_error(tmp_path):
         load_prepare_config(cfg)
     with pytest.raises(ConfigError, match="no sources"):
         load_prepare_config(None, {})
+    with pytest.raises(ConfigError, match="'xx' not among the"):
+        prepare(load_prepare_config(None, {"filters": {"languages": ["en", "xx"]}}, [str(tmp_path)]), tmp_path / "out", progress=False)
     with pytest.raises(InputFileError, match="no such file or directory"):
         prepare(load_prepare_config(None, {}, [str(tmp_path / "missing")]), tmp_path / "out", progress=False)
 

@@ -382,6 +382,18 @@ def py3langid_identifier() -> Identify:
     return load(MODEL_FILE, norm_probs=True).classify
 
 
+def check_languages(languages: Sequence[str]) -> None:
+    """Refuse a language code py3langid cannot output: filtering on it would reject every
+    document."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    load = getattr(LanguageIdentifier, "from_model_file", None) or LanguageIdentifier.from_pickled_model
+    known = set(load(MODEL_FILE).nb_classes)
+    unknown = [code for code in languages if code not in known]
+    if unknown:
+        raise ConfigError(f"filters: languages: {', '.join(map(repr, unknown))} not among the {len(known)} codes py3langid identifies (ISO 639-1, e.g. en, de, zh)")
+
+
 def language_filter(text: str, config: FilterConfig, identify: Identify) -> str | None:
     """Reject a document whose language is not among `config.languages`, or is, with a score
     under `min_language_score`. Newlines become spaces, as datatrove does for fastText (which

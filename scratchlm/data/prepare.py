@@ -42,7 +42,7 @@ from scratchlm import __version__
 from scratchlm.atomic_io import write_bytes_atomic, write_text_atomic
 from scratchlm.config import build, check_keys, load_toml, merge
 from scratchlm.data.dedup import MinHashConfig, MinHasher, band_hashes, choose_bands, exact_hash, near_duplicates, s_curve
-from scratchlm.data.filters import FilterConfig
+from scratchlm.data.filters import FilterConfig, check_languages
 from scratchlm.data.mix import is_validation, repeats, source_epochs
 from scratchlm.data.normalize import NormalizeConfig
 from scratchlm.data.pii import PIIConfig
@@ -359,6 +359,8 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
         tokenizer = load_tokenizer(config.settings.tokenizer)
         if tokenizer.eot_id is None:
             raise ConfigError(f"{config.settings.tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
+    if config.cleaning.filters.enabled and config.cleaning.filters.languages:
+        check_languages(config.cleaning.filters.languages)
     workers = config.settings.workers or os.cpu_count() or 1
     worker_args = (config, work, config.settings.tokenizer)
     timings: dict[str, float] = {}
