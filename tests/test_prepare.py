@@ -245,8 +245,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 @pytest.mark.slow
 def test_memory_stays_bounded_as_the_corpus_grows(documents, tokenizer_path, tmp_path):
-    """Peak memory on a 48 MB corpus is within a few MB of that on a 6 MB one: it does not grow
-    with the input."""
+    """Peak memory on a 48 MB corpus is within 10 MiB of that on a 6 MB one (measured: under
+    2 MiB more): memory does not grow with the input."""
     peaks = {}
     rng = np.random.default_rng(0)
     words = " ".join(documents).split()
@@ -263,4 +263,4 @@ def test_memory_stays_bounded_as_the_corpus_grows(documents, tokenizer_path, tmp
                                capture_output=True, text=True, timeout=600)  # fmt: skip
         assert probe.returncode == 0, probe.stderr
         peaks[megabytes] = int(probe.stdout.split()[-1]) / 1024  # MiB
-    assert peaks[48] - peaks[6] < 0.25 * (48 - 6), peaks
+    assert peaks[48] - peaks[6] < 10, peaks  # a 10 MiB cap on growth, for 42 MB more input
