@@ -112,12 +112,13 @@ def test_every_input_document_is_kept_rejected_or_a_duplicate(documents, tokeniz
 def test_near_copies_are_found_and_point_at_the_first_copy(documents, tmp_path):
     root = tmp_path / "in"
     root.mkdir()
-    base = documents[10].split()
+    base = max(documents, key=len).split()  # long: one changed word leaves Jaccard near 0.98
     for n in range(3):
         words = list(base)
         words[5 + 7 * n] = "different"
         (root / f"{n}.txt").write_text(" ".join(words))
     (root / "other.txt").write_text(documents[11])
+    assert len(base) > 400
     config = load_prepare_config(None, NO_FILTERS, [str(root)])
     stats = prepare(config, tmp_path / "out", progress=False).stats
     ledger = {Path(e["id"]).name: e for e in read_ledger(tmp_path / "out")}

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from scratchlm import __version__
 from scratchlm.atomic_io import write_bytes_atomic, write_text_atomic
 from scratchlm.config import build, check_keys, load_toml, merge
-from scratchlm.data.dedup import MinHashConfig, MinHasher, band_hashes, choose_bands, exact_hash, near_duplicates, s_curve
+from scratchlm.data.dedup import MinHashConfig, MinHasher, band_hashes, exact_hash, near_duplicates, s_curve
 from scratchlm.data.filters import FilterConfig, check_languages
 from scratchlm.data.mix import is_validation, repeats, source_epochs
 from scratchlm.data.normalize import NormalizeConfig
@@ -49,7 +49,7 @@ from scratchlm.data.pii import PIIConfig
 from scratchlm.data.pipeline import Cleaner, CleaningConfig, StageCounts, clean_batch
 from scratchlm.data.report import write_report
 from scratchlm.data.shards import DEFAULT_SHARD_TOKENS, SPLITS, ShardWriter, token_dtype
-from scratchlm.data.sources import Document, ReadFailure, ReadIssue, SourceConfig, read_source, source_files
+from scratchlm.data.sources import ReadFailure, ReadIssue, SourceConfig, read_source, source_files
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.units import parse_bytes
 
@@ -244,7 +244,7 @@ def _clean_chunk(worker: _Worker, index: int, records: list, fingerprint: str) -
     start = time.perf_counter()
     if minhash.enabled and texts:
         signatures = worker.hasher.signatures(texts)
-        bands = band_hashes(signatures, *_bands(minhash))
+        bands = band_hashes(signatures, *minhash.lsh_params())
     else:
         signatures = np.zeros((len(texts), 0), np.uint32)
         bands = np.zeros((len(texts), 0), np.uint64)
@@ -261,12 +261,6 @@ def _clean_chunk(worker: _Worker, index: int, records: list, fingerprint: str) -
     marker = {"fingerprint": fingerprint, "records": len(records), "survivors": len(survivors), "counts": counts.to_json()}
     write_text_atomic(_chunk_path(work, "clean", index, ".json"), json.dumps(marker))
     return marker
-
-
-def _bands(config: MinHashConfig) -> tuple[int, int]:
-    if config.bands is not None and config.rows is not None:
-        return config.bands, config.rows
-    return choose_bands(config.threshold, config.num_perm)
 
 
 def _finish_chunk(worker: _Worker, index: int, keep: np.ndarray, keeper_ids: dict[int, str], exact: np.ndarray, offset: int, fingerprint: str) -> dict:
@@ -520,7 +514,7 @@ def _deduplicate(config: PrepareConfig, work: Path, markers: dict[int, dict], pr
     stats: dict = {"documents": int(n), "exact_duplicates": int(exact.sum()), "near_duplicates": 0}
     minhash = config.minhash
     if minhash.enabled and len(unique) > 1:
-        bands_rows = _bands(minhash)
+        bands_rows = minhash.lsh_params()
         stats["bands"], stats["rows"] = bands_rows
         stats["s_curve"] = s_curve(*bands_rows)
         sig_path = work / "signatures.npy"
