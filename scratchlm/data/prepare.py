@@ -377,6 +377,8 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
                 yield _clean_chunk, index, records, fingerprint
 
     _run_tasks(chunks(), workers, worker_args, lambda marker: None)
+    if bar.total and bar.n < bar.total:  # it counted text, not the JSON, CSV or HTML around it
+        bar.update(bar.total - bar.n)
     bar.close()
     _remove_stale(out, chunk_count)
     markers = {i: _load_marker(_chunk_path(work, "clean", i, ".json")) for i in range(chunk_count)}
@@ -405,10 +407,7 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
         todo.append((_finish_chunk, index, keeper[lo:hi], ids, exact[lo:hi], int(lo), finish_fp))
     bar = tqdm(total=len(todo), unit="chunk", desc="finish", disable=not progress or not todo, file=sys.stderr)
 
-    def finished_one(summary: object) -> None:
-        bar.update(1)
-
-    _run_tasks(todo, min(workers, max(1, len(todo))), worker_args, finished_one)
+    _run_tasks(todo, min(workers, max(1, len(todo))), worker_args, lambda summary: bar.update(1))
     bar.close()
     finished = {i: _load_marker(_chunk_path(work, "finish", i, ".json")) for i in range(chunk_count)}
     timings["finish"] = time.perf_counter() - phase_start
