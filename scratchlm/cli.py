@@ -189,8 +189,12 @@ def _data_prepare(args: argparse.Namespace) -> int:
     if stats["read_issues"]["counts"]:
         counts = ", ".join(f"{n} {kind}" for kind, n in stats["read_issues"]["counts"].items())
         print(f"scratchlm: warning: input problems (see report.md): {counts}", file=sys.stderr)
+    if not stats["kept"]:
+        print("scratchlm: warning: no document was kept; see report.md for the rejection reasons", file=sys.stderr)
     if result.manifest:
         print(f"{stats['tokens']['train']:,} train and {stats['tokens']['val']:,} validation tokens")
+        if stats["kept"] and not stats["tokens"]["val"]:
+            print("scratchlm: warning: no validation split (val_fraction 0, or too few documents); pretrain needs one, or --val-text", file=sys.stderr)
     print(f"wrote {args.out}/ (report.md, stats.json, documents/, ledger/{', shards' if result.manifest else ''})")
     return 0
 

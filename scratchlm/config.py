@@ -63,6 +63,10 @@ def check_keys(cls: type, data: dict, where: str) -> None:
 def build(cls: type[T], data: dict, where: str = "config") -> T:
     """Instantiate dataclass `cls` from `data`, converting values and refusing unknown keys."""
     check_keys(cls, data, where)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
     hints = typing.get_type_hints(cls)
     return cls(**{key: convert(value, hints[key], f"{where}: {key}") for key, value in data.items()})
 
@@ -105,7 +109,7 @@ def convert(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, not {value!r}")
         return number
     if annotation is str:
-        if not isinstance(value, (str, int, float)):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where} must be a string, not {value!r}")
         return str(value)
     if origin is dict or annotation is dict:

@@ -142,3 +142,46 @@ def test_source_config_mistakes(tmp_path):
         records(SourceConfig("s", paths=[f"{tmp_path}/*.nothing"]))
     (tmp_path / "ok.txt").write_text(json.dumps({"text": "x"}))
     assert records(SourceConfig("s", paths=[str(tmp_path / "ok.txt")], format="jsonl"))[0].text == "x"
+
+
+def test_truncated_compressed_file_keeps_what_was_read_and_reports_the_rest(tmp_path):
+    import gzip
+
+    payload = gzip.compress("".join(json.dumps({"text": f"document {n} " * 50}) + "\n" for n in range(400)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(payload[: len(payload) // 2])
+    got = records(SourceConfig("z", paths=[str(tmp_path / "cut.jsonl.gz")]))
+    assert all(isinstance(r, Document) for r in got[:-1]) and len(got) > 10
+    assert isinstance(got[-1], ReadFailure) and got[-1].issue == "unreadable_file" and "cannot read on from here" in got[-1].detail
+
+
+def test_bom_json_arrays_crlf_paragraphs_and_other_compressions(tmp_path):
+    import bz2
+    import lzma
+
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\n\r\ntwo\r\n\r\nthree\r\n")
+    (tmp_path / "x.jsonl.bz2").write_bytes(bz2.compress(b'{"text": "bz"}\n'))
+    (tmp_path / "y.txt.xz").write_bytes(lzma.compress(b"xz text"))
+    assert [d.text for d in records(SourceConfig("s", paths=[str(tmp_path / "bom.jsonl")]))] == ["first", "second"]
+    assert [d.id.rsplit(":", 1)[1] for d in records(SourceConfig("s", paths=[str(tmp_path / "array.json")]))] == ["item0", "item1"]
+    assert [d.text for d in records(SourceConfig("s", paths=[str(tmp_path / "crlf.txt")], text_unit="paragraph"))] == ["one", "two", "three\n"]
+    assert [d.text for d in records(SourceConfig("s", paths=[str(tmp_path / "x.jsonl.bz2"), str(tmp_path / "y.txt.xz")]))] == ["bz", "xz text"]
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("alpha")
+    got = records(SourceConfig("s", paths=[str(tmp_path), str(tmp_path / "sub" / "a.txt"), f"{tmp_path}/**/*"]))
+    assert [d.text for d in got] == ["alpha"]
+
+
+def test_format_hf_needs_a_dataset_and_a_source_needs_a_name():
+    from scratchlm.config import build
+
+    with pytest.raises(ConfigError, match="format hf reads a Hugging Face dataset"):
+        SourceConfig("s", paths=["x.csv"], format="hf")
+    with pytest.raises(ConfigError, match="sources\\[0\\]: missing key 'name'"):
+        build(SourceConfig, {"paths": ["x"]}, "c.toml: sources[0]")
+    with pytest.raises(ConfigError, match="must be a string"):
+        build(PIIConfig, {"email": False}, "[pii]")

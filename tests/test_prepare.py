@@ -204,10 +204,42 @@ def test_config_mistakes_are_one_clear_error(tmp_path):
         load_prepare_config(cfg)
     with pytest.raises(ConfigError, match="no sources"):
         load_prepare_config(None, {})
+    with pytest.raises(ConfigError, match="shard_tokens must be positive"):
+        load_prepare_config(None, {"shard_tokens": "0"}, ["x"])
+    with pytest.raises(ConfigError, match="changes the --input source"):
+        cfg = tmp_path / "one.toml"
+        cfg.write_text('[[sources]]\nname = "a"\npaths = ["x"]\n')
+        load_prepare_config(cfg, {"sources": {"text_unit": "line"}})
+    assert load_prepare_config(None, {"sources": {"text_unit": "line"}}, ["x"]).sources[0].text_unit == "line"
     with pytest.raises(ConfigError, match="'xx' not among the"):
-        prepare(load_prepare_config(None, {"filters": {"languages": ["en", "xx"]}}, [str(tmp_path)]), tmp_path / "out", progress=False)
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "a.txt").write_text("text")
+        prepare(load_prepare_config(None, {"filters": {"languages": ["en", "xx"]}}, [str(tmp_path / "in")]), tmp_path / "out", progress=False)
     with pytest.raises(InputFileError, match="no such file or directory"):
         prepare(load_prepare_config(None, {}, [str(tmp_path / "missing")]), tmp_path / "out", progress=False)
+
+
+def test_output_folder_rules_and_paths_relative_to_the_config(documents, tokenizer_path, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, doc in enumerate(documents[:30]):
+        (root / f"{i}.txt").write_text(doc)
+    (tmp_path / "data.toml").write_text('[[sources]]\nname = "docs"\npaths = ["in/*.txt"]\n[filters]\nenabled = false\n')
+    config = load_prepare_config(tmp_path / "data.toml", {"tokenizer": str(tokenizer_path), "val_fraction": "0.2"})
+    assert config.sources[0].paths == [f"{tmp_path}/in/*.txt"]
+    prepare(config, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    # Run again without a tokenizer and with other documents: the old shards must not remain.
+    smaller = load_prepare_config(tmp_path / "data.toml", {"filters": {"enabled": "true"}})
+    prepare(smaller, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists() and not list((tmp_path / "out").glob("train_*.bin"))
+
+    with pytest.raises(InputFileError, match="output folder is inside the input"):
+        prepare(load_prepare_config(None, NO_FILTERS, [str(root)]), root / "prepared", progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(InputFileError, match="not empty and holds no earlier prepare run"):
+        prepare(config, tmp_path / "busy", progress=False)
 
 
 def test_cli_runs_the_pipeline_and_pretraining_reads_its_shards(documents, tokenizer_path, tmp_path):

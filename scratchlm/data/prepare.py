@@ -23,15 +23,17 @@ about 8 bytes per document and 8 per LSH band; signatures stay on disk (memory-m
 """
 
 import dataclasses
+import glob
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +80,10 @@ class PrepareSettings:
             raise ConfigError("chunk_docs and chunk_bytes must be positive")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 (every core) or more, not {self.workers}")
+        if self.shard_tokens < 1:
+            raise ConfigError(f"shard_tokens must be positive, not {self.shard_tokens}")
+        if self.train_bytes is not None and parse_bytes(self.train_bytes) < 1:
+            raise ConfigError(f"train_bytes must be positive, not {self.train_bytes!r}")
 
 
 @dataclass(frozen=True)
@@ -107,12 +113,15 @@ def load_prepare_config(
 ) -> PrepareConfig:
     """A prepare config from a TOML file (or defaults), `--set` overrides and `--input` paths,
     which make one source named `input` (with `input_options` such as format or text_field)."""
-    data = load_toml(path) if path else {}
+    data = _relative_to(Path(path).parent, load_toml(path)) if path else {}
     where = str(path) if path else "prepare config"
-    data = merge(data, overrides or {})
+    source_overrides = (overrides or {}).get("sources", {})
+    data = merge(data, {k: v for k, v in (overrides or {}).items() if k != "sources"})
     sources = data.pop("sources", [])
     if inputs:
-        sources = [{"name": "input", "paths": list(inputs), **(input_options or {})}]
+        sources = [{"name": "input", "paths": list(inputs), **(input_options or {}), **source_overrides}]
+    elif source_overrides:
+        raise ConfigError("--set sources.KEY=VALUE changes the --input source; for a config's sources, edit its [[sources]] tables")
     if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
         raise ConfigError(f"{where}: sources must be [[sources]] tables")
     sections = {name: data.pop(name, {}) for name in _SECTIONS}
@@ -130,6 +139,24 @@ def load_prepare_config(
         ),
         minhash=build(MinHashConfig, sections["minhash"], f"{where}: [minhash]"),
     )
+
+
+def _relative_to(folder: Path, data: dict) -> dict:
+    """Paths in a config file are relative to the file, not to where the command runs."""
+
+    def resolve(value: str) -> str:
+        return value if Path(value).is_absolute() else str(folder / value)
+
+    if isinstance(data.get("tokenizer"), str):
+        data["tokenizer"] = resolve(data["tokenizer"])
+    for source in data.get("sources", []) if isinstance(data.get("sources"), list) else []:
+        if isinstance(source, dict):
+            if isinstance(source.get("paths"), list):
+                source["paths"] = [resolve(p) if isinstance(p, str) else p for p in source["paths"]]
+            # A dataset is a hub name unless a folder of that name exists next to the config.
+            if isinstance(source.get("dataset"), str) and (folder / source["dataset"]).exists():
+                source["dataset"] = resolve(source["dataset"])
+    return data
 
 
 @dataclass(frozen=True)
@@ -203,6 +230,7 @@ _PROCESS_WORKER: _Worker | None = None
 
 def _init_process(config: PrepareConfig, work: Path, tokenizer_path: str | None) -> None:
     global _PROCESS_WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _PROCESS_WORKER = _Worker(config, work, tokenizer_path)
 
 
@@ -318,22 +346,32 @@ def _tokenize_chunk(worker: _Worker, index: int, kept: list[dict], hashes: np.nd
 # ---- running chunks in parallel, with bounded memory ------------------------------------
 def _run_tasks(tasks: Iterable[tuple], workers: int, worker_args: tuple, on_done: Callable[[object], None]) -> None:
     """Run `(function, *args)` tasks, at most `2 * workers` in flight so that a fast reader
-    cannot fill memory with chunks waiting for a worker. With one worker, run inline."""
+    cannot fill memory with chunks waiting for a worker. With one worker, run inline.
+
+    Workers ignore Ctrl-C: the main process alone handles it, and on any exception it
+    terminates them, so an interrupted run stops at once and leaves no stray processes (the
+    chunks they were writing are redone on resume, their outputs being atomic)."""
     if workers == 1:
         local = _Worker(*worker_args)
         for task, *args in tasks:
             on_done(task(local, *args))
         return
-    pending: set[Future] = set()
-    with ProcessPoolExecutor(workers, initializer=_init_process, initargs=worker_args) as pool:
+    pool = multiprocessing.get_context().Pool(workers, initializer=_init_process, initargs=worker_args)
+    pending: deque = deque()
+    try:
         for task, *args in tasks:
             if len(pending) >= 2 * workers:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    on_done(future.result())
-            pending.add(pool.submit(_in_process, task, *args))
-        for future in pending:
-            on_done(future.result())
+                on_done(pending.popleft().get())
+            pending.append(pool.apply_async(_in_process, (task, *args)))
+        while pending:
+            on_done(pending.popleft().get())
+    except BaseException:
+        # No join after terminate: the pool's feeder thread can stay blocked writing a chunk
+        # into a pipe no worker reads any more; it is a daemon thread and dies with us.
+        pool.terminate()
+        raise
+    pool.close()
+    pool.join()
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -341,8 +379,7 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
     """Run the whole pipeline into `out`; resumes a run interrupted there."""
     start_time = time.perf_counter()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputFileError(f"{out}: exists and is not a folder")
+    _check_output_folder(out, config.sources)
     work = out / "work"
     for folder in ("clean", "finish", "tokens"):
         (work / folder).mkdir(parents=True, exist_ok=True)
@@ -367,13 +404,16 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
     total_bytes = _input_bytes(config.sources)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="clean", disable=not progress, file=sys.stderr)
     chunk_count = 0
+    resumed = 0
 
     def chunks() -> Iterator[tuple]:
-        nonlocal chunk_count
+        nonlocal chunk_count, resumed
         for index, records in enumerate(_read_chunks(config, issues, issue_counts, bar)):
             chunk_count = index + 1
             marker = _load_marker(_chunk_path(work, "clean", index, ".json"))
-            if not (marker and marker["fingerprint"] == fingerprint):
+            if marker and marker["fingerprint"] == fingerprint:
+                resumed += 1
+            else:
                 yield _clean_chunk, index, records, fingerprint
 
     _run_tasks(chunks(), workers, worker_args, lambda marker: None)
@@ -421,16 +461,36 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
     target = parse_bytes(config.settings.train_bytes) if config.settings.train_bytes else None
     epochs = source_epochs(train_bytes, {s.name: s.weight for s in config.sources}, target)
     manifest = None
+    _remove_shards(out)  # shards of an earlier run must not outlive a change of documents
     if tokenizer is not None:
         manifest = _write_shards(out, work, tokenizer, chunk_count, epochs, config, progress)
     timings["mix"] = time.perf_counter() - phase_start
     timings["total"] = time.perf_counter() - start_time
 
     stats = _stats(config, markers, finished, dedup_stats, epochs, issues, issue_counts, manifest, timings, total_bytes)
+    stats["chunks"] = {"total": chunk_count, "cleaned_before": resumed}
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     write_report(stats, out / "report.md")
     _write_documents_manifest(out, chunk_count, finished)
     return PrepareResult(out, stats, manifest)
+
+
+def _check_output_folder(out: Path, sources: Iterable[SourceConfig]) -> None:
+    """The output folder belongs to prepare: refuse a file, a folder holding other things (files
+    there would be replaced), and a folder inside the inputs (a second run would read it)."""
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "work").is_dir() or (out / "stats.json").is_file()):
+        raise InputFileError(f"{out}: folder is not empty and holds no earlier prepare run; give a new or empty folder")
+    target = out.resolve()
+    for source in sources:
+        for pattern in source.paths:
+            parts = Path(pattern).parts
+            fixed = [p for p in itertools.takewhile(lambda part: not glob.has_magic(part), parts)]
+            base = Path(*fixed) if fixed else Path(".")
+            reads_below = len(fixed) == len(parts) and base.is_dir() or "**" in parts
+            if reads_below and (target == base.resolve() or base.resolve() in target.parents):
+                raise InputFileError(f"{out}: output folder is inside the input {pattern} (a second run would read it); put it elsewhere")
 
 
 def _input_bytes(sources: Iterable[SourceConfig]) -> int | None:
@@ -453,14 +513,14 @@ def _read_chunks(config: PrepareConfig, issues: list[dict], issue_counts: Counte
         for record in read_source(source):
             if isinstance(record, ReadIssue):
                 if settings.strict:
-                    raise InputFileError(f"{record.where}: {record.detail} (--strict)")
+                    raise InputFileError(f"{record.where}: {record.issue.replace('_', ' ')} (--strict stops at bad input)")
                 issue_counts[record.issue] += 1
                 if len(issues) < MAX_ISSUES_KEPT:
                     issues.append(dataclasses.asdict(record))
                 continue
             if isinstance(record, ReadFailure):
                 if settings.strict:
-                    raise InputFileError(f"{record.detail} (--strict)")
+                    raise InputFileError(f"{record.detail} (--strict stops at bad input)")
                 nbytes = record.nbytes
             else:
                 nbytes = len(record.text)
@@ -577,9 +637,6 @@ def _keeper_ids(work: Path, keeper: np.ndarray, offsets: np.ndarray) -> dict[int
 def _write_shards(out: Path, work: Path, tokenizer, chunk_count: int, epochs: dict[str, float], config: PrepareConfig, progress: bool) -> dict:
     """The training stream: `ceil(max epochs)` passes over the chunks, each in its own seeded
     order, each document written as many times as `repeats` says; then validation, in order."""
-    for old in out.glob("*_0*.bin"):
-        old.unlink()
-    (out / "manifest.json").unlink(missing_ok=True)
     writer = ShardWriter(out, tokenizer.vocab_size, config.settings.shard_tokens)
     passes = max(1, int(np.ceil(max(epochs.values(), default=1.0))))
     rng = np.random.default_rng(config.settings.seed)
@@ -621,6 +678,14 @@ def _add_documents(writer: ShardWriter, split: str, arrays, chosen: np.ndarray, 
     writer.add(split, np.concatenate(pieces), documents=len(pieces))
 
 
+def _remove_shards(out: Path) -> None:
+    for split in SPLITS:
+        for old in out.glob(f"{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"):
+            old.unlink()
+    for name in ("manifest.json", "tokenizer.json"):
+        (out / name).unlink(missing_ok=True)
+
+
 def _write_documents_manifest(out: Path, chunk_count: int, finished: dict[int, dict]) -> None:
     files = [{"file": f"{i:06d}.jsonl", "documents": dict(finished[i]["kept"]), "bytes": dict(finished[i]["kept_bytes"])} for i in range(chunk_count)]
     manifest = {"format": "scratchlm-documents", "version": 1, "fields": ["id", "source", "split", "text"], "files": files}
@@ -647,8 +712,12 @@ def _stats(config, markers, finished, dedup, epochs, issues, issue_counts, manif
         kept_docs = {split: ledger.get(f"{name}/{split}", 0) for split in SPLITS}
         kept_bytes = {split: sum(m["kept_bytes"].get(f"{name}/{split}", 0) for m in finished.values()) for split in SPLITS}
         tokens = {split: sum(m["tokens"].get(f"{name}/{split}", 0) for m in finished.values()) for split in SPLITS}
+        written = manifest["tokens_by_source"].get(name, {}).get("train", 0) if manifest else None
+        # Repeats are decided per document, so on a small source what was written can differ
+        # from the target; both are reported.
+        epochs_written = written / tokens["train"] if written is not None and tokens["train"] else None
         sources[name] = {"stages": stages, "rejected": reasons, "kept": kept_docs, "kept_bytes": kept_bytes, "tokens_once": tokens,
-                         "weight": source.weight, "epochs": epochs.get(name)}  # fmt: skip
+                         "weight": source.weight, "epochs": epochs.get(name), "epochs_written": epochs_written}  # fmt: skip
     reasons = Counter()
     for (_, reason), n in counts.rejected.items():
         reasons[reason] += n

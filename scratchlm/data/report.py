@@ -26,20 +26,22 @@ def render_report(stats: dict) -> str:
     if stats["tokens"]:
         lines.append(f"- tokens written: {stats['tokens']['train']:,} train, {stats['tokens']['val']:,} validation")
     lines += ["", "## Stages, per source", "", "Documents (and bytes) entering each stage; HTML extraction only sees HTML documents.", ""]
-    lines.append(_row("source", *_STAGES, "kept train", "kept val", "weight", "epochs"))
+    lines.append(_row("source", *_STAGES, "kept train", "kept val", "weight", "epochs: target (written)"))
     lines.append(_row(*["---"] * (len(_STAGES) + 5)))
     for name, source in stats["sources"].items():
         cells = [f"{s['documents']:,} ({_mb(s['bytes'])})" for s in (source["stages"][stage] for stage in _STAGES)]
         kept = [f"{source['kept'][split]:,} ({_mb(source['kept_bytes'][split])})" for split in ("train", "val")]
         weight = "natural" if source["weight"] is None else f"{source['weight']:g}"
         epochs = "-" if source["epochs"] is None else f"{source['epochs']:.3g}"
+        if source.get("epochs_written") is not None:
+            epochs += f" ({source['epochs_written']:.3g})"
         lines.append(_row(name, *cells, *kept, weight, epochs))
     lines += ["", "## Rejections", ""]
     if stats["rejection_reasons"]:
         lines.append(_row("reason", "documents", "examples"))
         lines.append(_row("---", "---", "---"))
         for reason, count in list(stats["rejection_reasons"].items())[:20]:
-            shown = " · ".join(f"`{e['id']}`: {_quote(e['text'])}" for e in stats["examples"].get(reason, []))
+            shown = " · ".join(_example(e) for e in stats["examples"].get(reason, []))
             lines.append(_row(reason, f"{count:,}", shown))
     else:
         lines.append("None.")
@@ -60,14 +62,25 @@ def render_report(stats: dict) -> str:
         lines += [f"  - `{i['where']}`: {i['detail']}" for i in issues["first"][:10]]
     lines += ["", "## Time", ""]
     total = stats["phase_seconds"]["total"]
-    rate = f" ({stats['input_bytes'] / 1e6 / total:.2f} MB/s)" if stats["input_bytes"] and total else ""
+    chunks = stats.get("chunks", {})
+    rate = f" ({stats['input_bytes'] / 1e6 / total:.2f} MB/s)" if stats["input_bytes"] and total and not chunks.get("cleaned_before") else ""
+    if chunks.get("cleaned_before"):
+        lines.append(f"- resumed: {chunks['cleaned_before']} of {chunks['total']} chunks were cleaned by an earlier run")
     lines.append(f"- wall clock: {total:.1f} s{rate}; " + ", ".join(f"{k} {v:.1f} s" for k, v in stats["phase_seconds"].items() if k != "total"))
     lines.append("- CPU seconds per stage, summed over workers: " + ", ".join(f"{k} {v:.1f}" for k, v in stats["stage_seconds"].items()))
     return "\n".join(lines) + "\n"
 
 
+def _example(example: dict) -> str:
+    text = example["text"]
+    if text.startswith(example["id"]):  # a read failure's detail already names its place
+        return _quote(text)
+    return f"`{_quote(example['id'])}`: {_quote(text)}"
+
+
 def _quote(text: str) -> str:
-    flat = " ".join(text.split())
+    # Control characters would make the report a "binary file" to grep and break the table.
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     flat = flat[:120] + ("…" if len(flat) > 120 else "")
     return flat.replace("|", "\\|").replace("`", "'")
 

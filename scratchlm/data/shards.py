@@ -60,6 +60,10 @@ class ShardWriter:
     files: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     documents: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
 
+    def __post_init__(self) -> None:
+        if self.shard_tokens < 1:
+            raise ConfigError(f"shard size must be at least 1 token, not {self.shard_tokens}")
+
     def add(self, split: str, ids: list[int] | np.ndarray, documents: int = 1) -> None:
         array = np.asarray(ids, dtype=token_dtype(self.vocab_size))
         self.buffers[split].append(array)

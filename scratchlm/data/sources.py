@@ -15,13 +15,15 @@ Formats (chosen by extension with `format = "auto"`):
 - parquet (`.parquet`): the `text_field` column, read in record batches;
 - html (`.html`, `.htm`): the main text, extracted later (in the worker processes) by trafilatura;
 - hf: a `datasets.save_to_disk` folder, or a hub name where the machine is online.
-A `.gz` suffix on a text, jsonl, csv or html file is read through gzip.
+A `.gz`, `.bz2` or `.xz` suffix on a text, jsonl, csv or html file is decompressed while reading.
 """
 
+import bz2
 import csv
 import glob
 import gzip
 import json
+import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,8 @@ class SourceConfig:
             raise ConfigError(f"{where}: paths must be a list of strings")
         if self.dataset and self.format not in ("auto", "hf"):
             raise ConfigError(f"{where}: a dataset source has format hf, not {self.format!r}")
+        if self.paths and self.format == "hf":
+            raise ConfigError(f"{where}: format hf reads a Hugging Face dataset: give dataset = FOLDER or NAME, not paths")
         if self.weight is not None and not self.weight > 0:
             raise ConfigError(f"{where}: weight must be positive, not {self.weight}")
 
@@ -111,20 +115,22 @@ def source_files(config: SourceConfig) -> list[Path]:
     found: list[Path] = []
     for pattern in config.paths:
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
+            matches = sorted(m for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
             if not matches:
                 raise InputFileError(f"source {config.name!r}: pattern {pattern!r} matches no files")
             found.extend(expand_inputs(matches))
         else:
             found.extend(expand_inputs([pattern]))
-    return found
+    # A file named twice (a folder and a file in it, overlapping patterns) is read once.
+    seen: set[Path] = set()
+    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
 def file_format(path: Path, config: SourceConfig) -> str:
     if config.format != "auto":
         return config.format
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".lzma"):
         suffixes = suffixes[:-1]
     return _EXTENSIONS.get(suffixes[-1] if suffixes else "", "text")
 
@@ -146,22 +152,31 @@ def read_file(path: Path, config: SourceConfig) -> Iterator[Record]:
     try:
         with _open(path) as handle:
             probe = handle.read(BINARY_PROBE_BYTES)
-    except (OSError, EOFError) as exc:
+        if not probe.strip() and not _has_text_after(path, len(probe)):
+            yield ReadFailure(doc_id, config.name, "empty_file", f"{path}: empty file", path.stat().st_size)
+            return
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
         yield ReadFailure(doc_id, config.name, "unreadable_file", f"{path}: cannot read ({exc})")
         return
-    if not probe.strip() and not _has_text_after(path, len(probe)):
-        yield ReadFailure(doc_id, config.name, "empty_file", f"{path}: empty file", path.stat().st_size)
-        return
     if b"\x00" in probe:
-        yield ReadFailure(doc_id, config.name, "binary_file", f"{path}: binary data (NUL bytes), not text", path.stat().st_size)
+        hint = "; UTF-16 text and zstd/zip archives are not supported, convert or decompress them first"
+        yield ReadFailure(doc_id, config.name, "binary_file", f"{path}: binary data (NUL bytes){hint}", path.stat().st_size)
         return
-    if fmt in ("jsonl", "csv"):
-        # Line by line: a many-gigabyte JSONL file never sits in memory whole.
+    line = 0
+    try:
         with _open(path) as handle:
-            yield from (_read_jsonl if fmt == "jsonl" else _read_csv)(path, handle, config)
+            if fmt in ("jsonl", "csv"):
+                # Line by line: a many-gigabyte JSONL file never sits in memory whole.
+                for record in (_read_jsonl if fmt == "jsonl" else _read_csv)(path, handle, config):
+                    line = _line_of(record, line)
+                    yield record
+                return
+            raw = handle.read()
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+        # A truncated or corrupt compressed file: what was read before stays, the rest is lost.
+        where = f"{path}:{line + 1}" if line else str(path)
+        yield ReadFailure(where, config.name, "unreadable_file", f"{where}: cannot read on from here ({exc})")
         return
-    with _open(path) as handle:
-        raw = handle.read()
     text, bad = decode_text(raw)
     if bad:
         line = raw[: _first_bad_byte(raw)].count(b"\n") + 1
@@ -172,8 +187,21 @@ def read_file(path: Path, config: SourceConfig) -> Iterator[Record]:
         yield from _text_units(doc_id, config, text)
 
 
+def _line_of(record: Record, previous: int) -> int:
+    where = record.where if isinstance(record, ReadIssue) else record.id
+    tail = where.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else previous
+
+
 def _open(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if suffix in (".xz", ".lzma"):
+        return lzma.open(path, "rb")
+    return path.open("rb")
 
 
 def _has_text_after(path: Path, offset: int) -> bool:
@@ -199,6 +227,7 @@ def _text_units(doc_id: str, config: SourceConfig, text: str) -> Iterator[Docume
     if config.text_unit == "file":
         yield Document(doc_id, config.name, text)
         return
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     separator = "\n\n" if config.text_unit == "paragraph" else "\n"
     line = 1
     for part in text.split(separator):
@@ -233,6 +262,11 @@ def _record(config: SourceConfig, where: str, record: object, nbytes: int) -> Re
 
 def _read_jsonl(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
     for number, line in enumerate(handle, 1):
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            if line.lstrip().startswith(b"["):
+                yield from _read_json_array(path, line + handle.read(), config)
+                return
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -242,9 +276,23 @@ def _read_jsonl(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield ReadFailure(where, config.name, "malformed_json", f"{where}: malformed JSON ({exc.msg}, column {exc.colno})", len(line))
+            yield ReadFailure(where, config.name, "malformed_json", f"{where}: malformed JSON ({exc.msg}; column {exc.colno})", len(line))
             continue
         yield _record(config, where, record, len(line))
+
+
+def _read_json_array(path: Path, raw: bytes, config: SourceConfig) -> Iterator[Record]:
+    """A `.json` file holding one array of records (read whole: use JSONL for big files)."""
+    text, bad = decode_text(raw)
+    if bad:
+        yield ReadIssue(config.name, str(path), "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        yield ReadFailure(str(path), config.name, "malformed_json", f"{path}:{exc.lineno}: malformed JSON array ({exc.msg}; column {exc.colno})", len(raw))
+        return
+    for index, record in enumerate(records):
+        yield _record(config, f"{path}:item{index}", record, 0)
 
 
 def _read_csv(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
@@ -298,10 +346,13 @@ def _read_parquet(path: Path, config: SourceConfig) -> Iterator[Record]:
         return
     columns = [config.text_field] + ([config.id_field] if config.id_field and config.id_field in names else [])
     row = 0
-    for batch in table.iter_batches(batch_size=1024, columns=columns):
-        for record in batch.to_pylist():
-            yield _record(config, f"{path}:row{row}", record, 0)
-            row += 1
+    try:
+        for batch in table.iter_batches(batch_size=1024, columns=columns):
+            for record in batch.to_pylist():
+                yield _record(config, f"{path}:row{row}", record, 0)
+                row += 1
+    except Exception as exc:  # corrupt pages surface as pyarrow errors of several types
+        yield ReadFailure(f"{path}:row{row}", config.name, "malformed_parquet", f"{path}: unreadable from row {row} on ({exc})")
 
 
 def _read_dataset(config: SourceConfig) -> Iterator[Record]:
