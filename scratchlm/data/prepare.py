@@ -196,8 +196,15 @@ def _input_state(sources: Iterable[SourceConfig]) -> list:
     return state
 
 
-def _clean_fingerprint(config: PrepareConfig) -> str:
-    return _digest([__version__, _input_state(config.sources), [dataclasses.asdict(s) for s in config.sources],
+def _input_bytes(state: list) -> int | None:
+    """Total size of the input files, from `_input_state`; None when a dataset is among them."""
+    if any(len(entry) == 2 for entry in state):
+        return None
+    return sum(entry[2] for entry in state)
+
+
+def _clean_fingerprint(config: PrepareConfig, state: list) -> str:
+    return _digest([__version__, state, [dataclasses.asdict(s) for s in config.sources],
                     dataclasses.asdict(config.cleaning), dataclasses.asdict(config.minhash),
                     config.settings.chunk_docs, config.settings.chunk_bytes])
 
@@ -398,10 +405,11 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
 
     # Phase 1: clean
     phase_start = time.perf_counter()
-    fingerprint = _clean_fingerprint(config)
+    state = _input_state(config.sources)  # one walk of the input folders serves both
+    fingerprint = _clean_fingerprint(config, state)
     issues: list[dict] = []
     issue_counts: Counter = Counter()
-    total_bytes = _input_bytes(config.sources)
+    total_bytes = _input_bytes(state)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="clean", disable=not progress, file=sys.stderr)
     chunk_count = 0
     resumed = 0
@@ -491,15 +499,6 @@ def _check_output_folder(out: Path, sources: Iterable[SourceConfig]) -> None:
             reads_below = len(fixed) == len(parts) and base.is_dir() or "**" in parts
             if reads_below and (target == base.resolve() or base.resolve() in target.parents):
                 raise InputFileError(f"{out}: output folder is inside the input {pattern} (a second run would read it); put it elsewhere")
-
-
-def _input_bytes(sources: Iterable[SourceConfig]) -> int | None:
-    total = 0
-    for source in sources:
-        if source.dataset:
-            return None
-        total += sum(p.stat().st_size for p in source_files(source))
-    return total
 
 
 def _read_chunks(config: PrepareConfig, issues: list[dict], issue_counts: Counter, bar: tqdm) -> Iterator[list]:
