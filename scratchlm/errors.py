@@ -19,3 +19,12 @@ class ConfigError(ScratchLMError):
 
 class SpecialTokenInTextError(ScratchLMError):
     """Text to encode contains a special token's string and the caller did not allow it."""
+
+
+class ModelFormatError(ScratchLMError):
+    """A model file or folder in another format (GGUF, Hugging Face) that we cannot read or
+    write: unknown architecture, unsupported quantisation, missing or mis-shaped tensors."""
+
+
+class ContextTooLongError(ScratchLMError):
+    """An example needs more positions than the model's context and truncation was not asked for."""

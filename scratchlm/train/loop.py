@@ -34,7 +34,8 @@ from scratchlm.train.config import TrainConfig
 from scratchlm.train.distributed import DistInfo, init_distributed, mean_across_ranks, shutdown
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.train.optim import build_optimizer, lr_multiplier
-from scratchlm.train.runfolder import save_model_folder, write_report
+from scratchlm.model.folder import save_model_folder
+from scratchlm.train.runfolder import write_report
 
 
 SPIKE_FACTOR = 1.5
@@ -352,7 +353,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
     summary = RunSummary(run_dir, step, step * tokens_per_step, seconds, params, last_loss, val_loss, val_bpb,
                          tokens_per_s, mfu)
     if info.is_main:
-        save_model_folder(run_dir, model, model_config, tokenizer)
+        save_model_folder(run_dir / "model", model, tokenizer)
         summary.samples = _samples(model, tokenizer, config)
         rows = read_metrics(run_dir / "metrics.jsonl")
         plot_loss_curve(rows, run_dir / "loss.png", title=f"{run_dir.name}: {params / 1e6:.2f}M parameters")

@@ -1,8 +1,6 @@
 """The run folder's model and report.
 
-    RUN/model/model.safetensors   final weights
-    RUN/model/config.json         ModelConfig
-    RUN/model/tokenizer.json      the tokenizer, in scratchlm's format
+    RUN/model/                    the final model, a model folder (scratchlm/model/folder.py)
     RUN/report.md                 what ran, on what, how fast, how well, with samples
 
 `load_model` accepts a run folder, its model folder, or a checkpoint folder.
@@ -12,53 +10,35 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_weights, save_model
 
 from scratchlm.atomic_io import write_text_atomic
 from scratchlm.errors import InputFileError
 from scratchlm.model import GPT, ModelConfig
-from scratchlm.tokenizer import Tokenizer, load_tokenizer
-
-
-def save_model_folder(run_dir: Path, model: GPT, model_config: ModelConfig, tokenizer: Tokenizer) -> Path:
-    folder = run_dir / "model"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".model.safetensors.tmp"
-    save_model(model, str(tmp))
-    tmp.replace(folder / "model.safetensors")
-    write_text_atomic(folder / "config.json", json.dumps(model_config.to_dict(), indent=2) + "\n")
-    tokenizer.save(folder / "tokenizer.json")
-    return folder
+from scratchlm.model.folder import WEIGHTS, load_model_folder
+from scratchlm.tokenizer import Tokenizer
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """A trained model and its tokenizer from a run folder, model folder or checkpoint."""
+    """A trained model and its tokenizer from a run folder, its model folder or a checkpoint."""
     p = Path(path)
-    if (p / "model" / "model.safetensors").is_file():
+    if (p / "model" / WEIGHTS).is_file():
         p = p / "model"
-    if not (p / "model.safetensors").is_file():
+    if not (p / WEIGHTS).is_file():
         raise InputFileError(f"{p}: no model here (expected a run folder, its model/ folder, or a checkpoint)")
-    config_path = p / "config.json"
-    tokenizer_path = p / "tokenizer.json"
-    if not config_path.is_file():  # a checkpoint folder: config and tokenizer live in the run
-        run = p.parent.parent
-        config_path, tokenizer_path = run / "model" / "config.json", run / "model" / "tokenizer.json"
-        if not config_path.is_file():
-            state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
-            config = ModelConfig.from_dict(state["model_config"])
-            tokenizer_path = Path(json.loads((run / "config.json").read_text())["data"]) / "tokenizer.json"
-            return _load(p, config, tokenizer_path, device)
-    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
-    return _load(p, config, tokenizer_path, device)
+    if (p / "config.json").is_file():
+        return load_model_folder(p, device)
+    # A checkpoint folder holds weights only; config and tokenizer live in its run. A run killed
+    # before it wrote model/ still has the config in the checkpoint and the data's tokenizer.
+    run = p.parent.parent
+    if (run / "model" / "config.json").is_file():
+        return load_model_folder(p, device, _config(run / "model" / "config.json"), run / "model" / "tokenizer.json")
+    state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
+    data = Path(json.loads((run / "config.json").read_text())["data"])
+    return load_model_folder(p, device, ModelConfig.from_dict(state["model_config"]), data / "tokenizer.json")
 
 
-def _load(folder: Path, config: ModelConfig, tokenizer_path: Path, device) -> tuple[GPT, Tokenizer]:
-    model = GPT(config)
-    missing, unexpected = load_weights(model, str(folder / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise InputFileError(f"{folder}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
-    model.to(device).eval()
-    return model, load_tokenizer(tokenizer_path)
+def _config(path: Path) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def write_report(run_dir: Path, summary, config, model_config: ModelConfig, shards, rows: list[dict]) -> Path:

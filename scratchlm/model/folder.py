@@ -1,0 +1,70 @@
+"""scratchlm's model folder: what `pretrain` writes as RUN/model and `scratchlm import` writes.
+
+    FOLDER/model.safetensors   weights (safetensors: loading them runs no code)
+    FOLDER/config.json         ModelConfig
+    FOLDER/tokenizer.json      the tokenizer, in scratchlm's format (chat template in its metadata)
+    FOLDER/chat_template.jinja the chat template as a file of its own, when the model has one
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_weights, save_model
+
+from scratchlm.atomic_io import write_text_atomic
+from scratchlm.errors import InputFileError
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.model import GPT
+from scratchlm.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS = "model.safetensors"
+CHAT_TEMPLATE = "chat_template.jinja"
+
+
+def is_model_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / WEIGHTS).is_file() and (p / "config.json").is_file() and _is_our_config(p / "config.json")
+
+
+def _is_our_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "n_layer" in data and "n_embd" in data
+
+
+def save_model_folder(folder: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
+    """Write `model` and `tokenizer` into `folder` (created if needed); each file atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{WEIGHTS}.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(folder / WEIGHTS)
+    write_text_atomic(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+    tokenizer.save(folder / "tokenizer.json")
+    template = tokenizer.metadata.get("chat_template")
+    if template:
+        write_text_atomic(folder / CHAT_TEMPLATE, template)
+    return folder
+
+
+def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", config: ModelConfig | None = None,
+                      tokenizer_path: str | Path | None = None) -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a model folder. `config` and `tokenizer_path` stand in for a
+    folder that holds only weights (a training checkpoint)."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise InputFileError(f"{folder}: no {WEIGHTS} here")
+    if config is None:
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise InputFileError(f"{folder}: no config.json beside the weights")
+        config = ModelConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    model = GPT(config)
+    missing, unexpected = load_weights(model, str(folder / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise InputFileError(f"{folder}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
+    model.to(device).eval()
+    return model, load_tokenizer(tokenizer_path or folder / "tokenizer.json")
