@@ -16,6 +16,10 @@ from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
 from scratchlm.units import parse_bytes
 
 EXIT_USER_ERROR = 2
+MODEL_HELP = (
+    "MODEL is a run folder, a model folder (from pretrain or import), a training checkpoint folder, "
+    "a GGUF file or a Hugging Face checkpoint folder."
+)
 
 
 def _argument_type(parse):
@@ -64,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(stages)
     _add_pretrain_command(stages)
     _add_generate_command(stages)
+    _add_interop_commands(stages)
+    _add_eval_commands(stages)
     _add_plan_command(stages)
     return parser
 
@@ -281,9 +287,9 @@ def _add_generate_command(stages: argparse._SubParsersAction) -> None:
         "generate",
         help="sample text from a trained model",
         description="Sample continuations of a prompt (from --prompt or standard input), streaming tokens to "
-        "the terminal as they are produced. MODEL is a run folder, its model/ folder or a checkpoint folder.",
+        "the terminal as they are produced. " + MODEL_HELP,
     )
-    gen.add_argument("model", type=Path, help="run folder, model folder or checkpoint folder")
+    gen.add_argument("model", type=Path, help="the model (see above)")
     gen.add_argument("--prompt", default=None, help="the prompt (default: read standard input; empty: start a new document)")
     gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
     gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy; higher is more random (default: 0.8)")
@@ -298,10 +304,10 @@ def _add_generate_command(stages: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from scratchlm.interop import load_pretrained
     from scratchlm.serve.sampling import SamplingConfig, generate_text
-    from scratchlm.train.runfolder import load_model
 
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_pretrained(args.model, args.device)
     prompt = args.prompt if args.prompt is not None else ("" if sys.stdin.isatty() else sys.stdin.read())
     config = SamplingConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -314,6 +320,57 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     for n, text in enumerate(generate_text(model, tokenizer, prompt, config), 1):
         print(f"--- sample {n} ---\n{prompt}{text}\n")
+    return 0
+
+
+# ---- scratchlm import / export ----------------------------------------------------------
+def _add_interop_commands(stages: argparse._SubParsersAction) -> None:
+    imp = stages.add_parser(
+        "import",
+        help="turn a GGUF file or Hugging Face checkpoint into a scratchlm model folder",
+        description="Read a pretrained model and write a scratchlm model folder (config.json, model.safetensors, "
+        "tokenizer.json, chat_template.jinja). SOURCE is a GGUF file (Llama, Qwen3 or GPT-2 architecture; F32, F16, "
+        "BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and K-quants are dequantised to float32) or a Hugging Face checkpoint "
+        "folder (config.json + safetensors + tokenizer.json; GPT-2, Llama, Mistral, Qwen3). Every command also "
+        "accepts SOURCE directly; importing once saves the conversion on each later load.",
+    )
+    imp.add_argument("source", type=Path, help="GGUF file or Hugging Face checkpoint folder")
+    imp.add_argument("--out", type=Path, required=True, help="model folder to write (new or empty)")
+    imp.add_argument("--pattern", default=None, help="override the tokenizer's pre-tokenizer regex (a name such as gpt2, or a regex)")
+    imp.set_defaults(run=_import)
+
+    exp = stages.add_parser(
+        "export",
+        help="write a model as a Hugging Face folder or a GGUF file",
+        description="Write a model for other tools. --format hf: a folder that transformers' AutoModelForCausalLM "
+        "and AutoTokenizer load (GPT-2, Llama or, for QK-norm models, Qwen3 architecture) and that gives the same "
+        "logits. --format gguf: one GGUF file (llama, qwen3 or gpt2 architecture, F32 or F16) for llama.cpp and the "
+        "gguf package. " + MODEL_HELP,
+    )
+    exp.add_argument("model", type=Path, help="the model (see above)")
+    exp.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf (folder) or gguf (file)")
+    exp.add_argument("--out", type=Path, required=True, help="folder (hf, new or empty) or file (gguf) to write")
+    exp.add_argument("--dtype", default=None, help="hf: float32 (default), bfloat16 or float16; gguf: f32 (default) or f16")
+    exp.set_defaults(run=_export)
+
+
+def _print_conversion(summary) -> None:
+    print(f"read   {summary.source} ({summary.source_kind}): {summary.params:,} parameters, {summary.description}")
+    print(f"chat template: {'yes' if summary.chat_template else 'none'}")
+    print(f"wrote  {summary.out} in {summary.seconds:.1f} s")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from scratchlm.interop.convert import import_model
+
+    _print_conversion(import_model(args.source, args.out, pattern=args.pattern))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from scratchlm.interop.convert import export_model
+
+    _print_conversion(export_model(args.model, args.format, args.out, dtype=args.dtype))
     return 0
 
 

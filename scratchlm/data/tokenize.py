@@ -38,9 +38,7 @@ def tokenize_files(
             documents.append((str(path), text))
         source = f"{len(documents)} files"
     else:
-        from scratchlm.data.embedded import embedded_documents
-
-        documents = [(f"embedded:{n}", text) for n, text in enumerate(embedded_documents())]
+        documents = embedded_keyed_documents()
         source = "embedded corpus"
     if not any(text.strip() for _, text in documents):
         raise InputFileError("the inputs hold no text")
@@ -55,6 +53,23 @@ def tokenize_files(
     tokenizer.save(out_dir / "tokenizer.json")
     extra = {"source": source, "split_rule": split_rule, "undecodable_bytes": undecodable}
     return tokenize_documents(splits, tokenizer, out_dir, shard_tokens, extra=extra)
+
+
+def embedded_keyed_documents() -> list[tuple[str, str]]:
+    """The embedded corpus as (key, text): the keys decide the train/validation split."""
+    from scratchlm.data.embedded import embedded_documents
+
+    return [(f"embedded:{n}", text) for n, text in enumerate(embedded_documents())]
+
+
+def embedded_validation_text(val_fraction: float = 0.1, max_bytes: int | None = None) -> str:
+    """The embedded corpus's validation documents, exactly those `tokenize_files(None, ...)`
+    (and so the quickstart) holds out: text a quickstart model never trained on."""
+    held_out = [text for key, text in embedded_keyed_documents() if val_by_hash(key, val_fraction)]
+    text = "\n\n".join(held_out) + "\n"
+    if max_bytes is not None:
+        text = text.encode()[:max_bytes].decode("utf-8", errors="ignore")
+    return text
 
 
 def tail_split(documents: list[tuple[str, str]], val_fraction: float) -> Iterator[tuple[str, str]]:

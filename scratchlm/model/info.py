@@ -4,14 +4,20 @@ from scratchlm.model.config import ModelConfig
 from scratchlm.model.model import count_params, flops_per_token
 
 
-def describe(name: str, config: ModelConfig, short: bool = False) -> str:
-    params = count_params(config)
-    flops = flops_per_token(config)
-    arch = (
+def architecture(config: ModelConfig) -> str:
+    """One line: depth, width, heads, context and the family choices."""
+    return (
         f"{config.n_layer} layers, width {config.n_embd}, {config.n_head} heads"
         + (f" ({config.kv_heads} kv)" if config.kv_heads != config.n_head else "")
         + f", ctx {config.block_size}, {config.positions}/{config.norm}/{config.mlp}"
+        + ("/qk-norm" if config.qk_norm else "")
     )
+
+
+def describe(name: str, config: ModelConfig, short: bool = False) -> str:
+    params = count_params(config)
+    flops = flops_per_token(config)
+    arch = architecture(config)
     if short:
         return f"{name:<14} {params / 1e6:>9.1f}M params  {flops / 1e9:>7.2f} GFLOP/token  {arch}"
     return "\n".join([
