@@ -53,3 +53,17 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def save_figure_atomic(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically; the format follows the file's extension."""
+    target = check_writable_file(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

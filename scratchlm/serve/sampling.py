@@ -275,13 +275,14 @@ def generate_text(
 ) -> list[str]:
     """Complete `prompt` `config.num_samples` times; return the completions without the prompt.
     `on_text(sample_index, piece)` receives each piece of text as soon as it is safe to show.
-    A sample ends at <|endoftext|> (not part of its text) or before its first stop string."""
+    A sample ends at the end-of-sequence token (`Tokenizer.eos_id`, not part of its text) or
+    before its first stop string."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
             f"sampling: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
             "they were not trained together"
         )
-    eot_id = tokenizer.eot_id
+    eot_id = tokenizer.eos_id
     streams = [CompletionStream(config.stop) for _ in range(config.num_samples)]
 
     def show(index: int, piece: str) -> None:

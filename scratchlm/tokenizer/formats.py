@@ -59,10 +59,24 @@ def to_hf_tokenizer_json(tokenizer: Tokenizer) -> dict:
             "fuse_unk": False,
             "byte_fallback": False,
             "ignore_merges": False,
-            "vocab": {to_str(b): i for b, i in sorted(tokenizer.ranks.items(), key=lambda x: x[1])},
+            "vocab": _hf_vocab(tokenizer),
             "merges": [[to_str(a), to_str(b)] for a, b in tokenizer.merges()],
         },
     }
+
+
+def _hf_vocab(tokenizer: Tokenizer) -> dict[str, int]:
+    """The BPE vocabulary as Hugging Face `tokenizers` needs it. Two traps: it ignores the id of
+    an added token whose string is not in the vocabulary and numbers it after the vocabulary
+    (SmolLM2's <|im_start|> = 1 would come back as 49157), so special tokens are listed here too,
+    as real checkpoints do; and single bytes the vocabulary lacks (our ids from `vocab_size` up,
+    see `Tokenizer`) must stay absent, or they would get ids beyond the model's embeddings."""
+    vocab = {bytes_to_token_string(b): i for b, i in tokenizer.ranks.items() if i < tokenizer.vocab_size}
+    for token, i in tokenizer.special_tokens.items():
+        if vocab.setdefault(token, i) != i:
+            raise TokenizerFormatError(f"special token {token!r} (id {i}) is also an ordinary token (id {vocab[token]}); "
+                                       "Hugging Face tokenizers cannot hold both")
+    return dict(sorted(vocab.items(), key=lambda item: item[1]))
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:

@@ -103,6 +103,13 @@ class Tokenizer:
     def eot_id(self) -> int | None:
         return self.special_tokens.get(ENDOFTEXT)
 
+    @property
+    def eos_id(self) -> int | None:
+        """The token that ends a generation: the model's own end-of-sequence token when its
+        metadata names one (SmolLM2's <|im_end|> ends a chat turn), else <|endoftext|>."""
+        eos = self.metadata.get("eos_token_id")
+        return int(eos) if eos is not None else self.eot_id
+
     @cached_property
     def id_to_bytes(self) -> dict[int, bytes]:
         table = {i: b for b, i in self.ranks.items()}

@@ -4,7 +4,7 @@ PNG and `report.md`."""
 import json
 from pathlib import Path
 
-from scratchlm.atomic_io import write_text_atomic
+from scratchlm.atomic_io import save_figure_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -55,8 +55,7 @@ def plot_loss_curve(rows: list[dict], out: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    try:
+        return save_figure_atomic(fig, out)
+    finally:
+        plt.close(fig)
