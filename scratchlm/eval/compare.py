@@ -73,8 +73,11 @@ def model_labels(sources: Sequence[str | Path]) -> list[str]:
         p = Path(source)
         name = p.parent.name if p.name == "model" and p.parent.name else (p.stem if p.is_file() else p.name)
         names.append(name or str(p))
-    counts = {n: names.count(n) for n in names}
-    return [f"{n} ({i})" if counts[n] > 1 else n for i, n in enumerate(names, 1)]
+    labels, seen = [], {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(f"{name} ({seen[name]})" if names.count(name) > 1 else name)
+    return labels
 
 
 def compare_models(
