@@ -19,7 +19,7 @@ from pathlib import Path
 
 from scratchlm.atomic_io import save_figure_atomic, write_text_atomic
 from scratchlm.errors import ConfigError
-from scratchlm.eval.runner import EvalReport, _json_ready, evaluate_model
+from scratchlm.eval.runner import EvalReport, json_ready, evaluate_model
 
 TOKENIZER_NOTE = (
     "Bits per byte is measured per UTF-8 byte of the same text, so it compares models with different "
@@ -178,5 +178,5 @@ def save_comparison(comparison: Comparison, out_dir: str | Path) -> dict[str, Pa
         "markdown": write_text_atomic(out / "compare.md", comparison_markdown(comparison)),
         "csv": write_text_atomic(out / "compare.csv", comparison_csv(comparison)),
         "chart": plot_comparison(comparison, out / "compare.png"),
-        "results": write_text_atomic(out / "results.json", json.dumps(_json_ready(full), indent=2, ensure_ascii=False) + "\n"),
+        "results": write_text_atomic(out / "results.json", json.dumps(json_ready(full), indent=2, ensure_ascii=False) + "\n"),
     }

@@ -1,6 +1,8 @@
 """What `scratchlm eval` and `scratchlm compare` measure when told nothing: the builtin tasks
 and bits per byte on the embedded corpus's held-out documents. Both exist offline on every
-machine, and the quickstart model never trained on either text."""
+machine. The held-out text is text the quickstart model never trained on; the builtin tasks are
+sentences of CPython's documentation, most of which the quickstart did train on, so they measure
+what a model learned of that prose rather than generalisation to new text."""
 
 from scratchlm.eval.tasks import builtin_tasks
 
