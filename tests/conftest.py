@@ -40,3 +40,12 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} missing")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(model, tokenizer) of SmolLM2-135M-Instruct imported from its GGUF file once per session:
+    float32, eval mode, CPU. Shared: tests must not change the model's weights or mode."""
+    from scratchlm.interop.gguf import import_gguf
+
+    return import_gguf(smollm2_gguf)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from scratchlm.atomic_io import OutputFileError, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError, ModelFormatError
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.model import GPT, rope_tables
+from scratchlm.model.model import GPT, allocate_on_cpu
 from scratchlm.tokenizer import Tokenizer, import_hf_tokenizer, to_hf_tokenizer_json
 from scratchlm.tokenizer.formats import read_json
 
@@ -545,7 +545,9 @@ def import_hf(folder: str | Path, pattern: str | None = None, progress: bool = T
     tokenizer = _import_tokenizer(folder, pattern, data)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFormatError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json key 'vocab_size' is {config.vocab_size}")
-    model = _uninitialised_model(config)
+    with torch.device("meta"):
+        model = GPT(config)
+    model = allocate_on_cpu(model)
     params = dict(model.named_parameters())
     with ExitStack() as stack:
         tensors = SafetensorsCheckpoint(folder, stack)
@@ -562,20 +564,6 @@ def import_hf(folder: str | Path, pattern: str | None = None, progress: bool = T
     return model.eval(), tokenizer
 
 
-def _uninitialised_model(config: ModelConfig) -> GPT:
-    """A GPT whose parameters are allocated but not initialised (random initialisation of a
-    large model costs seconds, and every value is about to be overwritten)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device="cpu")
-    if config.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
-        model.head.weight = model.embed.weight
-    if config.positions == "rope":  # buffers come out of to_empty as garbage too
-        model.rope_cos, model.rope_sin = rope_tables(config, config.block_size)
-    return model
-
-
-# ---- export -----------------------------------------------------------------------------
 def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, dtype: str = "float32") -> Path:
     """Write `model` and `tokenizer` as a Hugging Face folder at `out` (gpt2, llama or qwen3
     architecture, weights in `dtype`: float32, bfloat16 or float16).

@@ -216,6 +216,20 @@ class GPT(nn.Module):
         return KVCache.empty(self.config, batch, max_len or self.config.block_size, param.device, param.dtype)
 
 
+def allocate_on_cpu(model: GPT) -> GPT:
+    """A model built on the meta device, given CPU memory for its parameters but no values: for
+    loaders that overwrite every parameter anyway (random initialisation of a large model costs
+    seconds). `to_empty` gives each module a tensor of its own, so a tied head is tied again, and
+    buffers come out as garbage, so the rotary tables are recomputed."""
+    config = model.config
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        model.head.weight = model.embed.weight
+    if config.positions == "rope":
+        model.rope_cos, model.rope_sin = rope_tables(config, config.block_size)
+    return model
+
+
 def count_params(config: ModelConfig, include_embeddings: bool = True) -> int:
     """Exact parameter count, from a model built on the meta device (no memory used)."""
     with torch.device("meta"):

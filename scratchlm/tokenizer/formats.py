@@ -152,9 +152,13 @@ def _pattern_from_hf(pre: dict | None, where: str) -> str:
 
 
 # ---- GGUF -------------------------------------------------------------------------------
-def read_gguf_metadata(path: str | Path, prefix: str = "") -> dict:
-    """The key/value metadata of a GGUF file whose keys start with `prefix`, as Python values."""
+def read_gguf_metadata(path: str | Path, prefix: str = "", reader=None) -> dict:
+    """The key/value metadata of a GGUF file whose keys start with `prefix`, as Python values.
+    `reader`: a GGUFReader already open on `path` (parsing the metadata of a 49k vocabulary
+    takes seconds; a model import needs it once, not twice)."""
     p = Path(path)
+    if reader is not None:
+        return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
     if not p.is_file():
         raise InputFileError(f"{p}: no such file")
     try:
@@ -168,7 +172,7 @@ def read_gguf_metadata(path: str | Path, prefix: str = "") -> dict:
     return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
 
 
-def import_gguf_tokenizer(path: str | Path, pattern: str | None = None) -> Tokenizer:
+def import_gguf_tokenizer(path: str | Path, pattern: str | None = None, reader=None) -> Tokenizer:
     """Read the byte-level BPE tokenizer from a GGUF model file's `tokenizer.ggml.*` metadata.
 
     The pre-tokenizer comes from `tokenizer.ggml.pre` (llama.cpp's names); `pattern` overrides
@@ -176,7 +180,7 @@ def import_gguf_tokenizer(path: str | Path, pattern: str | None = None) -> Token
     which differs from the model's training tokenizer for SmolLM2 (digits are split singly);
     pass pattern="gpt2" to reproduce transformers."""
     p = Path(path)
-    meta = read_gguf_metadata(p, prefix="tokenizer.")
+    meta = read_gguf_metadata(p, prefix="tokenizer.", reader=reader)
     where = str(p)
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":

@@ -1,0 +1,476 @@
+"""GGUF files (llama.cpp's one-file model format) in and out: config, weights and tokenizer.
+
+Three GGUF architectures map one-to-one onto `ModelConfig`; anything else is refused with a
+message naming what was found, never loaded approximately:
+
+    llama   rotary positions, RMSNorm, SwiGLU, no biases (SmolLM2, Llama 2/3 and the like)
+    qwen3   llama plus an RMSNorm of queries and keys per head (our `qk_norm`)
+    gpt2    learned positions, LayerNorm with bias, GELU (tanh), fused q|k|v matrix
+
+Import reads `{arch}.*` metadata into a `ModelConfig`, checks every tensor's name, type and
+shape, then dequantises one tensor at a time with the `gguf` package's reference numpy kernels
+straight into the parameters of a model allocated without initial values (built on the `meta`
+device, then `to_empty`). Memory holds the float32 model and one dequantised tensor, never a
+second copy of the model, and no time goes into random values that would be overwritten
+(random initialisation is 2.1 s of the 2.3 s it takes to build SmolLM2-135M on a CPU core).
+
+Traps this module exists to get right:
+- llama.cpp's converter permutes the rows of `attn_q` and `attn_k` in `llama` files, so that
+  its interleaved rope, which rotates pairs (x[2i], x[2i+1]), computes what the Hugging Face
+  half rotation, pairs (x[i], x[i + half]), computes on the original rows. Our rope is the half
+  rotation, so import undoes the permutation and export redoes it, as transformers' GGUF loader
+  does. `qwen3` files use llama.cpp's NEOX rope, which is the half rotation: no permutation.
+- GGUF lists a tensor's dimensions fastest first ([in, out]); numpy and torch see (out, in).
+  Messages quote shapes in GGUF order, as `gguf-dump` prints them.
+- 1-D tensors (norms, biases) stay F32 in an f16 export, as llama.cpp's converter does: they
+  are tiny, and half-precision norm weights only cost accuracy.
+
+Tokenizer: import goes through `import_gguf_tokenizer`. Export writes byte-level BPE as
+llama.cpp expects it: tokens in GPT-2's byte-to-unicode alphabet, token types (1 normal,
+3 control for special tokens, 5 unused for ids the tokenizer does not use, padding the list to
+the embedding's rows), the merge list, bos/eos ids and the chat template. A GGUF file cannot
+carry a pre-tokenizer regex, only a name (`tokenizer.ggml.pre`) that picks one built into
+llama.cpp. So a pattern with a llama.cpp name is written under it, and any other pattern is
+refused: writing a wrong name would make llama.cpp split text differently from training, and
+nothing would report it. GPT-4's pattern (the project's default) is written as `llama-bpe`
+because it splits every text exactly as Llama 3's pattern does (see `llama_cpp_pre_name`).
+"""
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGUFReader, GGUFWriter, LlamaFileType, TokenType
+from tqdm import tqdm
+
+from scratchlm.atomic_io import check_writable_file
+from scratchlm.errors import ConfigError, InputFileError, ModelFormatError
+from scratchlm.model import GPT, ModelConfig
+from scratchlm.model.model import allocate_on_cpu
+from scratchlm.tokenizer import Tokenizer, import_gguf_tokenizer
+from scratchlm.tokenizer.bytelevel import bytes_to_token_string
+from scratchlm.tokenizer.formats import GGUF_PRE_PATTERNS
+from scratchlm.tokenizer.pretokenize import GPT4_PATTERN
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen3", "gpt2")
+# Types the `gguf` package dequantises and that hold model weights. Q8_K is an intermediate of
+# llama.cpp's matmuls, never a stored weight; the i-quants and ternary types are left out.
+SUPPORTED_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)
+EXPORT_DTYPES = ("f32", "f16")
+
+# The ModelConfig choices each architecture fixes; the rest (sizes, heads, eps, rope base,
+# tied head) are free.
+ARCHITECTURE_FEATURES: dict[str, dict[str, object]] = {
+    "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": False},
+    "qwen3": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True},
+    "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False},
+}
+SUPPORTED_CONFIGS = (
+    "llama (rope, rmsnorm, swiglu, no bias), qwen3 (the same with qk_norm), "
+    "gpt2 (learned positions, layernorm, gelu, bias, no grouped-query attention)"
+)
+
+
+# ---- where each GGUF tensor lives in our model ---------------------------------------------
+@dataclass(frozen=True)
+class TensorSlot:
+    """One GGUF tensor and its place in our model: a parameter, or a block of its rows (our
+    queries, keys and values share one fused matrix; SwiGLU's gate and up another)."""
+
+    gguf_name: str
+    param: str
+    rows: tuple[int, int] | None = None
+    rope_heads: int | None = None  # llama.cpp permutes these rows for its rope, over this many heads
+
+
+def tensor_slots(config: ModelConfig, arch: str, tied: bool) -> list[TensorSlot]:
+    """Every tensor of a GGUF file of architecture `arch` for `config`, in llama.cpp's order."""
+    hd, h = config.head_dim, config.hidden
+    q, kv = config.n_head * hd, config.kv_heads * hd
+    slots = [TensorSlot("token_embd.weight", "embed.weight")]
+    if arch == "gpt2":
+        slots.append(TensorSlot("position_embd.weight", "pos_embed.weight"))
+    for i in range(config.n_layer):
+        blk, ours = f"blk.{i}.", f"blocks.{i}."
+        if arch == "gpt2":
+            pairs = [("attn_norm", "norm1"), ("attn_qkv", "attn.qkv"), ("attn_output", "attn.proj"),
+                     ("ffn_norm", "norm2"), ("ffn_up", "mlp.up"), ("ffn_down", "mlp.down")]
+            slots += [TensorSlot(f"{blk}{g}.{kind}", f"{ours}{o}.{kind}") for g, o in pairs for kind in ("weight", "bias")]
+            continue
+        permuted = arch == "llama"
+        slots += [
+            TensorSlot(blk + "attn_norm.weight", ours + "norm1.weight"),
+            TensorSlot(blk + "attn_q.weight", ours + "attn.qkv.weight", (0, q), config.n_head if permuted else None),
+            TensorSlot(blk + "attn_k.weight", ours + "attn.qkv.weight", (q, q + kv), config.kv_heads if permuted else None),
+            TensorSlot(blk + "attn_v.weight", ours + "attn.qkv.weight", (q + kv, q + 2 * kv)),
+            TensorSlot(blk + "attn_output.weight", ours + "attn.proj.weight"),
+        ]
+        if arch == "qwen3":
+            slots += [TensorSlot(blk + "attn_q_norm.weight", ours + "attn.q_norm.weight"),
+                      TensorSlot(blk + "attn_k_norm.weight", ours + "attn.k_norm.weight")]
+        slots += [
+            TensorSlot(blk + "ffn_norm.weight", ours + "norm2.weight"),
+            TensorSlot(blk + "ffn_gate.weight", ours + "mlp.up.weight", (0, h)),
+            TensorSlot(blk + "ffn_up.weight", ours + "mlp.up.weight", (h, 2 * h)),
+            TensorSlot(blk + "ffn_down.weight", ours + "mlp.down.weight"),
+        ]
+    slots.append(TensorSlot("output_norm.weight", "norm.weight"))
+    if arch == "gpt2":
+        slots.append(TensorSlot("output_norm.bias", "norm.bias"))
+    if not tied:
+        slots.append(TensorSlot("output.weight", "head.weight"))
+    return slots
+
+
+def permute_for_llama_cpp(w, n_head: int):
+    """Rows of a query/key matrix in half-rotation order -> llama.cpp's interleaved order
+    (convert_hf_to_gguf.py's `permute`): within each head, row i of the first half and row i
+    of the second half become rows 2i and 2i + 1. Works on numpy arrays and torch tensors."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_from_llama_cpp(w, n_head: int):
+    """Inverse of `permute_for_llama_cpp`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _slot_shape(model: GPT, slot: TensorSlot) -> tuple[int, ...]:
+    shape = tuple(model.get_parameter(slot.param).shape)
+    if slot.rows is not None:
+        shape = (slot.rows[1] - slot.rows[0], *shape[1:])
+    return shape
+
+
+def _gguf_shape(numpy_shape) -> list[int]:
+    """A shape as GGUF lists it: fastest dimension first."""
+    return [int(d) for d in reversed(tuple(numpy_shape))]
+
+
+def _numpy_shape(reader_tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tuple(reader_tensor.shape)))
+
+
+# ---- import ----------------------------------------------------------------------------------
+def import_gguf(path: str | Path, pattern: str | None = None, progress: bool = False) -> tuple[GPT, Tokenizer]:
+    """The model (float32, eval mode, CPU) and tokenizer of a GGUF file of architecture llama,
+    qwen3 or gpt2, with weights in any of `SUPPORTED_TYPES`. `pattern` overrides the
+    pre-tokenizer named in the file (see `import_gguf_tokenizer`)."""
+    p = Path(path)
+    where = str(p)
+    reader = open_gguf(p)
+    arch = _architecture(reader, where)
+    tensors = {t.name: t for t in reader.tensors}
+    for t in reader.tensors:
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise ModelFormatError(
+                f"{where}: tensor {t.name} has quantisation type {t.tensor_type.name}; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
+    config = config_from_gguf(reader, arch, where)
+    slots = tensor_slots(config, arch, tied=config.tie_embeddings)
+    _check_tensor_names(slots, tensors, arch, where)
+    # The tokenizer before the weights: a vocabulary we cannot read fails in seconds, not after the load.
+    tokenizer = import_gguf_tokenizer(p, pattern, reader=reader)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelFormatError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} ids but token_embd.weight only {config.vocab_size} rows"
+        )
+    with torch.device("meta"):  # shapes without memory; parameters are allocated once all is checked
+        model = GPT(config)
+    for slot in slots:
+        found, expected = _gguf_shape(_numpy_shape(tensors[slot.gguf_name])), _gguf_shape(_slot_shape(model, slot))
+        if found != expected:
+            raise ModelFormatError(f"{where}: tensor {slot.gguf_name} has shape {found}; expected {expected} for {arch} with this config")
+    model = allocate_on_cpu(model)
+    with torch.no_grad():
+        for slot in tqdm(slots, desc="import", unit="tensor", disable=not progress):
+            _load_slot(model, slot, tensors[slot.gguf_name], where)
+    return model.eval(), tokenizer
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """A reader over a GGUF file (memory-mapped: tensors are read when touched)."""
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise InputFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, KeyError, struct and numpy errors alike
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise InputFileError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(exc).__name__}: {first_line})") from None
+
+
+def _field(reader: GGUFReader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _architecture(reader: GGUFReader, where: str) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFormatError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _value(reader: GGUFReader, key: str, where: str, default):
+    value = _field(reader, key)
+    if value is None and default is None:
+        raise ModelFormatError(f"{where}: metadata key {key} is missing")
+    return default if value is None else value
+
+
+def _int(reader: GGUFReader, key: str, where: str, default: int | None = None) -> int:
+    value = _value(reader, key, where, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelFormatError(f"{where}: metadata key {key} is {value!r}; supported: one integer (the same for every layer)")
+    return value
+
+
+def _float(reader: GGUFReader, key: str, where: str, default: float | None = None) -> float:
+    value = _value(reader, key, where, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelFormatError(f"{where}: metadata key {key} is {value!r}; expected a number")
+    return float(value)
+
+
+def config_from_gguf(reader: GGUFReader, arch: str, where: str) -> ModelConfig:
+    """The `ModelConfig` that GGUF metadata `{arch}.*` describes; the vocabulary size is the
+    embedding's row count and the head is tied when the file has no `output.weight`."""
+
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
+    n_embd = _int(reader, key("embedding_length"), where)
+    n_head = _int(reader, key("attention.head_count"), where)
+    n_kv_head = _int(reader, key("attention.head_count_kv"), where, default=n_head)
+    if n_head <= 0 or n_embd % n_head:
+        raise ModelFormatError(f"{where}: embedding_length {n_embd} is not a multiple of head_count {n_head}; "
+                               "supported: head size = embedding_length / head_count")
+    head_dim = n_embd // n_head
+    sized_keys = ["attention.key_length", "attention.value_length"] + (["rope.dimension_count"] if arch != "gpt2" else [])
+    for name in sized_keys:
+        value = _int(reader, key(name), where, default=head_dim)
+        if value != head_dim:
+            raise ModelFormatError(f"{where}: {key(name)} is {value} but embedding_length / head_count is {head_dim}; "
+                                   "supported: head size = embedding_length / head_count, rope over the whole head")
+    _check_rope_scaling(reader, arch, where)
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ModelFormatError(f"{where}: tensor token_embd.weight is missing")
+    if len(embed.shape) != 2:
+        raise ModelFormatError(f"{where}: tensor token_embd.weight has shape {_gguf_shape(_numpy_shape(embed))}; expected 2 dimensions")
+    eps_key = "attention.layer_norm_epsilon" if arch == "gpt2" else "attention.layer_norm_rms_epsilon"
+    features = ARCHITECTURE_FEATURES[arch]
+    try:
+        return ModelConfig(
+            vocab_size=_numpy_shape(embed)[0],
+            block_size=_int(reader, key("context_length"), where),
+            n_layer=_int(reader, key("block_count"), where),
+            n_head=n_head,
+            n_kv_head=n_kv_head if n_kv_head != n_head else None,
+            n_embd=n_embd,
+            mlp_hidden=_int(reader, key("feed_forward_length"), where),
+            rope_base=_float(reader, key("rope.freq_base"), where, default=10000.0),
+            norm_eps=_float(reader, key(eps_key), where),
+            tie_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+            **features,
+        )
+    except ConfigError as exc:
+        raise ModelFormatError(f"{where}: metadata describes an impossible model ({exc})") from None
+
+
+def _check_rope_scaling(reader: GGUFReader, arch: str, where: str) -> None:
+    """Context-extension schemes (linear, YaRN, Llama 3's rope_freqs) change the rotation
+    angles; our rope has none, so only unscaled rope is accepted."""
+    kind = _field(reader, f"{arch}.rope.scaling.type") or "none"
+    factor = _float(reader, f"{arch}.rope.scaling.factor", where, default=1.0)
+    legacy = _float(reader, f"{arch}.rope.scale_linear", where, default=1.0)
+    if kind not in ("none", "linear") or (kind == "linear" and factor != 1.0) or legacy != 1.0:
+        shown = f"{kind!r} with factor {factor if legacy == 1.0 else legacy}"
+        raise ModelFormatError(f"{where}: rope scaling {shown} is not supported; supported: none (or linear with factor 1)")
+
+
+def _check_tensor_names(slots: list[TensorSlot], tensors: dict, arch: str, where: str) -> None:
+    expected = {s.gguf_name for s in slots}
+    missing = [s.gguf_name for s in slots if s.gguf_name not in tensors]
+    if missing:
+        raise ModelFormatError(f"{where}: tensor {missing[0]} is missing ({len(missing)} missing in all) for architecture {arch}")
+    extra = [name for name in tensors if name not in expected]
+    if extra:
+        kinds = sorted({".".join("N" if part.isdigit() else part for part in s.gguf_name.split(".")) for s in slots})
+        raise ModelFormatError(
+            f"{where}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all); {arch} as supported has: {', '.join(kinds)}"
+        )
+
+
+def _load_slot(model: GPT, slot: TensorSlot, tensor, where: str) -> None:
+    try:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except (NotImplementedError, ValueError) as exc:
+        raise ModelFormatError(f"{where}: tensor {slot.gguf_name} ({tensor.tensor_type.name}) cannot be dequantised ({exc})") from None
+    array = array.reshape(_numpy_shape(tensor))
+    if slot.rope_heads is not None:
+        array = unpermute_from_llama_cpp(array, slot.rope_heads)
+    target = model.get_parameter(slot.param).detach().numpy()
+    if slot.rows is not None:
+        target = target[slot.rows[0] : slot.rows[1]]
+    np.copyto(target, array)
+
+
+# ---- export ----------------------------------------------------------------------------------
+def gguf_architecture(config: ModelConfig) -> str:
+    """The GGUF architecture that computes what `config` computes. Positions pick the family
+    (rope: llama or qwen3 by qk_norm; learned: gpt2); a choice the family does not have raises
+    ModelFormatError naming it."""
+    arch = "gpt2" if config.positions == "learned" else "qwen3" if config.qk_norm else "llama"
+    wrong = [f"{name}={getattr(config, name)!r}" for name, value in ARCHITECTURE_FEATURES[arch].items() if getattr(config, name) != value]
+    if arch == "gpt2" and config.kv_heads != config.n_head:
+        wrong.append(f"n_kv_head={config.n_kv_head} (grouped-query attention)")
+    if wrong:
+        raise ModelFormatError(
+            f"model config: {', '.join(wrong)} has no GGUF equivalent for a model with positions={config.positions!r} "
+            f"(it would be GGUF {arch}); supported: {SUPPORTED_CONFIGS}"
+        )
+    return arch
+
+
+def llama_cpp_pre_name(pattern: str) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for a pre-tokenizer pattern.
+
+    GPT-4's pattern is written as `llama-bpe`: it is Llama 3's with possessive quantifiers
+    (`?+`, `++`), which never change a match here because what follows them cannot match what
+    they would give back, and with `\\s*[\\r\\n]` for `\\s*[\\r\\n]+`, which match the same text:
+    both end at the last newline of the whitespace run. test_interop_gguf checks the claim on
+    generated text."""
+    for name, known in GGUF_PRE_PATTERNS.items():
+        if known == pattern:
+            return name
+    if pattern == GPT4_PATTERN:
+        return "llama-bpe"
+    raise ModelFormatError(
+        f"tokenizer pattern {pattern!r} has no llama.cpp pre-tokenizer name (a GGUF file can only name one of those "
+        "built into llama.cpp); supported patterns: gpt2, gpt4, llama3, smollm"
+    )
+
+
+def write_tokenizer_metadata(writer: GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Add `tokenizer`'s `tokenizer.ggml.*` keys to `writer`, its token list padded to the
+    `vocab_size` rows of the model's embedding (ids the tokenizer does not use are `[PADi]`,
+    type unused, as llama.cpp's converter writes them)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelFormatError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is only {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [int(TokenType.UNUSED)] * vocab_size
+    for token, i in tokenizer.ranks.items():
+        if i < tokenizer.vocab_size:  # ids past it stand for bytes the vocabulary lacks (see Tokenizer)
+            tokens[i], types[i] = bytes_to_token_string(token), int(TokenType.NORMAL)
+    for text, i in tokenizer.special_tokens.items():
+        tokens[i], types[i] = text, int(TokenType.CONTROL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(llama_cpp_pre_name(tokenizer.pattern))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{bytes_to_token_string(a)} {bytes_to_token_string(b)}" for a, b in tokenizer.merges()])
+    meta = tokenizer.metadata
+    # Without these keys llama.cpp assumes id 11 for both (its GPT-2 default); ours fall back to <|endoftext|>.
+    bos, eos = meta.get("bos_token_id", tokenizer.eot_id), meta.get("eos_token_id", tokenizer.eot_id)
+    if bos is not None:
+        writer.add_bos_token_id(int(bos))
+    if eos is not None:
+        writer.add_eos_token_id(int(eos))
+    writer.add_add_bos_token(bool(meta.get("add_bos_token", False)))
+    if meta.get("chat_template"):
+        writer.add_chat_template(meta["chat_template"])
+
+
+def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, arch: str, dtype: str, name: str) -> None:
+    writer.add_name(name)
+    writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.hidden)
+    writer.add_head_count(config.n_head)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+        return
+    writer.add_head_count_kv(config.kv_heads)
+    writer.add_rope_freq_base(config.rope_base)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+
+
+def _export_array(model: GPT, slot: TensorSlot, dtype: str) -> np.ndarray:
+    w = model.get_parameter(slot.param).detach()
+    if slot.rows is not None:
+        w = w[slot.rows[0] : slot.rows[1]]
+    if slot.rope_heads is not None:
+        w = permute_for_llama_cpp(w, slot.rope_heads)
+    half = dtype == "f16" and w.dim() > 1
+    return w.to("cpu", torch.float16 if half else torch.float32).contiguous().numpy()
+
+
+def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "f32", progress: bool = False) -> Path:
+    """Write `model` and `tokenizer` as one GGUF file (architecture llama, qwen3 or gpt2, see
+    `gguf_architecture`) that llama.cpp, transformers and `import_gguf` read. `dtype` "f16"
+    stores matrices in half precision and 1-D tensors in float32. Tensors are converted and
+    written one at a time; the file appears complete or not at all."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export: GGUF dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
+    config = model.config
+    arch = gguf_architecture(config)
+    llama_cpp_pre_name(tokenizer.pattern)  # refuse before writing anything
+    target = check_writable_file(path)
+    slots = tensor_slots(config, arch, tied=config.tie_embeddings)
+    with _written_atomically(target) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        try:
+            _add_model_metadata(writer, config, arch, dtype, name=target.stem)
+            write_tokenizer_metadata(writer, tokenizer, config.vocab_size)
+            # Header and tensor table first, then the data one tensor at a time: never a second
+            # copy of the whole model in memory.
+            for slot in slots:
+                shape = _slot_shape(model, slot)
+                item = np.dtype(np.float16 if dtype == "f16" and len(shape) > 1 else np.float32)
+                writer.add_tensor_info(slot.gguf_name, shape, item, int(np.prod(shape)) * item.itemsize)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for slot in tqdm(slots, desc="export", unit="tensor", disable=not progress):
+                writer.write_tensor_data(_export_array(model, slot, dtype))
+        finally:
+            writer.close()
+    return target
+
+
+@contextmanager
+def _written_atomically(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` to write (GGUFWriter opens files by name, so
+    `atomic_io.write_bytes_atomic` cannot serve), synced and renamed over `target` when the
+    block succeeds, removed when it fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        mask = os.umask(0)  # mkstemp makes files 0o600; give the mode open() would have given
+        os.umask(mask)
+        tmp.chmod(0o666 & ~mask)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
