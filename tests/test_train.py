@@ -275,3 +275,20 @@ def test_plan_command_suggests_a_preset_and_a_time(capsys):
     assert main(["plan", "--compute", "1e15"]) == 0
     out = capsys.readouterr().out
     assert "closest preset     cpu-base" in out and "estimated time" in out
+
+
+def test_trained_model_exports_to_transformers_with_the_same_logits(shards, tmp_path):
+    """The default CPU recipe's architecture (QK-norm, untied head) after real training steps."""
+    transformers = pytest.importorskip("transformers")
+    from scratchlm.interop.convert import export_model
+
+    config = load_train_config(None, TINY + ["max_steps=6", "optimizer=muon", "model_config.qk_norm=true",
+                                             "model_config.tie_embeddings=false"])
+    pretrain(shards, tmp_path / "run", config, progress=False)
+    export_model(tmp_path / "run", "hf", tmp_path / "hf")
+    ours, tokenizer = load_model(tmp_path / "run")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("The value of an expression is computed from its operands.")])
+    with torch.no_grad():
+        difference = (ours(ids)[0] - theirs(ids).logits).abs().max().item()
+    assert type(theirs).__name__ == "Qwen3ForCausalLM" and difference < 1e-4
