@@ -2,6 +2,8 @@
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from scratchlm.errors import ScratchLMError
@@ -11,12 +13,13 @@ class OutputFileError(ScratchLMError):
     """An output path that cannot be written (a folder, a missing parent, no permission)."""
 
 
-def _default_mode() -> int:
-    """0o666 less the process umask: what `open()` would have given the file. mkstemp makes
-    files 0o600, which would hide outputs from other users of a shared machine."""
+def default_mode(folder: bool = False) -> int:
+    """0o666 (0o777 for a folder) less the process umask: what `open()` or `mkdir()` would
+    have given. mkstemp and mkdtemp make private files and folders, which would hide outputs
+    from other users of a shared machine."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def check_writable_file(path: str | Path) -> Path:
@@ -43,7 +46,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -55,15 +58,32 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def save_figure_atomic(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure atomically; the format follows the file's extension."""
+@contextmanager
+def written_atomically(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for writers that open files by name (safetensors,
+    GGUFWriter, matplotlib); when the block succeeds it is synced and renamed over `path`, when
+    it fails it is removed."""
     target = check_writable_file(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{target.suffix}")
     try:
-        fig.savefig(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    except OSError as exc:
+        raise OutputFileError(f"{target}: cannot write here ({exc.strerror or exc})") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return target
+
+
+def save_figure_atomic(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically; the format follows the file's extension."""
+    with written_atomically(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None)
+    return Path(path)

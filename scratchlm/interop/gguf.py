@@ -36,10 +36,6 @@ nothing would report it. GPT-4's pattern (the project's default) is written as `
 because it splits every text exactly as Llama 3's pattern does (see `llama_cpp_pre_name`).
 """
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +45,7 @@ import torch
 from gguf import GGUFReader, GGUFWriter, LlamaFileType, TokenType
 from tqdm import tqdm
 
-from scratchlm.atomic_io import check_writable_file
+from scratchlm.atomic_io import check_writable_file, written_atomically
 from scratchlm.errors import ConfigError, InputFileError, ModelFormatError
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.model.model import allocate_on_cpu
@@ -433,7 +429,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str =
     llama_cpp_pre_name(tokenizer.pattern)  # refuse before writing anything
     target = check_writable_file(path)
     slots = tensor_slots(config, arch, tied=config.tie_embeddings)
-    with _written_atomically(target) as tmp:
+    with written_atomically(target) as tmp:
         writer = GGUFWriter(tmp, arch)
         try:
             _add_model_metadata(writer, config, arch, dtype, name=target.stem)
@@ -452,25 +448,3 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str =
         finally:
             writer.close()
     return target
-
-
-@contextmanager
-def _written_atomically(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target` to write (GGUFWriter opens files by name, so
-    `atomic_io.write_bytes_atomic` cannot serve), synced and renamed over `target` when the
-    block succeeds, removed when it fails."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        mask = os.umask(0)  # mkstemp makes files 0o600; give the mode open() would have given
-        os.umask(mask)
-        tmp.chmod(0o666 & ~mask)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

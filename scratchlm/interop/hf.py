@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from scratchlm.atomic_io import OutputFileError, write_text_atomic
+from scratchlm.atomic_io import OutputFileError, default_mode, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError, ModelFormatError
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.model import GPT, allocate_on_cpu
@@ -587,7 +587,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, dtype: str = "f
         raise OutputFileError(f"{out}: cannot write here ({exc.strerror or exc})") from None
     try:
         _write_hf_folder(tmp, model, tokenizer, family, dtype)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0o700)
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes it private (0o700)
         os.replace(tmp, out)  # atomic; replaces `out` only if it is an empty folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -615,9 +615,3 @@ def _write_hf_folder(folder: Path, model: GPT, tokenizer: Tokenizer, family: str
     }
     for name, content in files.items():
         write_text_atomic(folder / name, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

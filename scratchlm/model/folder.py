@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model as load_weights, save_model
 
-from scratchlm.atomic_io import write_text_atomic
+from scratchlm.atomic_io import write_text_atomic, written_atomically
 from scratchlm.errors import InputFileError
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.model import GPT
@@ -39,9 +39,8 @@ def save_model_folder(folder: str | Path, model: GPT, tokenizer: Tokenizer) -> P
     """Write `model` and `tokenizer` into `folder` (created if needed); each file atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS}.tmp"
-    save_model(model, str(tmp))
-    tmp.replace(folder / WEIGHTS)
+    with written_atomically(folder / WEIGHTS) as tmp:
+        save_model(model, str(tmp))
     write_text_atomic(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
     tokenizer.save(folder / "tokenizer.json")
     template = tokenizer.metadata.get("chat_template")
