@@ -410,9 +410,9 @@ def _add_eval_commands(stages: argparse._SubParsersAction) -> None:
         "compare",
         help="evaluate several models on the same text and tasks, side by side",
         description="Evaluate each MODEL on the same text and tasks and print one table; write compare.md, "
-        "compare.csv, a bar chart compare.png and every model's results.json into --out. Bits per byte compares "
+        "compare.csv, a bar chart compare.png and results.json (every model's full report) into --out. Bits per byte compares "
         "models with different tokenizers; perplexity does not. With no --text/--tasks: the builtin tasks and the "
-        "embedded corpus's held-out text. Each MODEL is a run folder, model folder, GGUF file or Hugging Face folder.",
+        "embedded corpus's held-out text. " + MODEL_HELP.replace("MODEL is", "Each MODEL is"),
     )
     cmp.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="two or more models")
     _add_eval_options(cmp)
@@ -449,6 +449,8 @@ def _eval_inputs(args: argparse.Namespace, shards: Path | None = None) -> tuple[
     from scratchlm.eval.suite import default_tasks, default_text
 
     tasks = _split_list(args.tasks)
+    if args.tasks is not None and not tasks:
+        raise ConfigError("--tasks is empty; name task files or builtin tasks, or leave it out for the default suite")
     if "builtin" in tasks:
         tasks = [t for t in tasks if t != "builtin"] + default_tasks()
     text = Path(args.text) if args.text else None
@@ -459,7 +461,8 @@ def _eval_inputs(args: argparse.Namespace, shards: Path | None = None) -> tuple[
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from scratchlm.eval.runner import default_results_dir, evaluate_model, save_report
+    from scratchlm.atomic_io import check_writable_file
+    from scratchlm.eval.runner import RESULTS_FILE, default_results_dir, evaluate_model, save_report
     from scratchlm.eval.tasks import builtin_tasks, load_task
     from scratchlm.interop import load_pretrained
 
@@ -470,9 +473,10 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if args.model is None:
         raise ConfigError("eval: give a MODEL (or --list-tasks)")
-    tasks, text = _eval_inputs(args, args.shards)
     out = args.out or default_results_dir(args.model)
+    check_writable_file(out / RESULTS_FILE)  # before the work, not after it
     model, tokenizer = load_pretrained(args.model, args.device)
+    tasks, text = _eval_inputs(args, args.shards)
     report = evaluate_model(model, tokenizer, tasks=tasks, text=text, shards=args.shards, stride=args.stride,
                             batch_size=args.batch_size, limit=args.limit, truncate=args.truncate)
     print(report.summary())
@@ -481,8 +485,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from scratchlm.atomic_io import check_writable_file
     from scratchlm.eval.compare import compare_models, comparison_markdown, save_comparison
 
+    check_writable_file(args.out / "compare.md")
     tasks, text = _eval_inputs(args)
     comparison = compare_models(args.models, labels=_split_list(args.labels) or None, tasks=tasks, text=text,
                                 stride=args.stride, batch_size=args.batch_size, limit=args.limit,
@@ -494,8 +500,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _harness(args: argparse.Namespace) -> int:
+    from scratchlm.atomic_io import check_writable_file
     from scratchlm.eval.harness import run_harness
 
+    if args.out:
+        check_writable_file(args.out)
     results = run_harness(args.model, _split_list(args.tasks), include_path=args.include_path, limit=args.limit,
                           num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
                           truncate=args.truncate)

@@ -154,3 +154,35 @@ def test_smollm2_gguf_imports_and_generates_the_same_from_file_and_folder(smollm
     from_file, from_folder = generate(smollm2_gguf), generate(out)
     assert from_file.returncode == 0, from_file.stderr
     assert from_file.stdout == from_folder.stdout and "Paris" in from_folder.stdout
+
+
+def test_a_device_this_machine_lacks_is_a_one_line_error(models, capsys):
+    device = "mps" if torch.cuda.is_available() else "cuda"
+    assert main(["eval", str(models[0]), "--tasks", "python-docs-cloze", "--device", device]) == 2
+    assert "not available here" in error_line(capsys)
+    assert main(["generate", str(models[0]), "--prompt", "x", "--device", "tpu9"]) == 2
+    assert "unknown device 'tpu9'" in error_line(capsys)
+
+
+def test_text_that_is_not_utf8_is_refused_rather_than_scored(models, tmp_path, capsys):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert main(["eval", str(models[0]), "--text", str(binary), "--out", str(tmp_path / "e")]) == 2
+    assert "not UTF-8" in error_line(capsys)
+
+
+def test_unwritable_output_and_missing_models_fail_before_any_work(models, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["eval", str(models[0]), "--out", str(a_file)]) == 2
+    assert "cannot write here" in error_line(capsys)
+    assert main(["compare", str(models[0]), str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
+    assert "missing: no such file or folder" in error_line(capsys)
+    assert not (tmp_path / "c").exists()
+
+
+def test_gguf_export_refuses_to_overwrite_a_file(models, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(models[0]), "--format", "gguf", "--out", str(out)]) == 0
+    assert main(["export", str(models[0]), "--format", "gguf", "--out", str(out)]) == 2
+    assert "already exists" in error_line(capsys)

@@ -95,13 +95,17 @@ def compare_models(
     log=print,
 ) -> Comparison:
     """Evaluate each model in `sources` (any format `load_pretrained` opens) on the same text and tasks."""
-    from scratchlm.interop import load_pretrained
+    from scratchlm.interop import load_pretrained, model_kind
 
     if len(sources) < 2:
         raise ConfigError("compare needs at least two models")
     labels = list(labels) if labels else model_labels(sources)
     if len(labels) != len(sources):
         raise ConfigError(f"compare: {len(labels)} labels for {len(sources)} models")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"compare: labels must differ, got {', '.join(labels)}")
+    for source in sources:  # a missing last model should fail now, not after the others ran
+        model_kind(source)
     reports = []
     for label, source in zip(labels, sources):
         log(f"[{label}] loading {source}")

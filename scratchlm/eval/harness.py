@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from scratchlm.errors import ConfigError, ScratchLMError
+from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
 from scratchlm.eval.scoring import (
     document_start,
     generate_completions,
@@ -298,9 +298,17 @@ def run_harness(
         lm = adapter(model=model, tokenizer=tokenizer, batch_size=batch_size, device=device, truncate=truncate)
     else:
         lm = adapter(pretrained=source_or_model, batch_size=batch_size, device=device, truncate=truncate)
-    results = simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        bootstrap_iters=bootstrap_iters, log_samples=False, batch_size=batch_size, device=device,
-    )
-    return results
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"num_fewshot must be >= 0, not {num_fewshot}")
+    try:
+        return simple_evaluate(
+            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+            bootstrap_iters=bootstrap_iters, log_samples=False, batch_size=batch_size, device=device,
+        )
+    except (ConnectionError, OSError) as exc:
+        # The task library downloads its datasets from the Hugging Face hub (requests and
+        # huggingface_hub errors are ConnectionError / OSError subclasses).
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputFileError(f"lm-eval could not load a task's dataset ({first_line}); its task library needs the "
+                             "network, or local task YAML files given with include_path") from None
 

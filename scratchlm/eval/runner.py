@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.errors import ConfigError, ScratchLMError
+from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
 from scratchlm.eval.language_modeling import LanguageModelScore, evaluate_shards, evaluate_text
 from scratchlm.eval.metrics import accuracy, confusion_matrix, exact_match, generation_metrics, macro_f1, token_f1
 from scratchlm.eval.scoring import ContinuationScore, document_start, greedy_generate, score_continuations, split_context
@@ -343,7 +343,11 @@ def _read_text(text: str | Path) -> tuple[str, str]:
     if isinstance(text, Path):
         from scratchlm.tokenizer.corpus import read_text
 
-        content, _ = read_text(text)
+        content, undecodable = read_text(text)
+        if undecodable:
+            # Replaced bytes would change the byte count that bits per byte divides by.
+            raise InputFileError(f"{text}: {undecodable} bytes are not UTF-8 (a binary file, or another encoding); "
+                                 "convert it to UTF-8 text first")
         return content, str(text)
     return text, "<string>"
 

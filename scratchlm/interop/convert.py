@@ -60,6 +60,8 @@ def export_model(source: str | Path, fmt: ExportFormat, out: str | Path, dtype: 
         _check_new_output(out)
     elif out.is_dir():
         raise InputFileError(f"{out}: is a folder; a GGUF export is one file (e.g. {out / 'model.gguf'})")
+    elif out.exists():
+        raise InputFileError(f"{out}: already exists; choose a new output path")
     model, tokenizer = load_pretrained(source)
     if fmt == "hf":
         from scratchlm.interop.hf import export_hf

@@ -405,6 +405,10 @@ def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, arch: str, dtyp
     writer.add_rope_freq_base(config.rope_base)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_layer_norm_rms_eps(config.norm_eps)
+    # Stated, not left to be derived from width / heads: readers differ in what they assume
+    # (transformers' GGUF reader takes 128 for qwen3 whatever the file says; see docs/interop.md).
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
 
 
 def _export_array(model: GPT, slot: TensorSlot, dtype: str) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from scratchlm.devices import parse_device
 from scratchlm.errors import InputFileError
 from scratchlm.model import GPT
 from scratchlm.tokenizer import Tokenizer
@@ -39,6 +40,7 @@ def model_kind(path: str | Path) -> ModelKind:
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", pattern: str | None = None) -> tuple[GPT, Tokenizer]:
     """The model (float32, eval mode, on `device`) and tokenizer at `path`, whatever its format.
     `pattern` overrides the pre-tokenizer of an imported tokenizer."""
+    device = parse_device(str(device))
     kind = model_kind(path)
     if kind == "gguf":
         from scratchlm.interop.gguf import import_gguf

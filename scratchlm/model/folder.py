@@ -15,7 +15,7 @@ from safetensors.torch import load_model as load_weights, save_model
 from scratchlm.atomic_io import write_text_atomic, written_atomically
 from scratchlm.errors import InputFileError
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.model import GPT
+from scratchlm.model.model import GPT, allocate_on_cpu
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -61,7 +61,9 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", co
         if not config_path.is_file():
             raise InputFileError(f"{folder}: no config.json beside the weights")
         config = ModelConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    model = GPT(config)
+    with torch.device("meta"):  # no random initialisation of weights about to be overwritten
+        model = GPT(config)
+    model = allocate_on_cpu(model)
     missing, unexpected = load_weights(model, str(folder / WEIGHTS), strict=False)
     if missing or unexpected:
         raise InputFileError(f"{folder}: weights do not match the model config ({sorted(missing or unexpected)[0]})")

@@ -34,6 +34,7 @@ from scratchlm.train.config import TrainConfig
 from scratchlm.train.distributed import DistInfo, init_distributed, mean_across_ranks, shutdown
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.train.optim import build_optimizer, lr_multiplier
+from scratchlm.devices import parse_device
 from scratchlm.model.folder import save_model_folder
 from scratchlm.train.runfolder import write_report
 
@@ -62,11 +63,10 @@ class RunSummary:
 
 # ---- devices and precision ----------------------------------------------------------
 def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    device = parse_device(name)
+    if device.type == "cuda" and device.index is None:  # one GPU per process under torchrun
         return torch.device("cuda", info.local_rank)
-    return torch.device(name)
+    return device
 
 
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:

@@ -24,7 +24,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     if (p / "model" / WEIGHTS).is_file():
         p = p / "model"
     if not (p / WEIGHTS).is_file():
-        raise InputFileError(f"{p}: no model here (expected a run folder, its model/ folder, or a checkpoint)")
+        raise InputFileError(f"{p}: no model here (expected a run folder, a model folder, a checkpoint folder, "
+                             "a GGUF file or a Hugging Face checkpoint folder)")
     if (p / "config.json").is_file():
         return load_model_folder(p, device)
     # A checkpoint folder holds weights only; config and tokenizer live in its run. A run killed
