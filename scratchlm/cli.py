@@ -107,6 +107,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     print(f"  model      {run.run_dir / 'model'}/")
     print(f"  report     {run.run_dir / 'report.md'}  (loss curve: {run.run_dir / 'loss.png'}, metrics: {run.run_dir / 'metrics.jsonl'})")
     print(f"next: scratchlm generate {run.run_dir} --prompt \"The \"")
+    print(f"      scratchlm eval {run.run_dir}    (builtin tasks and held-out text; or compare it with SmolLM2: README)")
     return 0
 
 
