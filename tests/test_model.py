@@ -44,7 +44,32 @@ def test_kv_cache_in_chunks_equals_full_recomputation(model):
     cache = model.new_cache(batch=2, max_len=32)
     pieces = [model(idx[:, a:b], cache=cache)[0] for a, b in [(0, 7), (7, 8), (8, 15), (15, 16), (16, 24)]]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
-    assert cache.pos == 24
+    assert cache.lengths.tolist() == [24, 24]
+
+
+def test_rows_of_different_lengths_decode_as_if_each_were_alone(model):
+    """Right-padded prompts of lengths 5 and 9 in one batch: after setting each row's length,
+    the next tokens' logits equal those of each sequence run by itself."""
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 97, (12,)), torch.randint(0, 97, (12,))]
+    lengths = [5, 9]
+    cache = model.new_cache(batch=2, max_len=32)
+    padded = torch.stack([torch.cat([s[:n], torch.zeros(9 - n, dtype=torch.long)]) for s, n in zip(seqs, lengths)])
+    model(padded, cache=cache)
+    cache.lengths = torch.tensor(lengths)  # padding keys stay in the cache but are never visible
+    for step in range(3):
+        nxt = torch.stack([s[n + step : n + step + 1] for s, n in zip(seqs, lengths)])
+        batched, _ = model(nxt, cache=cache)
+        for row, (s, n) in enumerate(zip(seqs, lengths)):
+            alone, _ = model(s[None, : n + step + 1])
+            torch.testing.assert_close(batched[row, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_view_of_cache_rows_writes_into_the_batch_cache(model):
+    cache = model.new_cache(batch=3, max_len=16)
+    model(torch.randint(0, 97, (1, 4)), cache=cache.rows(1, 2))
+    assert cache.lengths.tolist() == [0, 4, 0]
+    assert cache.keys[0][1, :, :4].abs().sum() > 0 and cache.keys[0][0].abs().sum() == 0
 
 
 def test_sequence_longer_than_context_is_refused(model):

@@ -1,12 +1,11 @@
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
-from scratchlm.errors import ConfigError
+from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.model import GPT, get_preset
+from scratchlm.model.model import KVCache
 from scratchlm.serve import (
     FINISHED,
     CompletionStream,
@@ -68,15 +67,15 @@ class ScriptedModel(nn.Module):
         self.scripts = scripts
         self.fed_lengths: list[int] = []
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> SimpleNamespace:
-        return SimpleNamespace(pos=0)
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache.empty(self.config, batch, max_len or self.config.block_size, "cpu", torch.float32)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False):
         batch, length = idx.shape
         self.fed_lengths.append(length)
         n = len(self.fed_lengths) - 1  # index of the token this call's last position predicts
-        cache.pos += length
-        logits = torch.zeros(batch, length, self.config.vocab_size)
+        cache.lengths += length
+        logits = torch.zeros(batch, 1 if last_only else length, self.config.vocab_size)
         for row in range(batch):
             script = self.scripts[row % len(self.scripts)]
             logits[row, -1, script[min(n, len(script) - 1)]] = 10.0
@@ -138,10 +137,12 @@ def test_fit_context_crops_prompt_to_leave_room_but_keeps_half_the_context():
     assert fit_context(100, 128, 200) == (64, 65)  # the prompt keeps half; the cache fills after 65
 
 
-def test_prompt_longer_than_context_keeps_its_end(model, tokenizer):
+def test_prompt_longer_than_context_is_refused_unless_truncation_is_asked(model, tokenizer):
     block = model.config.block_size
     prompt = (tokenizer.encode(TRAIN_TEXT) * 2)[: block + 50]
-    got = column(steps_of(model, prompt, SamplingConfig(temperature=0, max_new_tokens=10)))
+    with pytest.raises(ContextTooLongError, match=f"{block + 50} tokens.*context is {block}.*truncat"):
+        generate_tokens(model, prompt, SamplingConfig(temperature=0, max_new_tokens=10))
+    got = column(steps_of(model, prompt, SamplingConfig(temperature=0, max_new_tokens=10, truncate=True)))
     assert got == greedy_by_recomputation(model, prompt[-(block + 1 - 10) :], 10)
 
 
@@ -149,7 +150,9 @@ def test_generation_stops_when_the_cache_is_full(model, tokenizer):
     block = model.config.block_size
     prompt = (tokenizer.encode(TRAIN_TEXT) * 2)[:100]
     steps = steps_of(model, prompt, SamplingConfig(temperature=0, max_new_tokens=500))
-    assert len(steps) == block + 1 - block // 2
+    assert len(steps) == block + 1 - 100  # the prompt's 100 positions, then one per token but the last
+    truncated = steps_of(model, prompt, SamplingConfig(temperature=0, max_new_tokens=500, truncate=True))
+    assert len(truncated) == block + 1 - block // 2  # the prompt keeps half the context
 
 
 def test_empty_token_prompt_raises_config_error(model):
@@ -200,8 +203,8 @@ def test_repetition_penalty_steers_greedy_away_from_repeats(tokenizer):
     # Logits 10 for token 5 and 6 for token 6: once 5 is seen it drops to 5 and 6 wins; once
     # both are seen (5 and 3), 5 wins again.
     class TwoFavourites(ScriptedModel):
-        def forward(self, idx, targets=None, cache=None):
-            logits, _ = super().forward(idx, targets, cache)
+        def forward(self, idx, targets=None, cache=None, last_only=False):
+            logits, _ = super().forward(idx, targets, cache, last_only)
             logits[:, -1, 6] = 6.0
             return logits, None
 

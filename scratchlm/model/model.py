@@ -50,20 +50,21 @@ def rope_tables(config: ModelConfig, length: int, device: torch.device | None = 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[i], x[i + half]) by position-dependent angles: Hugging Face's layout,
-    so Llama-family checkpoints load without permuting weights. x: (B, heads, T, head_dim)."""
+    so Llama-family checkpoints load without permuting weights. x: (B, heads, T, head_dim);
+    cos, sin: (B or 1, 1, T, head_dim / 2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for the positions generated so far, preallocated to
-    `max_len`. `pos` is the number of positions filled."""
+    """Keys and values of every layer, preallocated to `max_len` positions per row. Row b holds
+    `lengths[b]` positions: the rows of one batch may be sequences of different lengths, each
+    writing at its own next position (batched generation of prompts of several lengths)."""
 
-    keys: list[Tensor]
+    keys: list[Tensor]  # per layer: (batch, kv_heads, max_len, head_dim)
     values: list[Tensor]
-    pos: int = 0
+    lengths: Tensor  # (batch,) int64
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
@@ -71,11 +72,50 @@ class KVCache:
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            lengths=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1 as a cache of their own that shares this one's memory, so a
+        forward pass on a few rows (one prompt's prefill) writes into the whole batch's cache."""
+        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], self.lengths[start:stop])
+
+    def copy_row(self, source: int, target: int) -> None:
+        for tensor in (*self.keys, *self.values):
+            tensor[target] = tensor[source]
+        self.lengths[target] = self.lengths[source]
+
+    def positions(self, length: int) -> Tensor:
+        """(batch, length) positions of `length` new tokens in each row."""
+        return self.lengths[:, None] + torch.arange(length, device=self.lengths.device)
+
+    @staticmethod
+    def visibility(positions: Tensor, span: int) -> Tensor:
+        """(batch, 1, T, span) mask: the query at position p sees the keys at positions 0..p.
+        `span` is the longest row after the write; shorter rows mask the rest (padding, stale keys)."""
+        return (torch.arange(span, device=positions.device) <= positions[..., None])[:, None]
+
+    def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, span: int) -> tuple[Tensor, Tensor]:
+        """Store k, v (batch, kv_heads, T, head_dim) at each row's positions; return the keys
+        and values of the first `span` positions."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.keys[layer][rows, :, positions] = k.transpose(1, 2)
+        self.values[layer][rows, :, positions] = v.transpose(1, 2)
+        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
+
+
+@dataclass
+class CachedStep:
+    """What every layer needs to use the cache in one forward pass: where the new tokens go
+    and which keys each of them sees (computed once, not per layer)."""
+
+    cache: KVCache
+    positions: Tensor  # (batch, T)
+    mask: Tensor  # (batch, 1, T, span)
 
 
 class Attention(nn.Module):
@@ -89,7 +129,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(config, hd) if config.qk_norm else None
         self.k_norm = make_norm(config, hd) if config.qk_norm else None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cached: "CachedStep | None", layer: int) -> Tensor:
         cfg = self.config
         B, T, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
@@ -101,20 +141,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-
-        start = 0
-        if cache is not None:
-            start = cache.pos
-            cache.keys[layer][:, :, start : start + T] = k
-            cache.values[layer][:, :, start : start + T] = v
-            k = cache.keys[layer][:, :, : start + T]
-            v = cache.values[layer][:, :, : start + T]
-        mask, causal = None, T > 1
-        if start > 0 and T > 1:  # a chunk after cached positions: query i sees keys 0 .. start + i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            causal = False
+        mask = None
+        if cached is not None:
+            k, v = cached.cache.write(layer, k, v, cached.positions, cached.mask.shape[-1])
+            mask = cached.mask
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=nkv != nh,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
@@ -149,8 +181,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, layer: int) -> Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cached: "CachedStep | None", layer: int) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cached, layer))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -187,24 +219,39 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(param, mean=0.0, std=std)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets (B, T; -100 to
-        ignore a position), the mean next-token cross-entropy in nats."""
+        ignore a position), the mean next-token cross-entropy in nats. With a cache, row b's
+        tokens go at positions cache.lengths[b] onward, and its length grows by T. `last_only`
+        computes logits (B, 1, vocab) for the last position: a long prompt's prefill would
+        otherwise spend time and memory on vocab x T logits nobody reads."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+        cached = None
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+            positions = torch.arange(T, device=idx.device)[None]
+        else:
+            positions = cache.positions(T)
+            span = int(positions[:, -1].max()) + 1
+            if span > min(self.config.block_size, cache.max_len):
+                raise ValueError(f"sequence of {span} tokens is longer than the context ({min(self.config.block_size, cache.max_len)})")
+            cached = CachedStep(cache, positions, cache.visibility(positions, span))
         x = self.embed(idx)
         rope = None
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            x = x + self.pos_embed(positions)
+        else:  # (B or 1, 1, T, head_dim / 2): broadcast over heads
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
+            x = block(x, rope, cached, layer)
         if cache is not None:
-            cache.pos += T
+            cache.lengths += T
+        if last_only:
+            x = x[:, -1:]
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:

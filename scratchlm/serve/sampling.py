@@ -1,23 +1,23 @@
 """Sampling: the one way `generate`, `chat` and the HTTP server turn a model into text.
 
-Each step the logits of the last position go through, in this order (Hugging Face's order too):
+Each step the logits of each sequence's last position go through, in this order (Hugging Face's):
 
-    repetition penalty -> temperature -> top-k -> top-p -> draw (or argmax when temperature is 0)
+    repetition penalty -> frequency and presence penalties -> temperature -> top-k -> top-p
+    -> min-p -> draw (or argmax when temperature is 0)
 
-`generate_tokens` is the token layer: it runs the prompt once (prefill) into a `KVCache` and then
-feeds one token per step, so a step costs one position however long the prompt is. `num_samples`
-completions of the same prompt run as the rows of one batch.
+The token layer is `DecodeBatch`: up to `max_batch` sequences, each in a row (slot) of one
+preallocated `KVCache`, each at its own length and with its own sampling settings. `add` runs a
+prompt once (prefill) and draws its first token; `step` feeds every running sequence its last
+token in one forward pass and draws the next. A sequence leaves its slot when it draws a stop
+token or runs out of tokens or context, and a new prompt can take the slot at once: continuous
+batching, used by `generate` for many prompts and by the HTTP server for concurrent requests.
 
-Finished samples: a sample that draws `eot_id` yields it once and is finished; in later steps its
-slot holds `FINISHED` (-1). The generator ends when every sample is finished, when
-`max_new_tokens` are out, or when the context is full.
+Context: the model sees at most `block_size` positions. A prompt longer than that is an error,
+unless `truncate` is set: then it keeps its end, as much as leaves room for `max_new_tokens` but
+at least half the context (a reply to a prompt cut to a few tokens is worthless). When the cache
+is full, the sequence ends with finish reason "length". `fit_context` computes both numbers.
 
-Context: the model sees at most `block_size` positions. The prompt is cropped from the left to leave
-room for `max_new_tokens`, but it keeps at least half the context (a reply to a prompt cut to a few
-tokens is worthless); when the cache is then full, generation stops early. `fit_context` computes
-both numbers.
-
-`generate_text` is the text layer: it decodes tokens as they arrive, holds back bytes of a
+The text layer (`CompletionStream`) decodes tokens as they arrive, holds back the bytes of a
 character that is not complete yet and text that could be the start of a stop string, so what it
 streams is exactly what it returns.
 """
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from scratchlm.errors import ConfigError
+from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.tokenizer import Tokenizer
 
-FINISHED = -1  # a sample's slot in the steps after it drew the end-of-text token
+FINISHED = -1  # a sample's slot in the steps after it drew a stop token (generate_tokens)
 
 
 @dataclass(frozen=True)
@@ -41,83 +41,294 @@ class SamplingConfig:
     temperature: float = 0.8  # 0: greedy (argmax), deterministic
     top_k: int | None = None  # keep the k most likely tokens; None or 0: off
     top_p: float = 1.0  # nucleus sampling (Holtzman et al. 2019); 1.0: off
-    repetition_penalty: float = 1.0  # CTRL's penalty (Keskar et al. 2019) on seen tokens; 1.0: off
+    min_p: float = 0.0  # drop tokens less likely than min_p x the top token's probability; 0: off
+    repetition_penalty: float = 1.0  # CTRL's penalty (Keskar et al. 2019) on prompt and generated tokens; 1.0: off
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= penalty x times generated so far; 0: off
+    presence_penalty: float = 0.0  # OpenAI's: logit -= penalty once a token has been generated; 0: off
     max_new_tokens: int = 200
     stop: tuple[str, ...] = ()  # a completion ends before the first of these strings
+    stop_token_ids: tuple[int, ...] = ()  # ... or at one of these tokens (besides the model's end of sequence)
     seed: int | None = None  # None: a fresh random seed each call
     num_samples: int = 1
+    truncate: bool = False  # a prompt longer than the context: False refuses it, True keeps its end
 
     def __post_init__(self) -> None:
         # A lone string would otherwise be read as one stop string per character.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, not {self.temperature}"),
             (self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 (0 or None: off), not {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
             (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
              f"repetition_penalty must be > 0 (1.0: off), not {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, not {self.max_new_tokens}"),
             (all(isinstance(s, str) and s for s in stop), f"stop must be non-empty strings, not {stop!r}"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must be token ids (ints >= 0), not {self.stop_token_ids!r}"),
             (self.num_samples >= 1, f"num_samples must be >= 1, not {self.num_samples}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"sampling: {message}")
 
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
 
 # ---- logits -> next token ------------------------------------------------------------------
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+# Every function takes logits (B, V) and settings that are either one number for all rows or
+# one per row (a batch mixes requests with different settings).
+PerRow = float | Tensor
+
+
+def _column(value: PerRow, logits: Tensor) -> Tensor:
+    """A setting as a (B, 1) column matching logits (B, V)."""
+    return torch.as_tensor(value, dtype=logits.dtype, device=logits.device).reshape(-1, 1).expand(logits.size(0), 1)
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: PerRow) -> Tensor:
     """CTRL's repetition penalty: logits (B, V) of tokens where the bool mask `seen` (B, V) is
     True are divided by `penalty` if positive, multiplied if negative. Dividing alone would make
     a negative logit *more* likely; this always moves a seen token's probability down."""
-    if penalty == 1.0:
+    if isinstance(penalty, (int, float)) and penalty == 1.0:
         return logits
+    penalty = _column(penalty, logits)
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
-def filter_logits(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0) -> Tensor:
-    """Logits (B, V) scaled by 1 / temperature, with the tokens top-k and top-p rule out set to
-    -inf. Top-p keeps the smallest set of most likely tokens whose probability reaches `top_p`
-    (the top token always). Temperature 0 keeps only the argmax, so a draw is greedy."""
-    if temperature == 0:
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.argmax(-1, keepdim=True), True)
-        return logits.masked_fill(~keep, float("-inf"))
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+def apply_frequency_penalties(logits: Tensor, counts: Tensor, frequency: PerRow, presence: PerRow) -> Tensor:
+    """OpenAI's penalties: each token's logit minus frequency x (times it was generated) minus
+    presence x (1 if it was generated at all). `counts` (B, V) counts the generated tokens."""
+    counts = counts.to(logits.dtype)
+    return logits - _column(frequency, logits) * counts - _column(presence, logits) * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(
+    logits: Tensor, temperature: PerRow, top_k: int | Tensor | None = None, top_p: PerRow = 1.0, min_p: PerRow = 0.0
+) -> Tensor:
+    """Logits (B, V) scaled by 1 / temperature, with the tokens top-k, top-p and min-p rule out
+    set to -inf. Top-p keeps the smallest set of most likely tokens whose probability reaches
+    `top_p` (the top token always); min-p keeps the tokens at least `min_p` times as likely as
+    the top one (Nguyen et al. 2024). Temperature 0 keeps only the argmax, so a draw is greedy."""
+    vocab = logits.size(-1)
+    temperature = _column(temperature, logits)
+    greedy = temperature == 0
+    logits = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
+    ks = torch.as_tensor(0 if top_k is None else top_k, device=logits.device).reshape(-1).expand(logits.size(0))
+    ks = torch.where((ks <= 0) | (ks >= vocab), vocab, ks)
+    if bool((ks < vocab).any()):
+        top = torch.topk(logits, int(ks.max()), dim=-1).values
+        kth = top.gather(-1, (ks - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    top_p = _column(top_p, logits)
+    if bool((top_p < 1).any()):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # A token goes when the more likely tokens before it already reach top_p; the top
-        # token's preceding mass is 0, so it always stays.
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # token's preceding mass is 0, so it always stays. Rows at top_p = 1 drop nothing, even
+        # where rounding makes the mass reach 1 before the end.
+        drop_sorted = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1)
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted), float("-inf"))
+    min_p = _column(min_p, logits)
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    if bool(greedy.any()):
+        argmax = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.argmax(-1, keepdim=True), True)
+        logits = logits.masked_fill(greedy & ~argmax, float("-inf"))
     return logits
 
 
-def sample_next(logits: Tensor, seen: Tensor, config: SamplingConfig, generator: torch.Generator) -> Tensor:
-    """One token id per row of logits (B, V), as the config says; `seen` (B, V) marks the
-    tokens the repetition penalty applies to."""
-    logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-    if config.temperature == 0:  # no draw: greedy output must not depend on the generator
-        return logits.argmax(-1)
-    probs = filter_logits(logits, config.temperature, config.top_k, config.top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def sample_next(logits: Tensor, configs: Sequence[SamplingConfig], generators: Sequence[torch.Generator],
+                seen: Tensor, counts: Tensor) -> Tensor:
+    """One token id per row of logits (B, V), row b drawn as configs[b] says with generators[b].
+    `seen` (B, V) marks prompt and generated tokens (repetition penalty); `counts` (B, V) counts
+    generated tokens (frequency and presence penalties)."""
+    def per_row(name: str) -> Tensor:
+        return torch.tensor([getattr(c, name) for c in configs], dtype=logits.dtype, device=logits.device)
+
+    if any(c.repetition_penalty != 1.0 for c in configs):
+        logits = apply_repetition_penalty(logits, seen, per_row("repetition_penalty"))
+    if any(c.frequency_penalty or c.presence_penalty for c in configs):
+        logits = apply_frequency_penalties(logits, counts, per_row("frequency_penalty"), per_row("presence_penalty"))
+    tokens = logits.argmax(-1)  # greedy rows: no draw, so their output never depends on a generator
+    drawn = [row for row, c in enumerate(configs) if c.temperature > 0]
+    if drawn:
+        sub = [configs[row] for row in drawn]
+        probs = filter_logits(
+            logits[drawn], per_row("temperature")[drawn],
+            torch.tensor([c.top_k or 0 for c in sub], device=logits.device),
+            per_row("top_p")[drawn], per_row("min_p")[drawn],
+        ).softmax(-1)
+        for n, row in enumerate(drawn):  # each row its own generator: a seeded request draws the same whatever its batch
+            tokens[row] = torch.multinomial(probs[n], 1, generator=generators[row])[0]
+    return tokens
 
 
 # ---- tokens --------------------------------------------------------------------------------
 def fit_context(prompt_len: int, block_size: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt tokens kept, new tokens possible) for a model with `block_size` positions.
+    """(prompt tokens kept, new tokens possible) for a model with `block_size` positions, when
+    a prompt may be truncated.
 
     N new tokens need prompt + N - 1 positions: the last token drawn is never fed back. The
     prompt gives up its oldest tokens to make room for `max_new_tokens`, down to half the
     context; past that, the new tokens are fewer than asked."""
     keep = min(prompt_len, max(block_size + 1 - max_new_tokens, block_size // 2, 1))
     return keep, min(max_new_tokens, block_size + 1 - keep)
+
+
+def fit_prompt(prompt_ids: Sequence[int], config: SamplingConfig, block_size: int) -> list[int]:
+    """The prompt the model will see: all of it, or its end when it is too long and
+    `config.truncate` allows cutting; else ContextTooLongError."""
+    if not prompt_ids:
+        raise ConfigError("sampling: the prompt has no tokens; give at least one (an empty text prompt starts from <|endoftext|>)")
+    if config.truncate:
+        keep, _ = fit_context(len(prompt_ids), block_size, config.max_new_tokens)
+        return list(prompt_ids[len(prompt_ids) - keep :])
+    if len(prompt_ids) > block_size:
+        raise ContextTooLongError(
+            f"the prompt has {len(prompt_ids)} tokens but the model's context is {block_size}; "
+            "shorten it, or allow truncation from the left (--truncate, truncate=True)"
+        )
+    return list(prompt_ids)
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """A sequence's new token. `finish`: None while it goes on; "stop" when the token is a stop
+    token (it ends the sequence and is not part of its text); "length" when the token was the
+    last that `max_new_tokens` or the context allows."""
+
+    slot: int
+    token: int
+    finish: str | None = None
+
+
+@dataclass
+class _Sequence:
+    config: SamplingConfig
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    next_input: int = 0
+    generated: int = 0
+
+
+def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+class DecodeBatch:
+    """Sequences decoding together, one per row (slot) of a preallocated KV cache.
+
+    The model must be in eval mode. Free slots below the highest busy one ride along in each
+    step with a dummy token (their lengths reset to 0, their keys never visible): cheaper than
+    moving caches around, and new sequences take the lowest free slot."""
+
+    def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None, vocab_limit: int | None = None) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"sampling: max_batch must be >= 1, not {max_batch}")
+        self.model = model
+        self.max_len = min(max_len or model.config.block_size, model.config.block_size)
+        self.vocab_limit = vocab_limit
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.slots: list[_Sequence | None] = [None] * max_batch
+        vocab = model.config.vocab_size
+        self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(max_batch, vocab, dtype=torch.int32, device=self.device)
+
+    @property
+    def active(self) -> list[int]:
+        return [slot for slot, seq in enumerate(self.slots) if seq is not None]
+
+    @property
+    def free(self) -> int:
+        return self.slots.count(None)
+
+    def add(
+        self,
+        prompt_ids: Sequence[int],
+        config: SamplingConfig,
+        stop_ids: Sequence[int] = (),
+        copies: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> list[TokenStep]:
+        """Start `copies` sequences from one prompt (run once, its cache copied) and return
+        their first tokens. Stop tokens: `stop_ids` and `config.stop_token_ids`. The copies
+        share one generator (the config's seed, or `generator`)."""
+        prompt = fit_prompt(prompt_ids, config, self.max_len)
+        slots = [slot for slot, seq in enumerate(self.slots) if seq is None][:copies]
+        if len(slots) < copies:
+            raise ConfigError(f"sampling: {copies} sequences do not fit the {self.free} free slots of the batch")
+        generator = generator or new_generator(self.device, config.seed)
+        stops = frozenset([*stop_ids, *config.stop_token_ids])
+        first = slots[0]
+        with torch.inference_mode():
+            self.cache.lengths[first] = 0
+            logits, _ = self.model(torch.tensor([prompt], device=self.device), cache=self.cache.rows(first, first + 1), last_only=True)
+            for slot in slots[1:]:
+                self.cache.copy_row(first, slot)
+            prompt_tensor = torch.tensor(prompt, device=self.device)
+            for slot in slots:
+                self.slots[slot] = _Sequence(config, generator, stops)
+                self.seen[slot] = False
+                self.seen[slot, prompt_tensor] = True
+                self.counts[slot] = 0
+            return self._draw(slots, logits[:, -1].float().expand(len(slots), -1))
+
+    def step(self) -> list[TokenStep]:
+        """Feed every running sequence its last token; return each one's next token."""
+        active = self.active
+        if not active:
+            return []
+        top = active[-1] + 1
+        inputs = [seq.next_input if seq is not None else 0 for seq in self.slots[:top]]
+        with torch.inference_mode():
+            for slot in range(top):
+                if self.slots[slot] is None:
+                    self.cache.lengths[slot] = 0
+            logits, _ = self.model(torch.tensor(inputs, device=self.device)[:, None], cache=self.cache.rows(0, top))
+            return self._draw(active, logits[active, -1].float())
+
+    def remove(self, slot: int) -> None:
+        """End a sequence early (a stop string, a cancelled request); its slot is free."""
+        self.slots[slot] = None
+
+    def _draw(self, slots: list[int], logits: Tensor) -> list[TokenStep]:
+        if self.vocab_limit is not None and self.vocab_limit < logits.size(-1):
+            logits[:, self.vocab_limit :] = float("-inf")
+        seqs = [self.slots[slot] for slot in slots]
+        tokens = sample_next(
+            logits, [s.config for s in seqs], [s.generator for s in seqs], self.seen[slots], self.counts[slots]
+        ).tolist()
+        steps = []
+        for slot, seq, token in zip(slots, seqs, tokens):
+            seq.generated += 1
+            self.seen[slot, token] = True
+            self.counts[slot, token] += 1
+            finish = None
+            if token in seq.stop_ids:
+                finish = "stop"
+            elif seq.generated >= seq.config.max_new_tokens or int(self.cache.lengths[slot]) >= self.max_len:
+                finish = "length"
+            if finish:
+                self.slots[slot] = None
+            else:
+                seq.next_input = token
+            steps.append(TokenStep(slot, token, finish))
+        return steps
 
 
 def generate_tokens(
@@ -128,55 +339,31 @@ def generate_tokens(
     *,
     vocab_limit: int | None = None,
 ) -> Iterator[list[int]]:
-    """Yield, per step, the new token id of each of `config.num_samples` samples (`FINISHED`
-    for a sample that drew `eot_id` in an earlier step). Ids at or above `vocab_limit` are never
-    drawn: a model's embedding table is often padded past its tokenizer's vocabulary.
+    """Yield, per step, the new token id of each of `config.num_samples` samples of one prompt
+    (`FINISHED` for a sample that drew `eot_id` or a stop token in an earlier step). Ids at or
+    above `vocab_limit` are never drawn: a model's embedding table is often padded past its
+    tokenizer's vocabulary.
 
     The model is put in eval mode for the run and its previous mode restored when the generator
     ends or is closed."""
-    if not prompt_ids:
-        raise ConfigError("sampling: the prompt has no tokens; give at least one (an empty text prompt starts from <|endoftext|>)")
-    keep, steps = fit_context(len(prompt_ids), model.config.block_size, config.max_new_tokens)
-    # Validation above runs at call time; the loop below only when the caller iterates.
-    return _decode_steps(model, list(prompt_ids[len(prompt_ids) - keep :]), steps, config, eot_id, vocab_limit)
+    fit_prompt(prompt_ids, config, model.config.block_size)  # errors at call time, not at the first step
+    return _token_steps(model, prompt_ids, config, eot_id, vocab_limit)
 
 
-@torch.inference_mode()  # on a generator function, torch enters the mode around each step only
-def _decode_steps(
-    model: nn.Module, prompt: list[int], steps: int, config: SamplingConfig, eot_id: int | None, vocab_limit: int | None
+def _token_steps(
+    model: nn.Module, prompt_ids: Sequence[int], config: SamplingConfig, eot_id: int | None, vocab_limit: int | None
 ) -> Iterator[list[int]]:
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        batch = config.num_samples
-        generator = torch.Generator(device=device)
-        if config.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(config.seed)
-        cache = model.new_cache(batch, len(prompt) + steps - 1)
-        # Every row prefills the same prompt: simpler than copying one row's cache into the
-        # batch, and num_samples is small.
-        idx = torch.tensor(prompt, device=device).expand(batch, -1)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        seen: Tensor | None = None
-        for step in range(steps):
-            logits, _ = model(idx, cache=cache)
-            logits = logits[:, -1].float()
-            if vocab_limit is not None and vocab_limit < logits.size(-1):
-                logits[:, vocab_limit:] = float("-inf")
-            if seen is None:
-                seen = torch.zeros_like(logits, dtype=torch.bool)
-                seen[:, prompt] = True
-            next_ids = sample_next(logits, seen, config, generator)
-            seen.scatter_(1, next_ids[:, None], True)
-            yield next_ids.masked_fill(done, FINISHED).tolist()
-            if eot_id is not None:
-                done |= next_ids == eot_id
-                if bool(done.all()):
-                    return
-            idx = next_ids[:, None]
+        batch = DecodeBatch(model, config.num_samples, vocab_limit=vocab_limit)
+        new = batch.add(prompt_ids, config, [] if eot_id is None else [eot_id], copies=config.num_samples)
+        while new:
+            row = [FINISHED] * config.num_samples
+            for step in new:
+                row[step.slot] = step.token
+            yield row
+            new = batch.step()
     finally:
         model.train(was_training)
 
@@ -266,6 +453,105 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [tokenizer.eot_id]
 
 
+@dataclass
+class Completion:
+    """One generated sequence: its text (without the prompt, cut before a stop string), its
+    tokens (a stop token excluded), why it ended ("stop": a stop token or string; "length": out
+    of tokens or context) and the number of prompt tokens the model saw."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def check_vocabularies(model: nn.Module, tokenizer: Tokenizer) -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"sampling: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
+            "they were not trained together"
+        )
+
+
+def settle(stream: CompletionStream, step: TokenStep, tokenizer: Tokenizer) -> tuple[str, str | None]:
+    """The text a token step releases, and how its sequence ended: None while it goes on,
+    "stop" for a stop token (not text) or a stop string, "length" when out of tokens."""
+    if step.finish == "stop":
+        return stream.finish(), "stop"
+    piece = stream.push(tokenizer.token_bytes(step.token))
+    if stream.stopped:
+        return piece, "stop"
+    if step.finish:
+        return piece + stream.finish(), step.finish
+    return piece, None
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    config: SamplingConfig,
+    *,
+    max_batch: int = 8,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[Completion]:
+    """Complete each prompt (text, or token ids) `config.num_samples` times, up to `max_batch`
+    sequences at once: a prompt starts as soon as a slot is free. Returns the completions in
+    order, prompt by prompt, sample by sample; `on_text(index, piece)` receives each piece of text
+    of completion `index` as soon as it is safe to show. A completion ends at the end-of-sequence
+    token (`Tokenizer.eos_id`) or a stop token (neither part of its text), before its first stop
+    string, or when `max_new_tokens` or the context run out. With a seed, prompt n draws with
+    seed + n, so a prompt's samples do not depend on the others in the batch."""
+    check_vocabularies(model, tokenizer)
+    encoded = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+    seen_lengths = []
+    for n, ids in enumerate(encoded):  # every error before anything runs
+        try:
+            seen_lengths.append(len(fit_prompt(ids, config, model.config.block_size)))
+        except ContextTooLongError as error:
+            raise ContextTooLongError(f"prompt {n}: {error}") from None
+    samples = config.num_samples
+    streams = [CompletionStream(config.stop) for _ in range(len(encoded) * samples)]
+    tokens: list[list[int]] = [[] for _ in streams]
+    results: list[Completion | None] = [None] * len(streams)
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    batch_size = max(max_batch, samples)  # a prompt's samples start together
+    owner: dict[int, int] = {}  # slot -> completion index
+
+    def take(step: TokenStep, batch: DecodeBatch) -> None:
+        index = owner[step.slot]
+        if step.finish != "stop":
+            tokens[index].append(step.token)
+        piece, ended = settle(streams[index], step, tokenizer)
+        if ended and step.finish is None:  # a stop string: the token layer does not know it ended
+            batch.remove(step.slot)
+        if piece and on_text is not None:
+            on_text(index, piece)
+        if ended:
+            del owner[step.slot]
+            results[index] = Completion(streams[index].text, tokens[index], ended, seen_lengths[index // samples])
+
+    was_training = model.training
+    model.eval()
+    try:
+        batch = DecodeBatch(model, batch_size, vocab_limit=tokenizer.vocab_size)
+        pending = list(range(len(encoded)))[::-1]
+        while pending or owner:
+            for step in batch.step():  # settle the running sequences first: their slots may free up
+                take(step, batch)
+            while pending and batch.free >= samples:
+                n = pending.pop()
+                seed = None if config.seed is None else config.seed + n
+                started = batch.add(encoded[n], config, eos, copies=samples, generator=new_generator(batch.device, seed))
+                for k, step in enumerate(started):
+                    owner[step.slot] = n * samples + k
+                for step in started:
+                    take(step, batch)
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
 def generate_text(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -275,34 +561,6 @@ def generate_text(
 ) -> list[str]:
     """Complete `prompt` `config.num_samples` times; return the completions without the prompt.
     `on_text(sample_index, piece)` receives each piece of text as soon as it is safe to show.
-    A sample ends at the end-of-sequence token (`Tokenizer.eos_id`, not part of its text) or
-    before its first stop string."""
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"sampling: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
-            "they were not trained together"
-        )
-    eot_id = tokenizer.eos_id
-    streams = [CompletionStream(config.stop) for _ in range(config.num_samples)]
-
-    def show(index: int, piece: str) -> None:
-        if piece and on_text is not None:
-            on_text(index, piece)
-
-    steps = generate_tokens(model, encode_prompt(tokenizer, prompt), config, eot_id, vocab_limit=tokenizer.vocab_size)
-    try:
-        for new_ids in steps:
-            for index, (token, stream) in enumerate(zip(new_ids, streams)):
-                if stream.finished or token == FINISHED:
-                    continue
-                if token == eot_id:
-                    show(index, stream.finish())
-                else:
-                    show(index, stream.push(tokenizer.token_bytes(token)))
-            if all(s.finished for s in streams):  # stop strings end samples the token layer knows nothing of
-                break
-    finally:
-        steps.close()
-    for index, stream in enumerate(streams):
-        show(index, stream.finish())
-    return [s.text for s in streams]
+    A sample ends at the end-of-sequence token (`Tokenizer.eos_id`, not part of its text), a
+    stop token, or before its first stop string."""
+    return [c.text for c in generate(model, tokenizer, [prompt], config, max_batch=config.num_samples, on_text=on_text)]
