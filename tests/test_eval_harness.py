@@ -109,11 +109,11 @@ def test_sampled_generation_is_reproducible_and_unsupported_settings_are_refused
 
 
 def test_generation_kwargs_are_normalised_as_lm_eval_does():
-    config = generation_config({"until": "\n\n", "max_new_tokens": 5}, eos="<|im_end|>")
-    assert config.temperature == 0 and config.max_new_tokens == 5 and config.stop == ("\n\n", "<|im_end|>")
-    sampled = generation_config({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 3}, eos=None)
-    assert (sampled.temperature, sampled.top_p, sampled.seed, sampled.max_new_tokens) == (0.7, 0.9, 3, 256)
-    assert generation_config({"do_sample": False, "temperature": 0.7}, eos=None).temperature == 0
+    config = generation_config({"until": "\n\n", "max_new_tokens": 5})
+    assert config.temperature == 0 and config.max_new_tokens == 5 and config.stop == ("\n\n",)
+    sampled = generation_config({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "min_p": 0.05, "seed": 3})
+    assert (sampled.temperature, sampled.top_p, sampled.min_p, sampled.seed, sampled.max_new_tokens) == (0.7, 0.9, 0.05, 3, 256)
+    assert generation_config({"do_sample": False, "temperature": 0.7}).temperature == 0
 
 
 def test_context_too_long_is_an_error_unless_truncate(model, tokenizer):

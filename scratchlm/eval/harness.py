@@ -56,48 +56,40 @@ def _lm_eval() -> Any:
 
 
 # ---- generation settings -----------------------------------------------------------------------
-_NO_OP_SETTINGS = {"num_beams": 1, "min_p": 0.0, "typical_p": 1.0, "num_return_sequences": 1}
+_NO_OP_SETTINGS = {"num_beams": 1, "typical_p": 1.0, "num_return_sequences": 1}
 
 
-def generation_config(gen_kwargs: dict, eos: str | None, default_max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> SamplingConfig:
+def generation_config(gen_kwargs: dict, default_max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> SamplingConfig:
     """The `SamplingConfig` for lm-eval generation kwargs, normalised as the harness does
     (`max_new_tokens` and other aliases of `max_gen_toks`; `do_sample=False` means greedy).
     Settings that would change the output but that our sampler cannot honour (beam search, min-p)
-    are refused rather than silently ignored, so a reported number never hides a different method."""
+    are refused rather than silently ignored, so a reported number never hides a different method.
+    A chat model's end-of-turn token ends an answer without being named: generation stops at the
+    tokenizer's end-of-sequence token."""
     lm_eval = _lm_eval()
     kwargs = dict(lm_eval.models.utils.normalize_gen_kwargs(dict(gen_kwargs), default_max_gen_toks))
     until = [s for s in kwargs.pop("until", []) if s]
-    if eos and eos not in until:
-        until.append(eos)  # as lm-eval's Hugging Face model does: a chat model's end token ends the answer
     max_gen_toks = int(kwargs.pop("max_gen_toks"))
     do_sample = bool(kwargs.pop("do_sample", False))
     temperature = float(kwargs.pop("temperature", 0.0))
     top_k = kwargs.pop("top_k", None)
     top_p = float(kwargs.pop("top_p", 1.0))
+    min_p = float(kwargs.pop("min_p", 0.0))
     repetition_penalty = float(kwargs.pop("repetition_penalty", 1.0))
     seed = kwargs.pop("seed", None)
     unsupported = {k: v for k, v in kwargs.items() if _NO_OP_SETTINGS.get(k, object()) != v}
     if unsupported:
         raise ConfigError(
             f"generation settings {unsupported} are not supported by the scratchlm adapter (supported: until, "
-            "max_gen_toks, do_sample, temperature, top_k, top_p, repetition_penalty, seed)"
+            "max_gen_toks, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed)"
         )
     if not do_sample or temperature == 0.0:
         return SamplingConfig(temperature=0.0, max_new_tokens=max_gen_toks, stop=tuple(until), repetition_penalty=repetition_penalty, seed=0)
     return SamplingConfig(
-        temperature=temperature, top_k=None if top_k is None else int(top_k), top_p=top_p,
+        temperature=temperature, top_k=None if top_k is None else int(top_k), top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, max_new_tokens=max_gen_toks, stop=tuple(until),
         seed=DEFAULT_SAMPLING_SEED if seed is None else int(seed),
     )
-
-
-def end_of_turn_text(tokenizer: Tokenizer) -> str | None:
-    """The text of the model's end-of-sequence token when it is not <|endoftext|> (which
-    generation stops at anyway): SmolLM2-Instruct ends an answer with <|im_end|>."""
-    eos = tokenizer.metadata.get("eos_token_id")
-    if eos is None or int(eos) == tokenizer.eot_id or int(eos) not in tokenizer.special_tokens.values():
-        return None
-    return tokenizer.decode([int(eos)])
 
 
 # ---- the adapter -------------------------------------------------------------------------------
@@ -178,14 +170,13 @@ class _ScratchLMEvalMethods:
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Completions, run in groups of requests with the same generation settings."""
-        eos = end_of_turn_text(self.tokenizer)
         groups: dict[str, list[int]] = {}
         configs: dict[str, SamplingConfig] = {}
         for n, request in enumerate(requests):
             _, gen_kwargs = request.args
             key = repr(sorted(gen_kwargs.items()))
             if key not in configs:
-                configs[key] = generation_config(gen_kwargs, eos, self.max_gen_toks)
+                configs[key] = generation_config(gen_kwargs, self.max_gen_toks)
             groups.setdefault(key, []).append(n)
         results: list[str] = [""] * len(requests)
         for key, members in groups.items():

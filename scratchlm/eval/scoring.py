@@ -283,7 +283,7 @@ def generate_completions(
                 )
     completions = []
     for n, prompt in enumerate(tqdm(prompts, unit="prompt", desc="generate", disable=not progress)):
-        seeded = config if config.seed is None else replace(config, seed=config.seed + n)
+        seeded = replace(config, truncate=truncate, seed=None if config.seed is None else config.seed + n)
         completions.append(generate_text(model, tokenizer, prompt, seeded)[0])
     return completions
 

