@@ -235,3 +235,17 @@ def test_smollm2_batched_chat_equals_one_by_one_and_ends_at_its_end_of_turn(smol
     assert [c.text for c in batched] == [c.text for c in alone]
     assert "Paris" in batched[0].text and batched[0].finish_reason == "stop"
     assert "<|im_end|>" not in batched[0].text
+
+
+def test_the_cache_grows_as_sequences_lengthen_and_results_do_not_change(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size, block_size=400)).eval()
+    prompt = (tokenizer.encode(TEXT) * 3)[:250]
+    batch = DecodeBatch(model, max_batch=2)
+    assert batch.cache.max_len == 256  # not the whole context up front
+    out = generate(model, tokenizer, [prompt], SamplingConfig(temperature=0.0, max_new_tokens=20))[0].token_ids
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert out == seq[250:]

@@ -84,6 +84,14 @@ class KVCache:
         forward pass on a few rows (one prompt's prefill) writes into the whole batch's cache."""
         return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], self.lengths[start:stop])
 
+    def resized(self, max_len: int) -> "KVCache":
+        """A cache of `max_len` positions per row holding this one's contents (which must fit)."""
+        def grow(t: Tensor) -> Tensor:
+            bigger = t.new_zeros(*t.shape[:2], max_len, t.shape[3])
+            bigger[:, :, : t.shape[2]] = t[:, :, :max_len]
+            return bigger
+        return KVCache([grow(k) for k in self.keys], [grow(v) for v in self.values], self.lengths.clone())
+
     def copy_row(self, source: int, target: int) -> None:
         for tensor in (*self.keys, *self.values):
             tensor[target] = tensor[source]

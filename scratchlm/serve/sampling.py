@@ -234,7 +234,9 @@ class DecodeBatch:
 
     The model must be in eval mode. Free slots below the highest busy one ride along in each
     step with a dummy token (their lengths reset to 0, their keys never visible): cheaper than
-    moving caches around, and new sequences take the lowest free slot."""
+    moving caches around, and new sequences take the lowest free slot. The cache starts short
+    and doubles as the longest sequence needs, up to `max_len`: SmolLM2's full context of 8192
+    positions would take 377 MB per slot before a single token."""
 
     def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int | None = None, vocab_limit: int | None = None) -> None:
         if max_batch < 1:
@@ -243,7 +245,7 @@ class DecodeBatch:
         self.max_len = min(max_len or model.config.block_size, model.config.block_size)
         self.vocab_limit = vocab_limit
         self.device = next(model.parameters()).device
-        self.cache = model.new_cache(max_batch, self.max_len)
+        self.cache = model.new_cache(max_batch, min(self.max_len, 256))
         self.slots: list[_Sequence | None] = [None] * max_batch
         vocab = model.config.vocab_size
         self.seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=self.device)
@@ -276,6 +278,7 @@ class DecodeBatch:
         stops = frozenset([*stop_ids, *config.stop_token_ids])
         first = slots[0]
         with torch.inference_mode():
+            self._reserve(len(prompt))
             self.cache.lengths[first] = 0
             logits, _ = self.model(torch.tensor([prompt], device=self.device), cache=self.cache.rows(first, first + 1), last_only=True)
             for slot in slots[1:]:
@@ -299,8 +302,13 @@ class DecodeBatch:
             for slot in range(top):
                 if self.slots[slot] is None:
                     self.cache.lengths[slot] = 0
+            self._reserve(int(self.cache.lengths[:top].max()) + 1)
             logits, _ = self.model(torch.tensor(inputs, device=self.device)[:, None], cache=self.cache.rows(0, top))
             return self._draw(active, logits[active, -1].float())
+
+    def _reserve(self, positions: int) -> None:
+        if positions > self.cache.max_len:
+            self.cache = self.cache.resized(min(self.max_len, max(positions, 2 * self.cache.max_len)))
 
     def remove(self, slot: int) -> None:
         """End a sequence early (a stop string, a cancelled request); its slot is free."""
