@@ -5,6 +5,7 @@ A `ScratchLMError` (a user mistake or bad input) is printed as one line and exit
 """
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(stages)
     _add_pretrain_command(stages)
     _add_generate_command(stages)
+    _add_chat_command(stages)
+    _add_serve_command(stages)
     _add_interop_commands(stages)
     _add_eval_commands(stages)
     _add_plan_command(stages)
@@ -292,28 +295,21 @@ def _add_generate_command(stages: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("model", type=Path, help="the model (see above)")
     gen.add_argument("--prompt", default=None, help="the prompt (default: read standard input; empty: start a new document)")
-    gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy; higher is more random (default: 0.8)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this probability mass")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeating tokens (default: 1.0, off)")
+    _add_sampling_args(gen, temperature=0.8, max_new_tokens=200, max_new_tokens_help="tokens to generate per sample (default: 200)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a sample at this string (repeatable)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     gen.add_argument("--num-samples", type=int, default=1, help="independent samples (default: 1)")
-    gen.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    gen.add_argument("--truncate", action="store_true",
+                     help="cut a prompt longer than the context from the left (default: refuse it)")
+    _add_inference_args(gen)
     gen.set_defaults(run=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from scratchlm.interop import load_pretrained
-    from scratchlm.serve.sampling import SamplingConfig, generate_text
+    from scratchlm.serve.sampling import generate_text
 
-    model, tokenizer = load_pretrained(args.model, args.device)
+    config = _sampling_config(args, stop=tuple(args.stop), num_samples=args.num_samples, truncate=args.truncate)
+    model, tokenizer = _load_for_inference(args)
     prompt = args.prompt if args.prompt is not None else ("" if sys.stdin.isatty() else sys.stdin.read())
-    config = SamplingConfig(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed, num_samples=args.num_samples,
-    )
     if config.num_samples == 1:  # stream as tokens arrive
         sys.stdout.write(prompt)
         generate_text(model, tokenizer, prompt, config, on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -321,6 +317,147 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     for n, text in enumerate(generate_text(model, tokenizer, prompt, config), 1):
         print(f"--- sample {n} ---\n{prompt}{text}\n")
+    return 0
+
+
+def _add_inference_args(cmd: argparse.ArgumentParser) -> None:
+    """Where and how `generate`, `chat` and `serve` run the model."""
+    cmd.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="weights and activations (default: float32; bfloat16 halves the memory read per token)")
+    cmd.add_argument("--quantize", default="none", choices=["none", "int8"],
+                     help="int8: weight-only int8 matmuls on bfloat16 activations, the fastest on CPU (default: none)")
+
+
+def _load_for_inference(args: argparse.Namespace):
+    from scratchlm.interop import load_pretrained
+    from scratchlm.serve.quantize import prepare_for_inference
+
+    model, tokenizer = load_pretrained(args.model, args.device)
+    return prepare_for_inference(model, args.dtype, args.quantize), tokenizer
+
+
+def _add_sampling_args(cmd: argparse.ArgumentParser, temperature: float, max_new_tokens: int | None, max_new_tokens_help: str) -> None:
+    """The sampling flags `generate` and `chat` share: the fields of SamplingConfig."""
+    cmd.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
+    cmd.add_argument("--temperature", type=float, default=temperature, help=f"0 for greedy; higher is more random (default: {temperature})")
+    cmd.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    cmd.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this probability mass")
+    cmd.add_argument("--min-p", type=float, default=0.0,
+                     help="drop tokens less likely than this fraction of the most likely one (default: 0.0, off)")
+    cmd.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeating tokens (default: 1.0, off)")
+    cmd.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+
+
+def _sampling_config(args: argparse.Namespace, **fields):
+    """SamplingConfig from the flags of `_add_sampling_args`; `fields` add or override."""
+    from scratchlm.serve.sampling import SamplingConfig
+
+    flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+             "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    return SamplingConfig(**(flags | fields))
+
+
+# ---- scratchlm chat -------------------------------------------------------------------
+def _add_chat_command(stages: argparse._SubParsersAction) -> None:
+    chat = stages.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Chat with a model in the terminal: replies stream as they are produced, the conversation "
+        "is kept, and the model's own chat template renders it (ChatML for models trained here). When the "
+        "conversation outgrows the context, the oldest exchanges are forgotten. Commands: /reset, /system TEXT, "
+        "/help, /exit; Ctrl-C stops a reply. With standard input from a pipe, each line is a message and only "
+        "the replies are printed. " + MODEL_HELP,
+    )
+    chat.add_argument("model", type=Path, help="the model (see above)")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="the system prompt (default: the chat template's own, if any)")
+    _add_sampling_args(chat, temperature=0.7, max_new_tokens=None,
+                       max_new_tokens_help="most tokens per reply (default: 512, at most half the model's context)")
+    _add_inference_args(chat)
+    chat.set_defaults(run=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from scratchlm.serve.chat import CHAT_SAMPLING, ChatSession, default_max_new_tokens, run_chat
+
+    asked = args.max_new_tokens
+    config = _sampling_config(args, max_new_tokens=CHAT_SAMPLING.max_new_tokens if asked is None else asked)  # fail before loading
+    interactive = sys.stdin.isatty()
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a stray non-UTF-8 byte in a message is not worth a traceback
+        sys.stdin.reconfigure(errors="replace")
+    if interactive:
+        print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = _load_for_inference(args)
+    if asked is None:
+        config = replace(config, max_new_tokens=default_max_new_tokens(model.config.block_size))
+    session = ChatSession(tokenizer, system=args.system, config=config)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def notice(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    if interactive:
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # not on Windows
+            pass
+        notice(f"{args.model.name}: context {model.config.block_size} tokens, replies up to {config.max_new_tokens} tokens.\n"
+               "/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D quits.")
+        run_chat(session, model, _read_typed_line, write, notice)
+    else:  # piped: no prompt, so standard output holds only the replies
+        run_chat(session, model, _read_piped_line, write, notice, prompt="")
+    return 0
+
+
+def _read_typed_line(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except EOFError:  # Ctrl-D: end the prompt's line, so the shell's prompt starts on its own
+        print(file=sys.stderr)
+        raise
+
+
+def _read_piped_line(prompt: str) -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+# ---- scratchlm serve ------------------------------------------------------------------
+def _add_serve_command(stages: argparse._SubParsersAction) -> None:
+    srv = stages.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
+        description="Serve a model over HTTP: the OpenAI API (GET /v1/models, POST /v1/completions, "
+        "POST /v1/chat/completions, streaming or not), GET /health and a chat page at /. Concurrent requests "
+        "are batched together. Binds 127.0.0.1 unless --host says otherwise; Ctrl-C stops. " + MODEL_HELP,
+    )
+    srv.add_argument("model", type=Path, help="the model (see above)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                     "only; 0.0.0.0 opens it to the network, use --api-key then)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
+    srv.add_argument("--api-key", default=None, metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on /v1/ routes (default: no key)")
+    srv.add_argument("--max-batch", type=int, default=8, help="generations run together in one batch (default: 8)")
+    _add_inference_args(srv)
+    srv.add_argument("--feedback", type=Path, default=None, metavar="PATH",
+                     help="JSONL file the chat page's ratings and edits are appended to (default: feedback.jsonl)")
+    srv.add_argument("--model-name", default=None, metavar="NAME",
+                     help="the model's name in the API (default: the file or folder name of MODEL)")
+    srv.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from scratchlm.serve.server import run_server
+
+    run_server(args.model, args.host, args.port, max_batch=args.max_batch, api_key=args.api_key, device=args.device,
+               dtype=args.dtype, quantize=args.quantize, feedback_path=args.feedback, model_name=args.model_name)
     return 0
 
 

@@ -29,8 +29,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32: under bf16 autocast the mean of squares loses too much precision.
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -97,33 +96,51 @@ class KVCache:
             tensor[target] = tensor[source]
         self.lengths[target] = self.lengths[source]
 
-    def positions(self, length: int) -> Tensor:
-        """(batch, length) positions of `length` new tokens in each row."""
-        return self.lengths[:, None] + torch.arange(length, device=self.lengths.device)
-
-    @staticmethod
-    def visibility(positions: Tensor, span: int) -> Tensor:
-        """(batch, 1, T, span) mask: the query at position p sees the keys at positions 0..p.
-        `span` is the longest row after the write; shorter rows mask the rest (padding, stale keys)."""
-        return (torch.arange(span, device=positions.device) <= positions[..., None])[:, None]
-
-    def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, span: int) -> tuple[Tensor, Tensor]:
-        """Store k, v (batch, kv_heads, T, head_dim) at each row's positions; return the keys
-        and values of the first `span` positions."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.keys[layer][rows, :, positions] = k.transpose(1, 2)
-        self.values[layer][rows, :, positions] = v.transpose(1, 2)
-        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
+    def plan(self, length: int, limit: int) -> "CachedStep":
+        """Where `length` new tokens per row go and which keys each sees, worked out once per
+        forward pass for all layers. ValueError when a row would pass `limit` positions."""
+        first, last = self.lengths.aminmax()
+        first, last = int(first), int(last)
+        span = last + length  # the longest row after the write
+        if span > limit:
+            raise ValueError(f"sequence of {span} tokens is longer than the context ({limit})")
+        device = self.lengths.device
+        if first == last:  # rows in step (one sequence, or samples of one prompt): plain slices
+            positions = torch.arange(first, span, device=device)[None]
+            mask = None  # one new token sees every key; a first chunk is plain causal
+            if length > 1 and first > 0:  # a chunk after cached positions: query i sees keys 0 .. first + i
+                mask = torch.ones(length, span, dtype=torch.bool, device=device).tril(diagonal=first)
+            return CachedStep(self, positions, mask, span, first)
+        positions = self.lengths[:, None] + torch.arange(length, device=device)
+        # Row b's query at position p sees keys 0..p; the rest of the span is another row's
+        # length (stale keys, padding) and stays hidden.
+        mask = (torch.arange(span, device=device) <= positions[..., None])[:, None]
+        return CachedStep(self, positions, mask, span, None)
 
 
 @dataclass
 class CachedStep:
-    """What every layer needs to use the cache in one forward pass: where the new tokens go
-    and which keys each of them sees (computed once, not per layer)."""
+    """One forward pass's use of the cache: positions (B or 1, T) of the new tokens, the mask
+    (None: plain causal) and `start`, the common length of all rows when they are in step."""
 
     cache: KVCache
-    positions: Tensor  # (batch, T)
-    mask: Tensor  # (batch, 1, T, span)
+    positions: Tensor
+    mask: Tensor | None
+    span: int
+    start: int | None
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (batch, kv_heads, T, head_dim) at the new positions; return the keys and
+        values of the first `span` positions."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if self.start is not None:
+            keys[:, :, self.start : self.span] = k
+            values[:, :, self.start : self.span] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            keys[rows, :, self.positions] = k.transpose(1, 2)
+            values[rows, :, self.positions] = v.transpose(1, 2)
+        return keys[:, :, : self.span], values[:, :, : self.span]
 
 
 class Attention(nn.Module):
@@ -149,12 +166,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None
+        mask, causal = None, T > 1
         if cached is not None:
-            k, v = cached.cache.write(layer, k, v, cached.positions, cached.mask.shape[-1])
-            mask = cached.mask
+            k, v = cached.write(layer, k, v)
+            mask, causal = cached.mask, cached.mask is None and T > 1 and cached.start == 0
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=nkv != nh,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
@@ -236,22 +253,21 @@ class GPT(nn.Module):
         computes logits (B, 1, vocab) for the last position: a long prompt's prefill would
         otherwise spend time and memory on vocab x T logits nobody reads."""
         B, T = idx.shape
-        cached = None
+        cached, start = None, 0
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
             positions = torch.arange(T, device=idx.device)[None]
         else:
-            positions = cache.positions(T)
-            span = int(positions[:, -1].max()) + 1
-            if span > min(self.config.block_size, cache.max_len):
-                raise ValueError(f"sequence of {span} tokens is longer than the context ({min(self.config.block_size, cache.max_len)})")
-            cached = CachedStep(cache, positions, cache.visibility(positions, span))
+            cached = cache.plan(T, min(self.config.block_size, cache.max_len))
+            positions, start = cached.positions, cached.start
         x = self.embed(idx)
         rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
-        else:  # (B or 1, 1, T, head_dim / 2): broadcast over heads
+        elif start is not None:  # (1, 1, T, head_dim / 2): broadcast over batch and heads
+            rope = (self.rope_cos[start : start + T][None, None], self.rope_sin[start : start + T][None, None])
+        else:  # rows at different positions: (B, 1, T, head_dim / 2)
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):

@@ -8,19 +8,25 @@ byte for byte the one the model was fine-tuned on. A model trained here gets Cha
 `<|im_start|>` and `<|im_end|>` are special tokens of every tokenizer `scratchlm` trains.
 
 A reply ends at the model's end-of-sequence token or at the end-of-turn token the template
-closes each message with (`<|im_end|>` for ChatML); `chat_stop_ids` lists both.
+closes each message with (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, ...);
+`chat_stop_ids` lists them.
 """
 
+import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from functools import lru_cache
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from scratchlm.errors import ConfigError
 from scratchlm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+# Tokens that close a turn in the templates of common open models: ChatML, Llama 3, Gemma, Phi-3.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -61,14 +67,34 @@ def check_messages(messages: Sequence[Mapping]) -> list[dict]:
     return checked
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks the assistant's tokens for training
+    masks in transformers; rendering a prompt only needs its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    # transformers' tojson: Jinja's own escapes <, >, & and non-ASCII and sorts keys, which
+    # changes the prompt of templates that embed tool schemas.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def _raise_exception(message: str) -> None:
     raise ConfigError(f"chat: the model's chat template refused the conversation: {message}")
 
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # The environment transformers renders templates in, so prompts match it byte for byte.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
     except jinja2.TemplateError as error:
@@ -96,6 +122,7 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[Mapping], add_generatio
 
 
 def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """Token ids that end an assistant's reply: end of sequence and ChatML's end of turn."""
-    ids = [tokenizer.eos_id, tokenizer.special_tokens.get("<|im_end|>")]
+    """Token ids that end an assistant's reply: end of sequence, and the end-of-turn token of
+    the common templates when the tokenizer has it."""
+    ids = [tokenizer.eos_id, *(tokenizer.special_tokens.get(t) for t in END_OF_TURN_TOKENS)]
     return tuple(dict.fromkeys(i for i in ids if i is not None))

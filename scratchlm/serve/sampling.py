@@ -147,10 +147,10 @@ def filter_logits(
 
 
 def sample_next(logits: Tensor, configs: Sequence[SamplingConfig], generators: Sequence[torch.Generator],
-                seen: Tensor, counts: Tensor) -> Tensor:
+                seen: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
     """One token id per row of logits (B, V), row b drawn as configs[b] says with generators[b].
     `seen` (B, V) marks prompt and generated tokens (repetition penalty); `counts` (B, V) counts
-    generated tokens (frequency and presence penalties)."""
+    generated tokens (frequency and presence penalties); both may be None when no row uses them."""
     def per_row(name: str) -> Tensor:
         return torch.tensor([getattr(c, name) for c in configs], dtype=logits.dtype, device=logits.device)
 
@@ -216,6 +216,7 @@ class _Sequence:
     config: SamplingConfig
     generator: torch.Generator
     stop_ids: frozenset[int]
+    length: int = 0  # positions in the cache
     next_input: int = 0
     generated: int = 0
 
@@ -285,7 +286,7 @@ class DecodeBatch:
                 self.cache.copy_row(first, slot)
             prompt_tensor = torch.tensor(prompt, device=self.device)
             for slot in slots:
-                self.slots[slot] = _Sequence(config, generator, stops)
+                self.slots[slot] = _Sequence(config, generator, stops, len(prompt))
                 self.seen[slot] = False
                 self.seen[slot, prompt_tensor] = True
                 self.counts[slot] = 0
@@ -302,9 +303,11 @@ class DecodeBatch:
             for slot in range(top):
                 if self.slots[slot] is None:
                     self.cache.lengths[slot] = 0
-            self._reserve(int(self.cache.lengths[:top].max()) + 1)
+            self._reserve(max(self.slots[slot].length for slot in active) + 1)
             logits, _ = self.model(torch.tensor(inputs, device=self.device)[:, None], cache=self.cache.rows(0, top))
-            return self._draw(active, logits[active, -1].float())
+            for slot in active:
+                self.slots[slot].length += 1
+            return self._draw(active, (logits[:, -1] if len(active) == top else logits[active, -1]).float())
 
     def _reserve(self, positions: int) -> None:
         if positions > self.cache.max_len:
@@ -318,8 +321,10 @@ class DecodeBatch:
         if self.vocab_limit is not None and self.vocab_limit < logits.size(-1):
             logits[:, self.vocab_limit :] = float("-inf")
         seqs = [self.slots[slot] for slot in slots]
+        penalties = any(s.config.uses_penalties for s in seqs)
         tokens = sample_next(
-            logits, [s.config for s in seqs], [s.generator for s in seqs], self.seen[slots], self.counts[slots]
+            logits, [s.config for s in seqs], [s.generator for s in seqs],
+            self.seen[slots] if penalties else None, self.counts[slots] if penalties else None,
         ).tolist()
         steps = []
         for slot, seq, token in zip(slots, seqs, tokens):
@@ -329,7 +334,7 @@ class DecodeBatch:
             finish = None
             if token in seq.stop_ids:
                 finish = "stop"
-            elif seq.generated >= seq.config.max_new_tokens or int(self.cache.lengths[slot]) >= self.max_len:
+            elif seq.generated >= seq.config.max_new_tokens or seq.length >= self.max_len:
                 finish = "length"
             if finish:
                 self.slots[slot] = None

@@ -1,0 +1,754 @@
+"""The OpenAI-compatible HTTP API that `scratchlm serve` runs: `GET /v1/models`,
+`POST /v1/completions` and `POST /v1/chat/completions` (whole replies or server-sent events),
+`GET /health`, and the web chat page of `scratchlm.serve.web`.
+
+Every request becomes one `Generation` per choice on the app's one `Scheduler`, which batches the
+generations of all concurrent requests into the same forward passes; nothing here runs the model.
+A request is checked whole before anything is submitted, so bad input is a 400 with OpenAI's error
+body and never reaches the model; a client that goes away cancels its generations, whose slots
+the scheduler frees at its next step.
+
+Requests and responses follow OpenAI's API reference field for field, so the official `openai`
+client works unchanged; `top_k`, `min_p` and `repetition_penalty` are extensions (vLLM's names).
+"""
+
+import asyncio
+import contextlib
+import json
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+from torch import nn
+
+from scratchlm.errors import ConfigError, ContextTooLongError, ScratchLMError
+from scratchlm.serve.chat_template import chat_stop_ids, render_chat
+from scratchlm.serve.engine import Generation, Scheduler, ServerBusyError, TextEvent
+from scratchlm.serve.sampling import SamplingConfig, encode_prompt
+from scratchlm.serve.web import openai_error, web_routes
+from scratchlm.tokenizer import Tokenizer
+
+DEFAULT_MAX_TOKENS = 256  # when a request gives none: OpenAI's 16 cuts most chat replies short
+MAX_N = 8  # choices per prompt
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_STOP = 4  # stop strings, OpenAI's limit
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+DEFAULT_FEEDBACK_PATH = Path("feedback.jsonl")
+
+Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
+# ---- errors --------------------------------------------------------------------------------
+class APIError(Exception):
+    """A request the API refuses, with the status and OpenAI error fields to answer it with."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, *, type_: str = "invalid_request_error",
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type_, self.code = status, message, param, type_, code
+
+    def response(self) -> JSONResponse:
+        response = openai_error(self.status, self.message, self.param, type_=self.type_, code=self.code)
+        if self.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+
+# Pydantic names the member of a union it tried (`stop.str`, `stop.list[str].0`): not a field.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _field_path(loc: Sequence[Any]) -> str | None:
+    """A validation error's location the way the request spells it (`messages.0.content`),
+    without FastAPI's `body` prefix or pydantic's union-member tags."""
+    parts = [str(p) for p in loc
+             if p != "body" and not (isinstance(p, str) and ("[" in p or p in _UNION_MEMBERS))]
+    return ".".join(parts) or None
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI answers 422; OpenAI's API and clients expect 400 with their error body.
+    errors = exc.errors()
+    first = errors[0]
+    param = _field_path(first.get("loc", ()))
+    kind = first.get("type")
+    if kind == "json_invalid":
+        message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
+    elif kind == "extra_forbidden":
+        message = f"unknown field {param!r}; see the API reference for the supported fields"
+    elif kind == "missing":
+        message = f"{param} is required"
+    elif param is None:
+        message = "the request body must be a JSON object, sent with Content-Type: application/json"
+    else:  # a union's members each failed: say what every one of them wanted
+        wanted = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors
+                               if _field_path(e.get("loc", ())) == param)
+        message = f"{param}: {' or '.join(wanted)}"
+    return APIError(400, message, param).response()
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = f"unknown request URL: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return APIError(exc.status_code, message, type_="invalid_request_error").response()
+
+
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+class BearerAuth:
+    """ASGI middleware: `/v1/` paths need `Authorization: Bearer <api_key>`. Checked before the
+    body is read, so a client without the key learns nothing about its request but the 401."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        # compare_digest: the time taken does not tell an attacker how much of a guess was right.
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input: still answered in the shape clients parse; the traceback goes to the log.
+    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", type_="server_error").response()
+
+
+# ---- request bodies ------------------------------------------------------------------------
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingFields(_Request):
+    """The fields both endpoints share; ranges are OpenAI's (extensions: vLLM's)."""
+
+    model: str
+    # None (JSON null) means the default, as in OpenAI's API: some clients send every field.
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0, le=2)  # default 1, OpenAI's
+    top_p: Float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # extension; 0: off
+    min_p: Float | None = Field(None, ge=0, le=1)  # extension
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: Float | None = Field(None, gt=0)  # extension; 1: off
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted for compatibility; not used
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, not {len(stop)}")
+        return stop
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any  # str | list[str] | list[int] | list[list[int]], checked by _completion_prompts
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # accepted for compatibility; templates do not use it
+    # Present as null when a client sends back a reply it received; anything else is unsupported.
+    refusal: None = None
+    tool_calls: list | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, calls: list | None) -> list | None:
+        if calls:
+            raise ValueError("tool calls are not supported by this server")
+        return calls
+
+    def as_template_message(self) -> dict[str, Any]:
+        content = self.content if not isinstance(self.content, list) else "".join(part.text for part in self.content)
+        # "developer" is OpenAI's newer name for the system role.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+# ---- from a request to generations ------------------------------------------------------------
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str  # what `echo` returns
+
+
+@dataclass
+class _Choice:
+    """What one generation has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+def _check_model(name: str, served: str) -> None:
+    if name != served:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r} (GET /v1/models)",
+                       "model", code="model_not_found")
+
+
+def _unsupported(value: Any, name: str, what: str) -> None:
+    if value not in (None, False):
+        raise APIError(400, f"{name} is not supported by this server ({what})", name)
+
+
+def _check_length(text: str, served: "_Served", param: str) -> None:
+    """Refuse a text that cannot fit the context before the tokenizer spends seconds on it: no
+    token covers more than `max_token_chars` characters, so a longer text has too many tokens."""
+    if len(text) > served.context * served.max_token_chars:
+        raise APIError(400, f"the {param} has {len(text):,} characters, more than this model's context of "
+                       f"{served.context} tokens can hold; shorten it", param)
+
+
+def _completion_prompts(request: CompletionRequest, served: "_Served") -> list[_Prompt]:
+    """The prompts of a completion request: a string, a list of strings, a list of token ids or a
+    list of lists of token ids, as OpenAI's API accepts them."""
+    prompt = request.prompt
+    shape = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        items = prompt
+    elif isinstance(prompt, list) and not prompt:
+        raise APIError(400, "prompt is an empty list; give at least one prompt", "prompt")
+    else:
+        raise APIError(400, shape, "prompt")
+    if len(items) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request, not {len(items)}", "prompt")
+    tokenizer = served.tokenizer
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            _check_length(item, served, "prompt")
+            try:
+                prompts.append(_Prompt(encode_prompt(tokenizer, item), item))
+            except ConfigError as exc:  # an empty prompt and no <|endoftext|> to start from
+                raise APIError(400, str(exc), "prompt") from None
+            continue
+        if not item or not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            raise APIError(400, shape, "prompt")
+        if bad := [t for t in item if not 0 <= t < tokenizer.vocab_size]:
+            raise APIError(400, f"prompt has token id {bad[0]}, outside this model's vocabulary (0 to "
+                           f"{tokenizer.vocab_size - 1})", "prompt")
+        prompts.append(_Prompt(list(item), tokenizer.decode(item)))
+    return prompts
+
+
+def _max_new_tokens(asked: int | None, prompt_tokens: int, context: int, param: str, what: str) -> int:
+    """The completion's token budget. Like OpenAI and vLLM, a prompt plus `max_tokens` that do not
+    fit in the context is refused rather than silently cut."""
+    if asked is None:
+        if prompt_tokens >= context:
+            raise APIError(400, f"this model's maximum context length is {context} tokens, and the {what} "
+                           f"alone take {prompt_tokens}; shorten the {what}", param)
+        return min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
+    if prompt_tokens + asked > context:
+        raise APIError(400, f"this model's maximum context length is {context} tokens, but {prompt_tokens + asked} "
+                       f"were requested ({prompt_tokens} in the {what}, {asked} for the completion); shorten the "
+                       f"{what} or lower max_tokens", param)
+    return asked
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _sampling_configs(request: SamplingFields, max_new_tokens: int, stop_token_ids: tuple[int, ...]) -> list[SamplingConfig]:
+    """One config per choice: `n` choices of a seeded request use seeds seed, seed+1, ... so that
+    they differ from each other and the request is reproducible."""
+    try:
+        return [
+            SamplingConfig(
+                temperature=_or(request.temperature, 1.0), top_k=request.top_k, top_p=_or(request.top_p, 1.0),
+                min_p=_or(request.min_p, 0.0), repetition_penalty=_or(request.repetition_penalty, 1.0),
+                frequency_penalty=_or(request.frequency_penalty, 0.0),
+                presence_penalty=_or(request.presence_penalty, 0.0), max_new_tokens=max_new_tokens,
+                stop=request.stop_strings(), stop_token_ids=stop_token_ids,
+                seed=None if request.seed is None else request.seed + i,
+            )
+            for i in range(request.choices)
+        ]
+    except ConfigError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def _submit(scheduler: Scheduler, jobs: Sequence[tuple[list[int], SamplingConfig]], param: str) -> list[Generation]:
+    """Submit every generation of a request, or none: a refused one cancels those before it."""
+    loop = asyncio.get_running_loop()
+    generations: list[Generation] = []
+    try:
+        for ids, config in jobs:
+            generations.append(scheduler.submit(ids, config, loop=loop))
+    except BaseException as exc:
+        for generation in generations:
+            generation.cancel()
+        if isinstance(exc, ServerBusyError):
+            raise APIError(503, f"the server is busy: {exc}; retry later", type_="server_error") from None
+        if isinstance(exc, ContextTooLongError):
+            raise APIError(400, str(exc), param) from None
+        if isinstance(exc, ScratchLMError):
+            raise APIError(400, str(exc)) from None
+        raise
+    return generations
+
+
+async def _events(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, TextEvent]]:
+    """(choice index, event) from all generations as they arrive, until each has finished."""
+    queue: asyncio.Queue[tuple[int, TextEvent]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for event in generation:
+                await queue.put((index, event))
+        except Exception as exc:  # noqa: BLE001 - an engine bug must end the choice, not leave the request waiting
+            await queue.put((index, TextEvent("", 0, "error", f"{type(exc).__name__}: {exc}")))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, event = await queue.get()
+            if event.finish_reason is not None:
+                running -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _collect(generations: Sequence[Generation], request: Request) -> list[_Choice]:
+    """Every generation's whole text. Checks every DISCONNECT_POLL_S that the client is still
+    there: nothing else notices that a client waiting for a whole reply has left."""
+    choices = [_Choice() for _ in generations]
+
+    async def drain() -> None:
+        async for index, event in _events(generations):
+            _apply(choices[index], event)
+
+    task = asyncio.create_task(drain())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise _ClientGone
+        task.result()
+    finally:
+        task.cancel()
+    return choices
+
+
+def _apply(choice: _Choice, event: TextEvent) -> None:
+    choice.text.append(event.text)
+    choice.completion_tokens = event.completion_tokens
+    if event.finish_reason is not None:
+        choice.finish_reason, choice.error = event.finish_reason, event.error
+
+
+def _check_finished(choices: Sequence[_Choice]) -> None:
+    for choice in choices:
+        if choice.finish_reason == "error":
+            raise APIError(500, f"generation failed: {choice.error}", type_="server_error")
+        if choice.finish_reason == "cancelled":
+            raise APIError(503, "the server is shutting down; the generation was cancelled", type_="server_error")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class _GenerationStream(StreamingResponse):
+    """Server-sent events that cancel their generations however the response ends: finished,
+    client gone (Starlette cancels the sending task) or server shutdown."""
+
+    def __init__(self, content: AsyncIterator[str], generations: Sequence[Generation]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generations = generations
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for generation in self.generations:
+                generation.cancel()
+
+
+async def _stream_chunks(
+    generations: Sequence[Generation], chunk: Any, first: Sequence[str], include_usage: bool, prompt_tokens: int,
+    usage_chunk: Any,
+) -> AsyncIterator[str]:
+    """The event stream of a request: `first` (opening chunks), a chunk per piece of text, a
+    chunk with each choice's finish_reason, the usage chunk if asked, then [DONE]. `chunk(index,
+    text, finish_reason)` builds one chunk in the endpoint's shape."""
+    for event in first:
+        yield event
+    completion_tokens = [0] * len(generations)
+    async for index, event in _events(generations):
+        completion_tokens[index] = event.completion_tokens
+        if event.finish_reason in ("error", "cancelled"):
+            message = event.error if event.finish_reason == "error" else "the server is shutting down"
+            yield _sse({"error": {"message": f"generation failed: {message}", "type": "server_error",
+                                  "param": None, "code": None}})
+            return
+        if event.text:
+            yield _sse(chunk(index, event.text, None))
+        if event.finish_reason is not None:
+            yield _sse(chunk(index, "", event.finish_reason))
+    if include_usage:
+        yield _sse(usage_chunk(_usage(prompt_tokens, sum(completion_tokens))))
+    yield _sse("[DONE]")
+
+
+# ---- the app -------------------------------------------------------------------------------
+@dataclass
+class _Served:
+    model: nn.Module
+    tokenizer: Tokenizer
+    name: str
+    created: int
+    max_token_chars: int  # the most characters one token stands for
+    scheduler: Scheduler | None = None
+
+    @property
+    def context(self) -> int:
+        return self.model.config.block_size
+
+    def running_scheduler(self) -> Scheduler:
+        if self.scheduler is None:
+            raise APIError(503, "the server is not started (run the app with its lifespan)", type_="server_error")
+        return self.scheduler
+
+
+def create_app(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    model_name: str,
+    *,
+    max_batch: int = 8,
+    max_queue: int = 256,
+    api_key: str | None = None,
+    feedback_path: str | Path | None = None,
+) -> FastAPI:
+    """The API for `model` under the name `model_name`. Its scheduler starts with the app's
+    lifespan and stops with it (a `TestClient` must be used as a context manager). With
+    `api_key`, every `/v1/` route needs `Authorization: Bearer <api_key>`; `/` and `/health` stay
+    open. The web page's feedback goes to `feedback_path` (default: feedback.jsonl here)."""
+    if max_batch < 1 or max_queue < 1:
+        raise ConfigError(f"serve: max_batch and max_queue must be >= 1, not {max_batch} and {max_queue}")
+    if api_key is not None and not api_key:
+        raise ConfigError("serve: the API key is empty; give a key or none")
+    longest_token = max([*map(len, tokenizer.ranks), *map(len, tokenizer.special_tokens), 1])
+    served = _Served(model, tokenizer, model_name, int(time.time()), longest_token)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        served.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        try:
+            yield
+        finally:
+            scheduler, served.scheduler = served.scheduler, None
+            await run_in_threadpool(scheduler.close)
+
+    app = FastAPI(title="scratchlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.state.served = served
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        scheduler = served.scheduler
+        return {"status": "ok" if scheduler is not None else "starting", "model": served.name,
+                "active": scheduler.active if scheduler else 0, "waiting": scheduler.waiting if scheduler else 0}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "scratchlm",
+                "max_model_len": served.context}
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    def get_model(name: str) -> dict[str, Any]:
+        _check_model(name, served.name)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _complete(served, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _chat(served, body, request)
+
+    feedback = Path(feedback_path) if feedback_path is not None else DEFAULT_FEEDBACK_PATH
+    app.include_router(web_routes(feedback, api_key=api_key))
+    return app
+
+
+def _check_stream_options(body: SamplingFields) -> bool:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+async def _complete(served: _Served, body: CompletionRequest, request: Request):
+    _check_model(body.model, served.name)
+    _unsupported(body.logprobs, "logprobs", "token log-probabilities are not returned")
+    _unsupported(body.suffix, "suffix", "no fill-in-the-middle")
+    include_usage = _check_stream_options(body)
+    prompts = await run_in_threadpool(_completion_prompts, body, served)
+    jobs = []
+    for prompt in prompts:
+        max_new = _max_new_tokens(body.max_tokens, len(prompt.ids), served.context, "prompt", "prompt")
+        jobs += [(prompt.ids, config) for config in _sampling_configs(body, max_new, ())]
+    generations = _submit(served.running_scheduler(), jobs, "prompt")
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    echoes = [prompts[i // body.choices].text if body.echo else "" for i in range(len(jobs))]
+    response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def envelope(choices: list[dict], usage: dict | None = None) -> dict:
+        payload = {"id": response_id, "object": "text_completion", "created": created, "model": served.name,
+                   "choices": choices}
+        if usage is not None or not body.stream:
+            payload["usage"] = usage
+        return payload
+
+    def choice(index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    if body.stream:
+        first = [_sse(envelope([choice(i, echo, None)])) for i, echo in enumerate(echoes) if echo]
+        chunks = _stream_chunks(generations, lambda i, text, finish: envelope([choice(i, text, finish)]), first,
+                                include_usage, prompt_tokens, lambda usage: envelope([], usage))
+        return _GenerationStream(chunks, generations)
+    try:
+        results = await _collect(generations, request)
+    except _ClientGone:
+        return JSONResponse({}, status_code=499)  # nobody reads it; the generations are cancelled
+    finally:
+        for generation in generations:
+            generation.cancel()
+    _check_finished(results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return envelope([choice(i, echo + "".join(r.text), r.finish_reason) for i, (echo, r) in enumerate(zip(echoes, results))],
+                    _usage(prompt_tokens, completion_tokens))
+
+
+def _chat_prompt(served: "_Served", messages: list[ChatMessage]) -> list[int]:
+    try:
+        text = render_chat(served.tokenizer, [m.as_template_message() for m in messages])
+    except ConfigError as exc:
+        raise APIError(400, str(exc), "messages") from None
+    _check_length(text, served, "messages")
+    return served.tokenizer.encode(text, allowed_special="all")
+
+
+async def _chat(served: _Served, body: ChatCompletionRequest, request: Request):
+    _check_model(body.model, served.name)
+    _unsupported(body.logprobs, "logprobs", "token log-probabilities are not returned")
+    _unsupported(body.top_logprobs, "top_logprobs", "token log-probabilities are not returned")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+    include_usage = _check_stream_options(body)
+    prompt_ids = await run_in_threadpool(_chat_prompt, served, body.messages)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_new = _max_new_tokens(asked, len(prompt_ids), served.context, "messages", "messages")
+    configs = _sampling_configs(body, max_new, chat_stop_ids(served.tokenizer))
+    generations = _submit(served.running_scheduler(), [(prompt_ids, c) for c in configs], "messages")
+    response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def envelope(obj: str, choices: list[dict], usage: dict | None = None) -> dict:
+        payload = {"id": response_id, "object": obj, "created": created, "model": served.name, "choices": choices}
+        if usage is not None or obj == "chat.completion":
+            payload["usage"] = usage
+        return payload
+
+    if body.stream:
+        def delta(index: int, text: str, finish_reason: str | None) -> dict:
+            content = {"content": text} if finish_reason is None else {}
+            return envelope("chat.completion.chunk",
+                            [{"index": index, "delta": content, "logprobs": None, "finish_reason": finish_reason}])
+
+        first = [_sse(envelope("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                           "logprobs": None, "finish_reason": None}]))
+                 for i in range(len(generations))]
+        chunks = _stream_chunks(generations, delta, first, include_usage, len(prompt_ids),
+                                lambda usage: envelope("chat.completion.chunk", [], usage))
+        return _GenerationStream(chunks, generations)
+    try:
+        results = await _collect(generations, request)
+    except _ClientGone:
+        return JSONResponse({}, status_code=499)
+    finally:
+        for generation in generations:
+            generation.cancel()
+    _check_finished(results)
+    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(r.text)}, "logprobs": None,
+                "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+    return envelope("chat.completion", choices, _usage(len(prompt_ids), sum(r.completion_tokens for r in results)))
+
+
+# ---- running it ----------------------------------------------------------------------------
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free port), or a one-line ConfigError: a port in
+    use is found before the model is loaded, and the real port of port 0 is known."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"serve: cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class ServerThread:
+    """`app` served by uvicorn on a background thread, for tests and benchmarks:
+    `with ServerThread(app) as server: openai.OpenAI(base_url=server.url + "/v1", ...)`."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        self.sock = listen_socket(host, port)
+        self.url = _url(self.sock)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the uvicorn server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def run_server(
+    model_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    max_batch: int = 8,
+    max_queue: int = 256,
+    api_key: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantize: str = "none",
+    feedback_path: str | Path | None = None,
+    model_name: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load the model at `model_path` (in `dtype`, `quantize`d: see `scratchlm.serve.quantize`)
+    and serve it until Ctrl-C (or SIGTERM). Prints the URL."""
+    from scratchlm.interop import load_pretrained
+    from scratchlm.serve.quantize import prepare_for_inference
+
+    sock = listen_socket(host, port)
+    try:
+        model, tokenizer = load_pretrained(model_path, device)
+        model = prepare_for_inference(model, dtype, quantize)
+        path = Path(model_path)
+        name = model_name or (path.stem if path.is_file() else path.resolve().name)
+        app = create_app(model, tokenizer, name, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+                         feedback_path=feedback_path)
+        url = _url(sock)
+        print(f"serving {name} at {url}/v1 (OpenAI API) and {url}/ (chat page); Ctrl-C stops", flush=True)
+        if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
+                  "model", file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+

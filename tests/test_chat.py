@@ -1,0 +1,398 @@
+"""Chat: `ChatSession` (history, system prompt, context), the `run_chat` loop and its commands,
+`scratchlm chat` with standard input from a pipe, and the chat templates it renders with."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchlm.cli import main
+from scratchlm.errors import ConfigError, ContextTooLongError
+from scratchlm.interop import load_pretrained
+from scratchlm.model import GPT, get_preset
+from scratchlm.model.folder import save_model_folder
+from scratchlm.serve.chat import ChatSession, default_max_new_tokens, run_chat
+from scratchlm.serve.chat_template import CHATML_TEMPLATE, chat_stop_ids, check_messages, render_chat
+from scratchlm.serve.sampling import SamplingConfig
+from scratchlm.tokenizer import train_bpe
+
+TRAIN_TEXT = (
+    "The interpreter reads a line, evaluates it and prints the result. Hi there, how can I help? "
+    "A loop repeats a block of statements while a condition holds.\n"
+) * 20
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+USER = {"role": "user", "content": "hello"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+
+
+class ScriptedReplies(GPT):
+    """A tiny GPT that says what it is told: after each prompt (the prefill) the next script
+    starts, and the n-th new token is the script's n-th (the last repeats). The real forward
+    pass still runs, so the KV cache is used as in any model."""
+
+    def __init__(self, vocab_size: int, scripts: list[list[int]]) -> None:
+        super().__init__(get_preset("cpu-tiny").replace(vocab_size=vocab_size))
+        self.scripts, self.turn, self.n = scripts, -1, 0
+        self.eval()
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        logits, loss = super().forward(idx, targets, cache, last_only)
+        if last_only or idx.size(1) > 1:  # a prompt: the next reply begins
+            self.turn, self.n = self.turn + 1, 0
+        script = self.scripts[self.turn % len(self.scripts)]
+        logits[:, -1] = -100.0
+        logits[:, -1, script[min(self.n, len(script) - 1)]] = 100.0
+        self.n += 1
+        return logits, loss
+
+
+def scripted(tokenizer, *replies: str) -> ScriptedReplies:
+    """Replies that each end with <|im_end|>, followed by text that must never show."""
+    end = tokenizer.special_tokens["<|im_end|>"]
+    return ScriptedReplies(tokenizer.vocab_size, [tokenizer.encode(r) + [end] + tokenizer.encode(" leaked") for r in replies])
+
+
+def prompt_tokens(session: ChatSession, user_text: str) -> int:
+    return len(session.tokenizer.encode(render_chat(session.tokenizer, session.conversation(user_text)), allowed_special="all"))
+
+
+# ---- ChatSession -------------------------------------------------------------------------------
+def test_streamed_pieces_concatenate_to_the_reply_and_both_turns_join_the_history(model, tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    pieces: list[str] = []
+    first = session.reply(model, "The interpreter", on_text=pieces.append)
+    assert first and "".join(pieces) == first
+    assert session.messages == [{"role": "user", "content": "The interpreter"}, {"role": "assistant", "content": first}]
+    second = session.reply(model, "A loop")
+    assert [m["content"] for m in session.messages] == ["The interpreter", first, "A loop", second]
+
+
+def test_the_next_prompt_renders_the_whole_conversation(model, tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    first = session.reply(model, "The interpreter")
+    assert session.fit_prompt("A loop", model.config.block_size) == (
+        f"<|im_start|>user\nThe interpreter<|im_end|>\n<|im_start|>assistant\n{first}<|im_end|>\n"
+        "<|im_start|>user\nA loop<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_reply_ends_at_the_end_of_turn_token_which_is_not_part_of_it(tokenizer):
+    # The trained tokenizer's end of sequence is <|endoftext|>: only chat_stop_ids makes <|im_end|> stop.
+    assert tokenizer.eos_id != tokenizer.special_tokens["<|im_end|>"]
+    session = ChatSession(tokenizer, config=SamplingConfig(temperature=0.7, max_new_tokens=30, seed=1))
+    assert session.reply(scripted(tokenizer, "Hi there"), "hello") == "Hi there"
+
+
+def test_session_keeps_stop_token_ids_of_its_config(tokenizer):
+    session = ChatSession(tokenizer, config=SamplingConfig(stop_token_ids=(7,)))
+    assert session.config.stop_token_ids == (7, *chat_stop_ids(tokenizer))
+
+
+def test_reset_forgets_the_conversation_but_keeps_the_system_prompt(tokenizer):
+    session = ChatSession(tokenizer, system="Be brief.", config=GREEDY)
+    session.reply(scripted(tokenizer, "Hi there"), "hello")
+    session.reset()
+    assert session.messages == []
+    assert session.conversation("again") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "again"}]
+
+
+def test_system_prompt_is_rendered_first_and_replacing_it_keeps_the_turns(tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    model = scripted(tokenizer, "Hi there")
+    session.reply(model, "hello")
+    assert session.fit_prompt("next", 128).startswith("<|im_start|>user\nhello<|im_end|>")
+    session.set_system("Be brief.")
+    prompt = session.fit_prompt("next", 128)
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n")
+    assert "Hi there" in prompt
+    session.set_system("")
+    assert session.system is None and session.fit_prompt("next", 128).startswith("<|im_start|>user\n")
+
+
+def test_oldest_exchanges_are_forgotten_when_the_conversation_outgrows_the_context(tokenizer):
+    model = scripted(tokenizer, "Hi there")
+    block = model.config.block_size
+    session = ChatSession(tokenizer, system="Be brief.", config=SamplingConfig(temperature=0, max_new_tokens=16))
+    for n in range(8):
+        session.messages += [{"role": "user", "content": f"question {n} " + "loop " * 6},
+                             {"role": "assistant", "content": f"answer {n}"}]
+    assert prompt_tokens(session, "hello") > block - 16
+    before = list(session.messages)
+    notices: list[str] = []
+    assert session.reply(model, "hello", on_notice=notices.append) == "Hi there"
+    kept = session.messages[:-2]
+    assert session.messages[-2:] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi there"}]
+    assert kept == before[len(before) - len(kept) :] and len(kept) % 2 == 0  # the newest whole exchanges
+    dropped = (len(before) - len(kept)) // 2
+    assert notices == [f"(the conversation outgrew the context of {block} tokens: forgot the oldest {dropped} exchanges)"]
+    # as few as needed: the prompt fitted, and with one more exchange it would not have
+    assert prompt_tokens(ChatSession(tokenizer, "Be brief.", messages=kept), "hello") <= block - 16
+    assert prompt_tokens(ChatSession(tokenizer, "Be brief.", messages=before[-len(kept) - 2 :]), "hello") > block - 16
+    assert session.system == "Be brief."
+
+
+def test_a_message_that_does_not_fit_alone_raises_context_too_long_and_changes_nothing(tokenizer):
+    session = ChatSession(tokenizer, system="Be brief.", config=SamplingConfig(temperature=0, max_new_tokens=16))
+    model = scripted(tokenizer, "Hi there")
+    session.reply(model, "hello")
+    before = list(session.messages)
+    with pytest.raises(ContextTooLongError, match=r"with the system prompt takes \d+ tokens.*context of 128 tokens keeps 16"):
+        session.reply(model, "loop " * 200)
+    assert session.messages == before
+
+
+def test_a_reply_budget_as_large_as_the_context_is_refused_with_a_hint(tokenizer, model):
+    session = ChatSession(tokenizer, config=SamplingConfig(max_new_tokens=128))
+    with pytest.raises(ContextTooLongError, match="leaves 0; shorten it or lower max_new_tokens"):
+        session.reply(model, "hi")
+    assert default_max_new_tokens(128) == 64 and default_max_new_tokens(8192) == 512
+
+
+def test_an_interrupted_reply_keeps_what_was_shown(tokenizer):
+    session = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=30))
+    model = scripted(tokenizer, "Hi there, how can I help?")
+    shown: list[str] = []
+
+    def show_then_interrupt(piece: str) -> None:
+        if len(shown) == 2:
+            raise KeyboardInterrupt
+        shown.append(piece)
+
+    with pytest.raises(KeyboardInterrupt):
+        session.reply(model, "hello", on_text=show_then_interrupt)
+    assert session.messages == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "".join(shown)}]
+    assert 0 < len("".join(shown)) < len("Hi there, how can I help?")
+    assert not model.training
+
+
+def test_a_model_without_a_chat_template_is_refused_at_once():
+    plain = train_bpe([TRAIN_TEXT], vocab_size=270, workers=1, min_frequency=1, special_tokens=("<|endoftext|>",))
+    with pytest.raises(ConfigError, match="no chat template.*scratchlm generate"):
+        ChatSession(plain)
+
+
+def test_more_than_one_sample_per_reply_is_refused(tokenizer):
+    with pytest.raises(ConfigError, match="num_samples must be 1"):
+        ChatSession(tokenizer, config=SamplingConfig(num_samples=2))
+
+
+# ---- run_chat: the loop and its commands ---------------------------------------------------------
+class Terminal:
+    """Lines to type, and what the loop wrote and noticed."""
+
+    def __init__(self, *lines: str) -> None:
+        self.lines, self.prompts, self.out, self.notices = list(lines), [], [], []
+
+    def read_line(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        if not self.lines:
+            raise EOFError
+        return self.lines.pop(0)
+
+    def run(self, session: ChatSession, model) -> None:
+        run_chat(session, model, self.read_line, self.out.append, self.notices.append)
+
+
+def test_run_chat_commands(tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    term = Terminal("hello", "/system Be brief.", "/system", "/reset", "/nope", "   ", "//slash", "/help", "/exit", "unread")
+    term.run(session, scripted(tokenizer, "Hi there", "Sure"))
+    assert term.prompts == ["you> "] * 9 and term.lines == ["unread"]
+    out = "".join(term.out)
+    assert out.startswith("Hi there\nBe brief.\nSure\n/reset")  # the reply, /system shown, the reply, /help's list
+    assert term.notices == ["(system prompt set)", "(conversation forgotten)", "unknown command /nope; /help lists the commands"]
+    assert session.system == "Be brief."
+    assert session.messages == [{"role": "user", "content": "/slash"}, {"role": "assistant", "content": "Sure"}]
+
+
+def test_run_chat_ends_at_end_of_input(tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    term = Terminal("hello")
+    term.run(session, scripted(tokenizer, "Hi there"))
+    assert "".join(term.out) == "Hi there\n" and len(term.prompts) == 2
+
+
+def test_ctrl_c_stops_a_reply_but_not_the_chat(tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    term = Terminal("hello", "again")
+    interrupted = []
+
+    def write(text: str) -> None:
+        if not interrupted:
+            interrupted.append(text)
+            raise KeyboardInterrupt
+        term.out.append(text)
+
+    run_chat(session, scripted(tokenizer, "Hi there", "Sure"), term.read_line, write, term.notices.append)
+    assert term.notices == ["(reply stopped)"]
+    assert "".join(term.out) == "\nSure\n"
+    assert [m["content"] for m in session.messages] == ["hello", "", "again", "Sure"]
+
+
+def test_ctrl_c_at_the_prompt_does_not_quit(tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    lines = iter([KeyboardInterrupt, "hello"])
+
+    def read_line(prompt: str) -> str:
+        line = next(lines, EOFError)
+        if isinstance(line, type):
+            raise line
+        return line
+
+    out: list[str] = []
+    run_chat(session, scripted(tokenizer, "Hi there"), read_line, out.append, lambda _: None)
+    assert "".join(out) == "Hi there\n"
+
+
+def test_a_message_too_long_for_the_context_is_reported_and_the_chat_goes_on(tokenizer):
+    session = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=16))
+    term = Terminal("loop " * 200, "hello")
+    term.run(session, scripted(tokenizer, "Hi there"))
+    assert len(term.notices) == 1 and term.notices[0].startswith("error: chat: the message takes")
+    assert "".join(term.out) == "Hi there\n"
+
+
+# ---- chat templates ------------------------------------------------------------------------------
+def test_chatml_renders_each_message_and_opens_the_reply(tokenizer):
+    messages = [{"role": "system", "content": "S"}, USER, {"role": "assistant", "content": "A"}]
+    chatml = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert render_chat(tokenizer, messages) == chatml + "<|im_start|>assistant\n"
+    assert render_chat(tokenizer, messages, add_generation_prompt=False) == chatml
+    ids = tokenizer.encode(render_chat(tokenizer, [USER]), allowed_special="all")
+    assert ids[0] == tokenizer.special_tokens["<|im_start|>"] and tokenizer.special_tokens["<|im_end|>"] in ids
+
+
+def test_the_models_own_template_wins_over_chatml(tokenizer):
+    own = train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+    own.metadata["chat_template"] = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{{ bos_token }}"
+    own.metadata["bos_token_id"] = own.special_tokens["<|im_start|>"]
+    assert render_chat(own, [USER]) == "[user] hello\n<|im_start|>"
+    assert render_chat(tokenizer, [USER]) != render_chat(own, [USER])
+    assert CHATML_TEMPLATE not in own.metadata.values()
+
+
+@pytest.mark.parametrize(("messages", "error"), [
+    ([], "messages is empty"),
+    ([USER, {"role": "robot", "content": "x"}], "message 1 has role 'robot'"),
+    ([{"role": "user", "content": None}], "message 0 has no text content"),
+    (["hello"], "message 0 is not an object"),
+])
+def test_bad_messages_are_config_errors_naming_the_message(tokenizer, messages, error):
+    with pytest.raises(ConfigError, match=error):
+        render_chat(tokenizer, messages)
+    with pytest.raises(ConfigError, match=error):
+        check_messages(messages)
+
+
+@pytest.mark.parametrize(("template", "error"), [
+    ("{{ raise_exception('system messages are not supported') }}", "refused the conversation: system messages"),
+    ("{% for m in messages %}", "not valid Jinja"),
+    ("{{ messages[0].content.nope() }}", "template failed"),
+])
+def test_a_template_that_fails_is_a_config_error(template, error):
+    tok = train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+    tok.metadata["chat_template"] = template
+    with pytest.raises(ConfigError, match=error):
+        render_chat(tok, [USER])
+
+
+# transformers renders templates with jinja2.ext.loopcontrols, its own `generation` tag, a
+# `tojson` that keeps non-ASCII and HTML characters, and `strftime_now` (Llama 3's templates).
+TRANSFORMERS_FEATURES = [
+    ("{% for m in messages %}{{ m.content }}{% break %}{% endfor %}", "hello"),
+    ("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}", "hello"),
+    ("{{ {'a': 'é<b>'} | tojson }}", '{"a": "é<b>"}'),
+    ("{{ strftime_now('%Y') | length }}", "4"),
+]
+
+
+@pytest.mark.parametrize(("template", "expected"), TRANSFORMERS_FEATURES)
+def test_templates_render_with_what_transformers_provides(template, expected):
+    tok = train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+    tok.metadata["chat_template"] = template
+    assert render_chat(tok, [USER]) == expected
+
+
+def test_chat_stop_ids_are_end_of_sequence_and_end_of_turn_once_each(tokenizer):
+    im_end = tokenizer.special_tokens["<|im_end|>"]
+    assert chat_stop_ids(tokenizer) == (tokenizer.eot_id, im_end)
+    own_eos = train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+    own_eos.metadata["eos_token_id"] = im_end  # as SmolLM2: end of sequence is end of turn
+    assert chat_stop_ids(own_eos) == (im_end,)
+
+
+# ---- scratchlm chat ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, model, tokenizer) -> Path:
+    return save_model_folder(tmp_path_factory.mktemp("chat") / "tiny", model, tokenizer)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: several seconds
+def test_chat_command_with_piped_input_prints_only_the_replies(model_folder):
+    lines = "The interpreter\n/reset\nThe interpreter\n/exit\nnever sent\n"
+    result = subprocess.run([sys.executable, "-m", "scratchlm.cli", "chat", str(model_folder), "--temperature", "0",
+                             "--max-new-tokens", "8"], input=lines, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = load_pretrained(model_folder)
+    reply = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=8)).reply(model, "The interpreter")
+    assert result.stdout == f"{reply}\n{reply}\n"  # /reset: the same message gets the same greedy reply
+    assert result.stderr == "(conversation forgotten)\n"
+
+
+def test_chat_command_limits_the_reply_to_half_a_short_context(model_folder, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/system\nloop " + "loop " * 70 + "\n"))
+    assert main(["chat", str(model_folder), "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "(no system prompt: the chat template's default applies, if it has one)\n"
+    assert "context of 128 tokens keeps 64 for the reply" in err  # default_max_new_tokens(128)
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--min-p", "2"], "min_p must be in [0, 1]"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+])
+def test_chat_command_bad_settings_are_one_line_errors(model_folder, args, error, capsys):
+    assert main(["chat", str(model_folder), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scratchlm: error: sampling: ") and error in err and err.count("\n") == 1
+
+
+def test_chat_command_refuses_a_model_without_chat_template_in_one_line(tmp_path, monkeypatch, capsys):
+    plain = train_bpe([TRAIN_TEXT], vocab_size=270, workers=1, min_frequency=1, special_tokens=("<|endoftext|>",))
+    folder = save_model_folder(tmp_path / "plain", GPT(get_preset("cpu-tiny").replace(vocab_size=plain.vocab_size)), plain)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scratchlm: error: chat: the model has no chat template") and err.count("\n") == 1
+
+
+# ---- a real chat model ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_answers_with_paris_from_the_prompt_transformers_renders(smollm2, smollm2_gguf):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = smollm2
+    session = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=30))
+    assert "Paris" in session.reply(model, "What is the capital of France?")
+
+    hf = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    session.set_system("Answer in one word.")
+    for conversation in (session.conversation("And of Italy?"), session.conversation("And of Italy?")[1:]):
+        expected = hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert render_chat(tokenizer, conversation) == expected
+        assert tokenizer.encode(expected, allowed_special="all") == list(
+            hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])

@@ -1,0 +1,497 @@
+"""The OpenAI-compatible HTTP API (`scratchlm serve`).
+
+Error cases and response shapes go through FastAPI's TestClient; the official `openai` client,
+concurrency, disconnects and the command line go through a real uvicorn server on 127.0.0.1.
+A tiny random model serves every test but one real chat round trip with SmolLM2.
+"""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from scratchlm.cli import main
+from scratchlm.model import GPT, get_preset
+from scratchlm.model.folder import save_model_folder
+from scratchlm.serve.server import ServerThread, create_app
+from scratchlm.tokenizer import train_bpe
+
+TRAIN_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
+    "Numbers 1 2 3 and 日本語のテキスト, русский текст, emoji 🙂 end.\n"
+) * 20
+NAME = "tiny"
+KEY = "sk-test-key"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()  # 128 positions
+
+
+@pytest.fixture(scope="module")
+def client(model, tokenizer, tmp_path_factory):
+    app = create_app(model, tokenizer, NAME, feedback_path=tmp_path_factory.mktemp("fb") / "feedback.jsonl")
+    with TestClient(app) as test_client:  # `with`: runs the lifespan, which starts the scheduler
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer, tmp_path_factory):
+    app = create_app(model, tokenizer, NAME, max_batch=8, feedback_path=tmp_path_factory.mktemp("fb") / "f.jsonl")
+    with ServerThread(app) as running:
+        yield running
+
+
+def scheduler_of(app):
+    return app.state.served.scheduler
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def completion(**changes) -> dict:
+    return {"model": NAME, "prompt": "The quick", "max_tokens": 5, "temperature": 0, **changes}
+
+
+def chat(**changes) -> dict:
+    return {"model": NAME, "messages": CHAT, "max_tokens": 5, "temperature": 0, **changes}
+
+
+def assert_openai_error(response, status: int, param: str | None = "any") -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param != "any":
+        assert error["param"] == param, error
+    return error
+
+
+def sse_payloads(text: str) -> list[dict]:
+    """The JSON payloads of a server-sent event stream, which must end with `data: [DONE]`."""
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in text.split("\n\n") if line)
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+# ---- bad input: 400 with OpenAI's error body ------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", completion(max_tokens=-1), "max_tokens"),
+        ("/v1/completions", completion(max_tokens=0), "max_tokens"),
+        ("/v1/completions", completion(max_tokens=10**12), "prompt"),
+        ("/v1/completions", completion(prompt="fox " * 200), "prompt"),  # over the 128-token context
+        ("/v1/completions", completion(prompt="fox " * 200, max_tokens=None), "prompt"),
+        ("/v1/completions", completion(n=9), "n"),
+        ("/v1/completions", completion(n=0), "n"),
+        ("/v1/completions", completion(temperature=2.5), "temperature"),
+        ("/v1/completions", completion(temperature=-0.1), "temperature"),
+        ("/v1/completions", completion(top_p=0), "top_p"),
+        ("/v1/completions", completion(top_k=-1), "top_k"),
+        ("/v1/completions", completion(min_p=1.5), "min_p"),
+        ("/v1/completions", completion(frequency_penalty=3), "frequency_penalty"),
+        ("/v1/completions", completion(presence_penalty=-2.5), "presence_penalty"),
+        ("/v1/completions", completion(repetition_penalty=0), "repetition_penalty"),
+        ("/v1/completions", completion(stop=["a", "b", "c", "d", "e"]), "stop"),
+        ("/v1/completions", completion(stop=""), None),
+        ("/v1/completions", completion(logprobs=2), "logprobs"),
+        ("/v1/completions", completion(suffix="end"), "suffix"),
+        ("/v1/completions", completion(prompt=[]), "prompt"),
+        ("/v1/completions", completion(prompt={"text": "hi"}), "prompt"),
+        ("/v1/completions", completion(prompt=[1, 2, 10**6]), "prompt"),
+        ("/v1/completions", completion(stream_options={"include_usage": True}), "stream_options"),
+        ("/v1/completions", completion(best_of=2), "best_of"),
+        ("/v1/completions", {"prompt": "hi"}, "model"),
+        ("/v1/chat/completions", chat(messages=[]), "messages"),
+        ("/v1/chat/completions", chat(messages=[{"role": "robot", "content": "hi"}]), "messages"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user"}]), "messages"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "hi", "mood": "happy"}]), "messages.0.mood"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+         None),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "fox " * 200}]), "messages"),
+        ("/v1/chat/completions", chat(max_tokens=120), "messages"),  # prompt + max_tokens > 128
+        ("/v1/chat/completions", chat(max_completion_tokens=-5), "max_completion_tokens"),
+        ("/v1/chat/completions", chat(logprobs=True), "logprobs"),
+        ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs"),
+        ("/v1/chat/completions", chat(tools=[{"type": "function"}]), "tools"),
+        ("/v1/chat/completions", chat(n=100), "n"),
+        ("/v1/chat/completions", chat(stop=5), "stop"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
+        ("/v1/chat/completions", chat(messages=[{"role": "assistant", "content": "hi", "tool_calls": [{"id": "1"}]}]),
+         "messages.0.tool_calls"),
+        ("/v1/chat/completions", chat(seed="abc"), "seed"),
+    ],
+)
+def test_bad_request_is_a_400_with_an_openai_error_body(client, path, body, param):
+    error = assert_openai_error(client.post(path, json=body), 400)
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error
+    assert scheduler_of(client.app).active == 0 and scheduler_of(client.app).waiting == 0
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b'{"model": "tiny", "prompt": "hi",}', b"", b"[1, 2]", b'"a string"', b"\xff\xfe"]
+)
+def test_malformed_body_is_a_400_never_a_500(client, raw):
+    response = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+def test_non_finite_numbers_are_refused(client):
+    raw = b'{"model": "tiny", "prompt": "hi", "temperature": NaN}'
+    error = assert_openai_error(client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+    assert error["param"] in ("temperature", None)
+
+
+def test_megabytes_of_prompt_are_refused_without_tokenizing(client, monkeypatch):
+    tokenizer = client.app.state.served.tokenizer
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a text that cannot fit"))
+    huge = "x" * 5_000_000
+    assert_openai_error(client.post("/v1/completions", json=completion(prompt=huge)), 400, "prompt")
+    messages = [{"role": "user", "content": huge}]
+    assert_openai_error(client.post("/v1/chat/completions", json=chat(messages=messages)), 400, "messages")
+
+
+def test_null_fields_mean_the_defaults(client):
+    nulls = dict.fromkeys(["temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                           "repetition_penalty", "stop", "seed", "n", "stream", "stream_options", "user", "echo",
+                           "logprobs", "suffix"])
+    body = client.post("/v1/completions", json=completion(**nulls)).json()
+    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] >= 1
+
+
+def test_unknown_model_is_a_404_like_openai(client):
+    error = assert_openai_error(client.post("/v1/completions", json=completion(model="gpt-4")), 404, "model")
+    assert error["code"] == "model_not_found" and "tiny" in error["message"]
+    assert_openai_error(client.post("/v1/chat/completions", json=chat(model="gpt-4")), 404, "model")
+    assert_openai_error(client.get("/v1/models/gpt-4"), 404, "model")
+
+
+def test_unknown_route_and_wrong_method_keep_the_error_shape(client):
+    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/completions"), 405)
+
+
+# ---- response shapes -----------------------------------------------------------------------
+def test_models_lists_the_served_model(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [NAME]
+    assert body["data"][0]["object"] == "model"
+    assert client.get(f"/v1/models/{NAME}").json()["id"] == NAME
+
+
+def test_health_reports_the_scheduler(client):
+    body = client.get("/health").json()
+    assert body == {"status": "ok", "model": NAME, "active": 0, "waiting": 0}
+
+
+def test_completion_has_openai_shape_and_counts_tokens(client, tokenizer):
+    body = client.post("/v1/completions", json=completion(max_tokens=7)).json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == NAME
+    assert isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None and isinstance(choice["text"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(tokenizer.encode("The quick"))
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 1 <= usage["completion_tokens"] <= 7
+    assert (choice["finish_reason"] == "length") == (usage["completion_tokens"] == 7)
+
+
+def test_several_prompts_and_n_give_one_choice_each_in_order(client):
+    body = client.post("/v1/completions", json=completion(prompt=["The quick", [5, 6, 7]], n=2, echo=True)).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["text"].startswith("The quick") for c in body["choices"][:2])
+    assert body["usage"]["prompt_tokens"] == len(client.app.state.served.tokenizer.encode("The quick")) + 3
+
+
+def test_greedy_is_deterministic_and_seeded_choices_differ_but_repeat(client):
+    greedy = [client.post("/v1/completions", json=completion(max_tokens=12)).json()["choices"][0]["text"] for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    seeded = completion(max_tokens=12, temperature=1.0, seed=7, n=3)
+    first = [c["text"] for c in client.post("/v1/completions", json=seeded).json()["choices"]]
+    again = [c["text"] for c in client.post("/v1/completions", json=seeded).json()["choices"]]
+    assert first == again
+    assert len(set(first)) > 1  # seed + i per choice
+
+
+def test_stop_string_ends_the_completion_before_it(client):
+    full = client.post("/v1/completions", json=completion(max_tokens=30)).json()["choices"][0]["text"]
+    assert len(full) > 6
+    stop = full[4:6]
+    cut = client.post("/v1/completions", json=completion(max_tokens=30, stop=[stop])).json()["choices"][0]
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_chat_completion_has_openai_shape(client):
+    body = client.post("/v1/chat/completions", json=chat(max_tokens=None, max_completion_tokens=6, n=2, seed=1, temperature=1.0)).json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion" and body["model"] == NAME
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for choice in body["choices"]:
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length")
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+
+def test_chat_accepts_text_parts_and_the_developer_role(client):
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    as_parts = client.post("/v1/chat/completions", json=chat(messages=parts)).json()
+    as_text = client.post("/v1/chat/completions", json=chat()).json()
+    assert as_parts["usage"] == as_text["usage"]
+    assert as_parts["choices"][0]["message"] == as_text["choices"][0]["message"]
+
+
+def test_chat_stream_is_role_then_deltas_then_finish_usage_and_done(client):
+    response = client.post("/v1/chat/completions", json=chat(max_tokens=8, stream=True,
+                                                            stream_options={"include_usage": True}))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_payloads(response.text)
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    *deltas, final, usage = chunks
+    assert final["choices"][0]["finish_reason"] in ("stop", "length") and final["choices"][0]["delta"] == {}
+    assert all(c["choices"][0]["finish_reason"] is None for c in deltas)
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in deltas)
+    whole = client.post("/v1/chat/completions", json=chat(max_tokens=8)).json()
+    assert text == whole["choices"][0]["message"]["content"]
+    assert usage["usage"] == whole["usage"]
+
+
+def test_completion_stream_concatenates_to_the_whole_completion(client):
+    response = client.post("/v1/completions", json=completion(max_tokens=10, stream=True, echo=True))
+    chunks = sse_payloads(response.text)
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    whole = client.post("/v1/completions", json=completion(max_tokens=10, echo=True)).json()["choices"][0]
+    assert text == whole["text"] and text.startswith("The quick")
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+# ---- API key -------------------------------------------------------------------------------
+def test_api_key_guards_v1_but_not_the_page_or_health(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, api_key=KEY, feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            error = assert_openai_error(client.post("/v1/completions", json=completion(), headers=headers), 401, None)
+            assert error["code"] == "invalid_api_key"
+        # 401 before the body is even looked at: no key, no information about the request
+        assert_openai_error(client.post("/v1/completions", content=b"{bad", headers={}), 401)
+        assert_openai_error(client.get("/v1/models"), 401)
+        assert_openai_error(client.post("/v1/feedback", json={}), 401)
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert client.post("/v1/completions", json=completion(), headers=good).status_code == 200
+        assert client.get("/v1/models", headers=good).status_code == 200
+        assert client.get("/health").status_code == 200
+        assert client.get("/").status_code == 200
+
+
+# ---- a real server: the openai client, concurrency, disconnects ------------------------------
+def test_openai_client_round_trip(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [NAME]
+    done = client.completions.create(model=NAME, prompt="The quick", max_tokens=6, temperature=0,
+                                     extra_body={"top_k": 5, "repetition_penalty": 1.1})
+    assert done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens >= 1
+    streamed = client.completions.create(model=NAME, prompt="The quick", max_tokens=6, temperature=0, stream=True,
+                                         extra_body={"top_k": 5, "repetition_penalty": 1.1})
+    assert "".join(chunk.choices[0].text for chunk in streamed) == done.choices[0].text
+
+    reply = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=NAME, messages=[], max_tokens=6)
+    assert bad.value.status_code == 400 and "messages" in bad.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi")
+
+
+def test_openai_client_needs_the_key(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, api_key=KEY, feedback_path=tmp_path / "fb.jsonl")
+    with ServerThread(app) as running:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=running.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key=KEY, max_retries=0)
+        assert client.completions.create(model=NAME, prompt="hi", max_tokens=2).choices
+
+
+def test_concurrent_streams_all_complete_and_are_batched(server):
+    scheduler = scheduler_of(server.server.config.app)
+    most_active = 0
+    stop_watching = threading.Event()
+
+    def watch() -> None:
+        nonlocal most_active
+        while not stop_watching.is_set():
+            most_active = max(most_active, scheduler.active)
+            time.sleep(0.001)
+
+    def one_stream(i: int, results: list) -> None:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=1.0, seed=i,
+                                                stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        results[i] = (chunks[-2].choices[0].finish_reason, chunks[-1].usage.completion_tokens)
+
+    results: list = [None] * 6
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=one_stream, args=(i, results)) for i in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    stop_watching.set()
+    watcher.join()
+    assert all(r is not None and r[0] in ("stop", "length") and r[1] >= 1 for r in results), results
+    assert most_active > 1  # batched together, not one after another
+    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0)
+
+
+class SlowGPT(GPT):
+    """The tiny model at 40 ms a forward pass: a generation lasts seconds, so a slot that frees
+    sooner was freed by the disconnect, not by the generation's end."""
+
+    def forward(self, *args, **kwargs):
+        time.sleep(0.04)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def slow_server(model, tokenizer, tmp_path_factory):
+    app = create_app(SlowGPT(model.config).eval(), tokenizer, NAME, feedback_path=tmp_path_factory.mktemp("fb") / "f.jsonl")
+    with ServerThread(app) as running:
+        yield running
+
+
+def test_client_leaving_a_stream_frees_its_slot(slow_server):
+    scheduler = scheduler_of(slow_server.server.config.app)
+    body = completion(prompt="The", max_tokens=100, stream=True, temperature=1.0)  # 4 s to the end
+    with httpx.Client(base_url=slow_server.url) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # generation has started
+            assert scheduler.active == 1
+        left = time.monotonic()
+    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0, timeout=5)
+    assert time.monotonic() - left < 1.5
+
+
+def test_client_leaving_a_whole_reply_request_frees_its_slot(slow_server):
+    scheduler = scheduler_of(slow_server.server.config.app)
+    payload = json.dumps(chat(max_tokens=60, temperature=1.0)).encode()  # 2.4 s to the end
+    host, port = slow_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        assert wait_until(lambda: scheduler.active == 1, timeout=5)
+    left = time.monotonic()
+    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0, timeout=5)
+    assert time.monotonic() - left < 1.5
+
+
+def test_full_queue_is_a_503(model, tokenizer, tmp_path):
+    slow = SlowGPT(model.config).eval()
+    app = create_app(slow, tokenizer, NAME, max_batch=1, max_queue=1, feedback_path=tmp_path / "fb.jsonl")
+    scheduler = None
+    with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        scheduler = scheduler_of(app)
+        body = completion(max_tokens=100, stream=True)
+        with http.stream("POST", "/v1/completions", json=body) as first:
+            next(first.iter_lines())
+            with http.stream("POST", "/v1/completions", json=body) as second:
+                assert second.status_code == 200 and wait_until(lambda: scheduler.waiting == 1)
+                error = assert_openai_error(http.post("/v1/completions", json=completion()), 503)
+                assert error["type"] == "server_error"
+    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0, timeout=5)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_round_trip(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    app = create_app(model, tokenizer, "smollm2", feedback_path=tmp_path / "fb.jsonl")
+    with ServerThread(app) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=30, temperature=0,
+        )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"  # ended at <|im_end|>, which is not in the text
+    assert "<|im_end|>" not in reply.choices[0].message.content
+
+
+# ---- the command line ----------------------------------------------------------------------
+def test_serve_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--api-key", "--max-batch", "--device", "--feedback", "--model-name"):
+        assert option in out
+
+
+def test_serve_port_in_use_is_a_one_line_error(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scratchlm: error: serve: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_serve_command_answers_and_stops_on_ctrl_c(model, tokenizer, tmp_path):
+    save_model_folder(tmp_path / "tiny-model", model, tokenizer)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scratchlm.cli", "serve", str(tmp_path / "tiny-model"), "--port", "0",
+         "--feedback", str(tmp_path / "fb.jsonl")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving tiny-model at http://127.0.0.1:"), line
+        url = line.split(" at ")[1].split("/v1")[0]
+        assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) in (0, 130)
+    finally:
+        process.kill()
+        process.wait()

@@ -1,0 +1,437 @@
+"""The web chat page and its feedback records.
+
+Unit tests drive `web_routes` through FastAPI's TestClient. The browser test starts the real
+server (`create_app`) with a tiny model and drives Debian's Chromium with Playwright: type a
+message, watch the reply stream in, rate it, edit it, and find the records on disk.
+"""
+
+import importlib.util
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from scratchlm.atomic_io import OutputFileError
+from scratchlm.serve.web import (
+    FeedbackRequest,
+    PreferenceRecord,
+    append_feedback,
+    latest_per_reply,
+    read_feedback,
+    web_routes,
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a prime."},
+]
+
+
+def feedback_body(**changes) -> dict:
+    body = {
+        "reply_id": "chatcmpl-1",
+        "model": "tiny",
+        "messages": CONVERSATION,
+        "completion": "Nine.",
+        "rating": "down",
+        "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 64},
+    }
+    return {**body, **changes}
+
+
+def client_for(feedback_path: Path, **kwargs) -> TestClient:
+    app = FastAPI()
+    app.include_router(web_routes(feedback_path, **kwargs))
+    return TestClient(app)
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ---- the page ------------------------------------------------------------------------------
+def test_root_serves_the_chat_page_with_its_controls(tmp_path):
+    client = client_for(tmp_path / "fb.jsonl")
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    for control in ["system-prompt", "temperature", "top-p", "top-k", "max-tokens", "api-key", "new-chat",
+                    "message-input", "send", "messages", "error"]:
+        assert f'data-testid="{control}"' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    # No CDN, no inline code: everything the page loads is ours.
+    assert "http://" not in page.text and "https://" not in page.text
+    for asset, kind in [("/static/chat.js", "text/javascript"), ("/static/chat.css", "text/css")]:
+        assert f'"{asset}"' in page.text
+        response = client.get(asset)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+        assert len(response.content) > 1000
+
+
+def test_static_serves_only_the_pages_own_files(tmp_path):
+    client = client_for(tmp_path / "fb.jsonl")
+    for name in ["web.py", "..%2Fweb.py", "nothing.js"]:
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 404, name
+    assert client.get("/static/../web.py").status_code == 404
+
+
+def test_page_script_sets_model_text_as_text_only():
+    script = (Path(__file__).parents[1] / "scratchlm/serve/static/chat.js").read_text(encoding="utf-8")
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "document.write" not in script
+
+
+# ---- records -------------------------------------------------------------------------------
+def test_rating_appends_one_record_without_a_pair(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    response = client_for(path).post("/v1/feedback", json=feedback_body())
+    assert response.status_code == 200
+    (record,) = lines_of(path)
+    assert response.json() == {"id": record["id"], "saved": str(path)}
+    assert record["messages"] == CONVERSATION and record["completion"] == "Nine."
+    assert record["rating"] == "down" and record["edited"] is None
+    assert "chosen" not in record and "rejected" not in record
+    assert record["model"] == "tiny" and record["reply_id"] == "chatcmpl-1"
+    assert record["sampling"] == {"temperature": 0.7, "top_p": 0.95, "max_tokens": 64}
+    assert abs(record["created"] - time.time()) < 60 and isinstance(record["created"], int)
+
+
+def test_edit_makes_a_preference_pair_chosen_edit_rejected_original(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    response = client_for(path).post("/v1/feedback", json=feedback_body(rating=None, edited="Seven."))
+    assert response.status_code == 200
+    (record,) = lines_of(path)
+    assert record["rating"] is None and record["edited"] == "Seven."
+    assert record["chosen"] == "Seven." and record["rejected"] == "Nine."
+
+
+def test_second_feedback_on_a_reply_appends_and_the_latest_wins(tmp_path):
+    path = tmp_path / "deep" / "folder" / "fb.jsonl"  # parent folders are created
+    client = client_for(path)
+    assert client.post("/v1/feedback", json=feedback_body(rating="up")).status_code == 200
+    first_line = path.read_bytes()
+    assert client.post("/v1/feedback", json=feedback_body(rating="down", edited="Seven.")).status_code == 200
+    assert client.post("/v1/feedback", json=feedback_body(reply_id="chatcmpl-2", rating="up")).status_code == 200
+    assert path.read_bytes().startswith(first_line)  # appended, never rewritten
+    records = read_feedback(path)
+    assert [r.rating for r in records] == ["up", "down", "up"]
+    latest = latest_per_reply(records)
+    assert [(r.reply_id, r.rating, r.chosen) for r in latest] == [
+        ("chatcmpl-1", "down", "Seven."), ("chatcmpl-2", "up", None)]
+
+
+def test_records_keep_unicode_and_newlines_on_one_line(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    text = "Zeile 1\nZeile 2 — naïve 日本語 🙂\u2028line\x85separators\u2029end"
+    assert client_for(path).post("/v1/feedback", json=feedback_body(completion=text)).status_code == 200
+    raw = path.read_text(encoding="utf-8")
+    assert len(raw.splitlines()) == 1 and raw.endswith("\n") and "日本語" in raw
+    assert read_feedback(path)[0].completion == text
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    big = "x" * 200_000  # far above the pipe buffer size: interleaving would show
+    record = PreferenceRecord.from_feedback(FeedbackRequest.model_validate(feedback_body(completion=big)))
+
+    def writer() -> None:
+        for _ in range(10):
+            append_feedback(path, record)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    records = lines_of(path)
+    assert len(records) == 40 and all(r["completion"] == big for r in records)
+
+
+def test_feedback_file_keeps_existing_lines_and_permissions(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    path.write_text('{"earlier": "line"}\n', encoding="utf-8")
+    inode = path.stat().st_ino
+    client_for(path).post("/v1/feedback", json=feedback_body())
+    assert path.stat().st_ino == inode
+    assert path.read_text(encoding="utf-8").startswith('{"earlier": "line"}\n{')
+
+
+# ---- validation ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        (feedback_body(rating="meh"), "rating", "'up' or 'down'"),
+        (feedback_body(rating=None), None, "give a rating"),
+        (feedback_body(edited="Nine."), "edited", "same as the completion"),
+        (feedback_body(edited=""), "edited", "at least 1 character"),
+        (feedback_body(messages=[]), "messages", "at least 1 item"),
+        (feedback_body(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role",
+         "'system', 'user' or 'assistant'"),
+        (feedback_body(messages=[{"role": "user", "content": 5}]), "messages.0.content", "valid string"),
+        (feedback_body(messages=[{"role": "user", "content": "hi", "name": "x"}]), "messages.0.name", "Extra inputs"),
+        (feedback_body(surprise=1), "surprise", "Extra inputs"),
+        (feedback_body(sampling={"temperature": "hot"}), "sampling.temperature", "valid number"),
+        (feedback_body(sampling={"top_k": 5.5}), "sampling.top_k", "valid integer"),
+        (feedback_body(sampling={"warmth": 1}), "sampling.warmth", "Extra inputs"),
+        (feedback_body(model=""), "model", "at least 1 character"),
+        ({k: v for k, v in feedback_body().items() if k != "completion"}, "completion", "Field required"),
+        ([1, 2], None, "object"),
+    ],
+)
+def test_bad_feedback_is_a_400_with_an_openai_error_body(tmp_path, body, param, words):
+    path = tmp_path / "fb.jsonl"
+    response = client_for(path).post("/v1/feedback", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] is None
+    assert error["param"] == param and words in error["message"]
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b'{"temperature": NaN}'])
+def test_feedback_that_is_not_json_is_a_400(tmp_path, raw):
+    client = client_for(tmp_path / "fb.jsonl")
+    response = client.post("/v1/feedback", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_infinite_sampling_values_are_refused(tmp_path):
+    raw = json.dumps(feedback_body(sampling={"temperature": float("inf")}))  # Python writes Infinity
+    response = client_for(tmp_path / "fb.jsonl").post("/v1/feedback", content=raw)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "sampling.temperature"
+
+
+def test_feedback_needs_the_api_key_when_the_server_has_one(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    client = client_for(path, api_key="s3cret")
+    assert client.get("/").status_code == 200  # the page itself is open: the key is typed into it
+    denied = client.post("/v1/feedback", json=feedback_body(), headers={"Authorization": "Bearer wrong"})
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert not path.exists()
+    allowed = client.post("/v1/feedback", json=feedback_body(), headers={"Authorization": "Bearer s3cret"})
+    assert allowed.status_code == 200 and len(lines_of(path)) == 1
+
+
+def test_unwritable_feedback_path_fails_when_the_routes_are_made(tmp_path):
+    with pytest.raises(OutputFileError, match="is a folder"):
+        web_routes(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputFileError, match="cannot write here"):
+        web_routes(blocker / "fb.jsonl")
+
+
+def test_read_feedback_names_the_bad_line(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    append_feedback(path, PreferenceRecord.from_feedback(FeedbackRequest.model_validate(feedback_body())))
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('{"id": "broken"}\n')
+    from scratchlm.errors import InputFileError
+
+    with pytest.raises(InputFileError, match=r"fb.jsonl:2: not a feedback record"):
+        read_feedback(path)
+
+
+# ---- in a browser --------------------------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+# Debian's Chromium, run headless as root in a container, with nothing that phones home.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+WAIT_MS = 30_000  # generous: CI machines are slow, and a passing run never waits this long
+TRAIN_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
+    "Numbers 1 2 3 and 日本語のテキスト, русский текст, emoji 🙂 end.\n"
+) * 20
+
+
+def require_browser(chromium: Path = CHROMIUM) -> None:
+    """Skip without a browser on a developer's machine; in CI (CI set) its absence is a failure."""
+    missing = None
+    if not chromium.is_file():
+        missing = f"{chromium} is missing (apt-get install chromium)"
+    elif importlib.util.find_spec("playwright") is None:
+        missing = "the playwright package is missing (pip install playwright; no browser download needed)"
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"{missing}: CI must run the browser test")
+    if missing:
+        pytest.skip(missing)
+
+
+def test_missing_browser_skips_locally_but_fails_in_ci(monkeypatch, tmp_path):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        require_browser(tmp_path / "chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the browser test"):
+        require_browser(tmp_path / "chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for this file's browser tests; each test opens its own page."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model():
+    """(model, tokenizer): the tiny random model, 20 ms slower per forward pass. Each token then
+    reaches the browser in its own network read, so a page that waited for the whole reply
+    could not pass the streaming check."""
+    from scratchlm.model import GPT, get_preset
+    from scratchlm.tokenizer import train_bpe
+
+    class PacedGPT(GPT):
+        def forward(self, *args, **kwargs):
+            time.sleep(0.02)
+            return super().forward(*args, **kwargs)
+
+    tokenizer = train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
+    torch.manual_seed(0)
+    return PacedGPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval(), tokenizer  # 128 positions
+
+
+def open_page(browser, url: str, script_errors: list[str]):
+    page = browser.new_page()
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    page.goto(url + "/")
+    return page
+
+
+# Records the reply's length at every DOM change, with the time: the trace of a streamed reply.
+WATCH_REPLY = """() => {
+    window.replyTrace = [];
+    const list = document.getElementById("messages");
+    new MutationObserver(() => {
+        const texts = list.querySelectorAll("[data-role=assistant] [data-testid=message-text]");
+        if (texts.length) window.replyTrace.push([texts[texts.length - 1].textContent.length, performance.now()]);
+    }).observe(list, { subtree: true, childList: true, characterData: true });
+}"""
+
+
+@pytest.mark.slow
+def test_chat_page_streams_a_reply_and_saves_rating_and_edit_in_chromium(browser, tiny_chat_model, tmp_path):
+    import httpx
+    from playwright.sync_api import expect
+
+    from scratchlm.serve.server import ServerThread, create_app
+
+    feedback = tmp_path / "feedback" / "chat.jsonl"
+    app = create_app(*tiny_chat_model, "tiny", feedback_path=feedback)
+    script_errors: list[str] = []
+    with ServerThread(app) as server:
+        page = open_page(browser, server.url, script_errors)
+        try:
+            expect(page.get_by_test_id("model-name")).to_have_text("tiny", timeout=WAIT_MS)
+            page.get_by_label("System prompt").fill("You are terse.")
+            page.get_by_label("Temperature").fill("0")  # greedy: the reply can be checked against the API's
+            page.get_by_label("Max tokens").fill("20")
+            expect(page.locator("#max-tokens-value")).to_have_text("20")
+            page.evaluate(WATCH_REPLY)
+
+            # A message, and the reply streaming in.
+            page.get_by_label("Message").fill("Hello there")
+            page.get_by_label("Message").press("Enter")
+            expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)  # tools come when it ends
+            reply = page.get_by_test_id("message-text").nth(1).text_content()
+            trace = page.evaluate("window.replyTrace")
+            lengths = sorted({length for length, _ in trace if length})
+            assert len(lengths) >= 3, f"the reply appeared in {len(lengths)} step(s): {trace}"
+            grow_times = [t for length, t in trace if length]
+            assert grow_times[-1] - grow_times[0] > 40, "every piece arrived at once: not streamed"
+            assert lengths[-1] == len(reply) > 0
+
+            # Thumbs up, then an edit of the same reply.
+            page.get_by_test_id("thumbs-up").click()
+            expect(page.get_by_test_id("feedback-status")).to_have_text("Saved", timeout=WAIT_MS)
+            expect(page.get_by_test_id("thumbs-up")).to_have_attribute("aria-pressed", "true")
+            page.get_by_test_id("edit").click()
+            page.get_by_test_id("edit-text").fill("A better answer.")
+            page.get_by_test_id("edit-save").click()
+            expect(page.get_by_test_id("message-text").nth(1)).to_have_text("A better answer.")
+            expect(page.get_by_test_id("feedback-status")).to_have_text("Saved", timeout=WAIT_MS)
+
+            # The conversation goes on from the edited answer; rate the second reply down.
+            page.get_by_label("Message").fill("And then?")
+            page.get_by_test_id("send").click()
+            expect(page.get_by_test_id("thumbs-down")).to_have_count(2, timeout=WAIT_MS)
+            page.get_by_test_id("thumbs-down").nth(1).click()
+            expect(page.get_by_test_id("feedback-status").nth(1)).to_have_text("Saved", timeout=WAIT_MS)
+
+            # An API error is shown with the server's message, and the message is kept to fix.
+            too_long = "word " * 300  # more than the tiny model's 128 positions
+            page.get_by_label("Message").fill(too_long)
+            page.get_by_test_id("send").click()
+            expect(page.get_by_test_id("error")).to_contain_text("context", timeout=WAIT_MS)  # the server's own message
+            expect(page.get_by_label("Message")).to_have_value(too_long.strip())
+            expect(page.get_by_test_id("message")).to_have_count(4)
+
+            page.get_by_test_id("new-chat").click()
+            expect(page.get_by_test_id("message")).to_have_count(0)
+            expect(page.get_by_test_id("error")).to_be_hidden()
+
+            # The page reassembled the stream into exactly the text the API returns whole.
+            messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}]
+            direct = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "temperature": 0, "top_p": 0.95, "max_tokens": 20, "messages": messages})
+            assert direct.json()["choices"][0]["message"]["content"] == reply
+        finally:
+            page.close()
+    assert script_errors == []
+
+    first, second, third = read_feedback(feedback)
+    system, user = {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}
+    assert [m.model_dump() for m in first.messages] == [system, user]
+    assert (first.completion, first.rating, first.edited, first.chosen) == (reply, "up", None, None)
+    assert first.model == "tiny" and first.reply_id.startswith("chatcmpl-")
+    assert first.sampling == {"temperature": 0.0, "top_p": 0.95, "max_tokens": 20}
+    assert (second.reply_id, second.rating, second.edited) == (first.reply_id, "up", "A better answer.")
+    assert (second.chosen, second.rejected) == ("A better answer.", reply)
+    assert [m.model_dump() for m in third.messages] == [
+        system, user, {"role": "assistant", "content": "A better answer."}, {"role": "user", "content": "And then?"}]
+    assert third.rating == "down" and third.reply_id != first.reply_id and third.edited is None
+    assert len(latest_per_reply([first, second, third])) == 2
+
+
+@pytest.mark.slow
+def test_chat_page_sends_the_api_key_to_chat_and_feedback_in_chromium(browser, tiny_chat_model, tmp_path):
+    from playwright.sync_api import expect
+
+    from scratchlm.serve.server import ServerThread, create_app
+
+    feedback = tmp_path / "feedback.jsonl"
+    app = create_app(*tiny_chat_model, "tiny", api_key="sk-page", feedback_path=feedback)
+    script_errors: list[str] = []
+    with ServerThread(app) as server:
+        page = open_page(browser, server.url, script_errors)
+        try:
+            page.get_by_label("Max tokens").fill("5")
+            page.get_by_label("Message").fill("Hello")
+            page.get_by_test_id("send").click()
+            expect(page.get_by_test_id("error")).to_contain_text("API key", timeout=WAIT_MS)
+            expect(page.get_by_label("Message")).to_have_value("Hello")
+
+            page.get_by_label("API key").fill("sk-page")
+            page.get_by_test_id("send").click()
+            expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)
+            expect(page.get_by_test_id("error")).to_be_hidden()
+            expect(page.get_by_test_id("model-name")).to_have_text("tiny")
+            page.get_by_test_id("thumbs-up").click()
+            expect(page.get_by_test_id("feedback-status")).to_have_text("Saved", timeout=WAIT_MS)
+        finally:
+            page.close()
+    assert script_errors == []
+    (record,) = read_feedback(feedback)
+    assert record.rating == "up" and record.messages[-1].content == "Hello"
