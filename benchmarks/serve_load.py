@@ -2,7 +2,8 @@
 127.0.0.1, for a fixed time.
 
     python benchmarks/serve_load.py [--model PATH] [--clients 32] [--duration 60] [--max-requests 5000]
-                                    [--max-tokens 64] [--max-batch 8] [--out benchmarks/results/serve_load.json]
+                                    [--max-tokens 64] [--max-batch 8] [--quantize none|int8]
+                                    [--out benchmarks/results/serve_load.json]
 
 The server runs as its own process (`python -m scratchlm.cli serve MODEL --port 0`), exactly as a
 user starts it, so the clients' work does not share its interpreter. Each of `--clients` asyncio
@@ -67,11 +68,11 @@ def smollm2_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def start_server(model: Path, max_batch: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, max_batch: int, quantize: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     log = log_path.open("w")  # the access log grows with every request: a file, never an unread pipe
     process = subprocess.Popen(
         [sys.executable, "-m", "scratchlm.cli", "serve", str(model), "--host", HOST, "--port", "0",
-         "--max-batch", str(max_batch), "--model-name", "bench", "--feedback", os.devnull],
+         "--max-batch", str(max_batch), "--quantize", quantize, "--model-name", "bench", "--feedback", os.devnull],
         stdout=subprocess.PIPE, stderr=log, text=True,
     )
     line = process.stdout.readline()
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=5000, help="hard cap on requests sent (default: 5000)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default: 64)")
     parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (default: 8)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="the server's --quantize (default: none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = parser.parse_args()
     if args.clients < 1 or args.duration <= 0 or args.max_requests < 1 or args.duration > 3600:
@@ -202,7 +204,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_path = args.out.with_suffix(".server.log")
 
-    process, url = start_server(model, args.max_batch, log_path)
+    process, url = start_server(model, args.max_batch, args.quantize, log_path)
     try:
         results, wall_s, peak_active = asyncio.run(
             run_load(url, args.clients, args.duration, args.max_requests, args.max_tokens))
