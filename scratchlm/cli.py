@@ -111,6 +111,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     print(f"  report     {run.run_dir / 'report.md'}  (loss curve: {run.run_dir / 'loss.png'}, metrics: {run.run_dir / 'metrics.jsonl'})")
     print(f"next: scratchlm generate {run.run_dir} --prompt \"The \"")
     print(f"      scratchlm eval {run.run_dir}    (builtin tasks and held-out text; or compare it with SmolLM2: README)")
+    print(f"      scratchlm serve {run.run_dir}   (OpenAI-compatible API at http://127.0.0.1:8000/v1, chat page at /)")
     return 0
 
 
@@ -305,11 +306,15 @@ def _add_generate_command(stages: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from scratchlm.serve.sampling import generate_text
+    from scratchlm.serve.sampling import encode_prompt, fit_prompt, generate_text
 
     config = _sampling_config(args, stop=tuple(args.stop), num_samples=args.num_samples, truncate=args.truncate)
     model, tokenizer = _load_for_inference(args)
     prompt = args.prompt if args.prompt is not None else ("" if sys.stdin.isatty() else sys.stdin.read())
+    ids = encode_prompt(tokenizer, prompt)
+    kept = fit_prompt(ids, config, model.config.block_size)  # a prompt over the context fails before anything is printed
+    if len(kept) < len(ids):
+        print(f"note: the prompt has {len(ids)} tokens; the model sees its last {len(kept)} (--truncate)", file=sys.stderr)
     if config.num_samples == 1:  # stream as tokens arrive
         sys.stdout.write(prompt)
         generate_text(model, tokenizer, prompt, config, on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -366,8 +371,8 @@ def _add_chat_command(stages: argparse._SubParsersAction) -> None:
         description="Chat with a model in the terminal: replies stream as they are produced, the conversation "
         "is kept, and the model's own chat template renders it (ChatML for models trained here). When the "
         "conversation outgrows the context, the oldest exchanges are forgotten. Commands: /reset, /system TEXT, "
-        "/help, /exit; Ctrl-C stops a reply. With standard input from a pipe, each line is a message and only "
-        "the replies are printed. " + MODEL_HELP,
+        "/help, /exit; Ctrl-C stops a reply. With standard input from a pipe, each line is a message (empty lines "
+        "are skipped) and only the replies go to standard output; notices go to standard error. " + MODEL_HELP,
     )
     chat.add_argument("model", type=Path, help="the model (see above)")
     chat.add_argument("--system", default=None, metavar="TEXT", help="the system prompt (default: the chat template's own, if any)")
@@ -392,7 +397,7 @@ def _chat(args: argparse.Namespace) -> int:
     model, tokenizer = _load_for_inference(args)
     if asked is None:
         config = replace(config, max_new_tokens=default_max_new_tokens(model.config.block_size))
-    session = ChatSession(tokenizer, system=args.system, config=config)
+    session = ChatSession(tokenizer, system=args.system, config=config, limit_name="--max-new-tokens")
 
     def write(text: str) -> None:
         sys.stdout.write(text)

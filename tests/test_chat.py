@@ -156,8 +156,11 @@ def test_a_message_that_does_not_fit_alone_raises_context_too_long_and_changes_n
 
 def test_a_reply_budget_as_large_as_the_context_is_refused_with_a_hint(tokenizer, model):
     session = ChatSession(tokenizer, config=SamplingConfig(max_new_tokens=128))
-    with pytest.raises(ContextTooLongError, match="leaves 0; shorten it or lower max_new_tokens"):
+    with pytest.raises(ContextTooLongError, match="leaves 0; shorten it or lower max_new_tokens$"):
         session.reply(model, "hi")
+    named = ChatSession(tokenizer, config=SamplingConfig(max_new_tokens=128), limit_name="--max-new-tokens")
+    with pytest.raises(ContextTooLongError, match="leaves 0; shorten it or lower --max-new-tokens$"):
+        named.reply(model, "hi")
     assert default_max_new_tokens(128) == 64 and default_max_new_tokens(8192) == 512
 
 
@@ -211,11 +214,40 @@ def test_run_chat_commands(tokenizer):
     term = Terminal("hello", "/system Be brief.", "/system", "/reset", "/nope", "   ", "//slash", "/help", "/exit", "unread")
     term.run(session, scripted(tokenizer, "Hi there", "Sure"))
     assert term.prompts == ["you> "] * 9 and term.lines == ["unread"]
-    out = "".join(term.out)
-    assert out.startswith("Hi there\nBe brief.\nSure\n/reset")  # the reply, /system shown, the reply, /help's list
-    assert term.notices == ["(system prompt set)", "(conversation forgotten)", "unknown command /nope; /help lists the commands"]
+    assert "".join(term.out) == "Hi there\nSure\n"  # only the replies: what commands show is a notice
+    assert term.notices[:4] == ["(system prompt set)", "Be brief.", "(conversation forgotten)",
+                                "unknown command /nope; /help lists the commands"]
+    assert len(term.notices) == 5 and term.notices[4].startswith("/reset")  # /help's list
     assert session.system == "Be brief."
     assert session.messages == [{"role": "user", "content": "/slash"}, {"role": "assistant", "content": "Sure"}]
+
+
+def test_run_chat_without_a_notice_callback_writes_notices_as_lines(tokenizer):
+    session = ChatSession(tokenizer, config=GREEDY)
+    out: list[str] = []
+    run_chat(session, scripted(tokenizer, "Hi there"), Terminal("/system", "/reset").read_line, out.append)
+    assert "".join(out) == ("(no system prompt: the chat template's default applies, if it has one)\n"
+                            "(conversation forgotten)\n")
+
+
+def test_a_reply_cut_at_the_token_limit_gets_a_notice_and_one_that_ended_does_not(tokenizer):
+    session = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=3), limit_name="--max-new-tokens")
+    term = Terminal("hello", "again")
+    term.run(session, scripted(tokenizer, "Hi there, how can I help?", "Hi"))
+    cut = session.messages[1]["content"]
+    assert len(tokenizer.encode(cut)) == 3 and "Hi there, how can I help?".startswith(cut)
+    assert "".join(term.out) == f"{cut}\nHi\n"
+    assert term.notices == ["(reply cut at --max-new-tokens)"]  # the first reply only
+    assert session.finish_reason == "stop"
+
+
+def test_finish_reason_says_why_the_last_reply_ended(tokenizer):
+    session = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=3))
+    assert session.finish_reason is None
+    session.reply(scripted(tokenizer, "Hi there, how can I help?"), "hello")
+    assert session.finish_reason == "length"
+    session.reply(scripted(tokenizer, "Hi"), "hello")
+    assert session.finish_reason == "stop"
 
 
 def test_run_chat_ends_at_end_of_input(tokenizer):
@@ -347,17 +379,21 @@ def test_chat_command_with_piped_input_prints_only_the_replies(model_folder):
                              "--max-new-tokens", "8"], input=lines, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     model, tokenizer = load_pretrained(model_folder)
-    reply = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=8)).reply(model, "The interpreter")
+    session = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=8))
+    reply = session.reply(model, "The interpreter")
     assert result.stdout == f"{reply}\n{reply}\n"  # /reset: the same message gets the same greedy reply
-    assert result.stderr == "(conversation forgotten)\n"
+    cut = "(reply cut at --max-new-tokens)\n" if session.finish_reason == "length" else ""
+    assert result.stderr == f"{cut}(conversation forgotten)\n{cut}"
 
 
 def test_chat_command_limits_the_reply_to_half_a_short_context(model_folder, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("/system\nloop " + "loop " * 70 + "\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/system\n\nloop " + "loop " * 70 + "\n"))
     assert main(["chat", str(model_folder), "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
-    assert out == "(no system prompt: the chat template's default applies, if it has one)\n"
+    assert out == ""  # standard output holds only replies: /system's answer is a notice, the empty line is skipped
+    assert err.startswith("(no system prompt: the chat template's default applies, if it has one)\n")
     assert "context of 128 tokens keeps 64 for the reply" in err  # default_max_new_tokens(128)
+    assert err.rstrip().endswith("shorten it or lower --max-new-tokens")  # the flag, as the CLI user knows it
 
 
 @pytest.mark.parametrize(("args", "error"), [

@@ -1,6 +1,8 @@
 import math
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from scratchlm.errors import ConfigError, ContextTooLongError
@@ -300,3 +302,24 @@ def test_empty_prompt_without_eot_raises_config_error():
 
 def test_prompt_may_contain_special_tokens(tokenizer):
     assert encode_prompt(tokenizer, "<|endoftext|>") == [tokenizer.eot_id]
+
+
+# ---- properties of the text layer ------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from(list("ab \n\u00e9\u65e5\U0001f642")), max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=12),
+    stops=st.lists(st.text(alphabet=st.sampled_from(list("ab\n\u00e9\U0001f642")), min_size=1, max_size=3), max_size=3),
+)
+def test_streamed_pieces_equal_the_text_cut_before_the_first_stop_string(text, cuts, stops):
+    """Whatever byte boundaries the tokens fall on and whatever the stop strings, the pieces
+    shown concatenate to the text up to the earliest stop string, and never hold U+FFFD."""
+    data = text.encode()
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    stream = CompletionStream(tuple(stops))
+    shown = [stream.push(data[a:b]) for a, b in zip(bounds, bounds[1:])]
+    shown.append(stream.finish())
+    hits = [text.find(s) for s in stops if s in text]
+    expected = text[: min(hits)] if hits else text
+    assert "".join(shown) == stream.text == expected
+    assert "\ufffd" not in "".join(shown)

@@ -20,9 +20,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from scratchlm.cli import main
+from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
-from scratchlm.serve.server import ServerThread, create_app
+from scratchlm.serve.server import ServerThread, _sampling_error, create_app
 from scratchlm.tokenizer import train_bpe
 
 TRAIN_TEXT = (
@@ -106,7 +107,7 @@ def sse_payloads(text: str) -> list[dict]:
     [
         ("/v1/completions", completion(max_tokens=-1), "max_tokens"),
         ("/v1/completions", completion(max_tokens=0), "max_tokens"),
-        ("/v1/completions", completion(max_tokens=10**12), "prompt"),
+        ("/v1/completions", completion(max_tokens=10**12), "max_tokens"),  # the prompt fits: max_tokens is at fault
         ("/v1/completions", completion(prompt="fox " * 200), "prompt"),  # over the 128-token context
         ("/v1/completions", completion(prompt="fox " * 200, max_tokens=None), "prompt"),
         ("/v1/completions", completion(n=9), "n"),
@@ -120,7 +121,8 @@ def sse_payloads(text: str) -> list[dict]:
         ("/v1/completions", completion(presence_penalty=-2.5), "presence_penalty"),
         ("/v1/completions", completion(repetition_penalty=0), "repetition_penalty"),
         ("/v1/completions", completion(stop=["a", "b", "c", "d", "e"]), "stop"),
-        ("/v1/completions", completion(stop=""), None),
+        ("/v1/completions", completion(stop=""), "stop"),
+        ("/v1/completions", completion(stop=["a", ""]), "stop"),
         ("/v1/completions", completion(logprobs=2), "logprobs"),
         ("/v1/completions", completion(suffix="end"), "suffix"),
         ("/v1/completions", completion(prompt=[]), "prompt"),
@@ -130,13 +132,14 @@ def sse_payloads(text: str) -> list[dict]:
         ("/v1/completions", completion(best_of=2), "best_of"),
         ("/v1/completions", {"prompt": "hi"}, "model"),
         ("/v1/chat/completions", chat(messages=[]), "messages"),
-        ("/v1/chat/completions", chat(messages=[{"role": "robot", "content": "hi"}]), "messages"),
+        ("/v1/chat/completions", chat(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
         ("/v1/chat/completions", chat(messages=[{"role": "user"}]), "messages"),
         ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "hi", "mood": "happy"}]), "messages.0.mood"),
         ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-         None),
+         "messages.0.content"),
         ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "fox " * 200}]), "messages"),
-        ("/v1/chat/completions", chat(max_tokens=120), "messages"),  # prompt + max_tokens > 128
+        ("/v1/chat/completions", chat(max_tokens=120), "max_tokens"),  # prompt + max_tokens > 128
+        ("/v1/chat/completions", chat(max_tokens=None, max_completion_tokens=120), "max_completion_tokens"),
         ("/v1/chat/completions", chat(max_completion_tokens=-5), "max_completion_tokens"),
         ("/v1/chat/completions", chat(logprobs=True), "logprobs"),
         ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs"),
@@ -147,6 +150,20 @@ def sse_payloads(text: str) -> list[dict]:
         ("/v1/chat/completions", chat(messages=[{"role": "assistant", "content": "hi", "tool_calls": [{"id": "1"}]}]),
          "messages.0.tool_calls"),
         ("/v1/chat/completions", chat(seed="abc"), "seed"),
+        ("/v1/completions", completion(max_tokens="5"), "max_tokens"),
+        ("/v1/completions", completion(max_tokens=True), "max_tokens"),
+        ("/v1/completions", completion(max_tokens=5.0), "max_tokens"),
+        ("/v1/completions", completion(stream="yes"), "stream"),
+        ("/v1/completions", completion(stream=1), "stream"),
+        ("/v1/completions", completion(echo=1), "echo"),
+        ("/v1/completions", completion(temperature="0.5"), "temperature"),
+        ("/v1/completions", completion(temperature=True), "temperature"),
+        ("/v1/completions", completion(seed=1e30), "seed"),
+        ("/v1/completions", completion(logit_bias={"1": 5}), "logit_bias"),
+        ("/v1/chat/completions", chat(stream=True, stream_options={"include_usage": 1}), "stream_options.include_usage"),
+        ("/v1/chat/completions", chat(response_format={"type": "json_object"}), "response_format"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+         "messages.0.content.0.text"),
     ],
 )
 def test_bad_request_is_a_400_with_an_openai_error_body(client, path, body, param):
@@ -163,6 +180,63 @@ def test_bad_request_is_a_400_with_an_openai_error_body(client, path, body, para
 def test_malformed_body_is_a_400_never_a_500(client, raw):
     response = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
     assert_openai_error(response, 400)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/v1/completions", completion(max_tokens="5"), "max_tokens must be an integer, not the string"),
+        ("/v1/completions", completion(max_tokens=True), "max_tokens must be an integer, not true"),
+        ("/v1/completions", completion(stream="yes"), "stream must be true or false"),
+        ("/v1/completions", completion(seed=1e30), "seed must be an integer, not 1e+30"),
+        ("/v1/completions", completion(n=0), "n must be >= 1, not 0"),
+        ("/v1/completions", completion(stop=""), "stop must not be an empty string"),
+        ("/v1/chat/completions", chat(stop=5), "stop must be a string or a list, not 5"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+         "only text content parts"),
+        ("/v1/chat/completions", chat(tools=[{"type": "function"}]), "'tools' is not supported by this server"),
+        ("/v1/chat/completions", chat(tool_choice="auto"), "'tool_choice' is not supported by this server"),
+        ("/v1/chat/completions", chat(mood="happy"), "unknown field 'mood'"),
+        ("/v1/chat/completions", chat(messages=[{"role": "robot", "content": "hi"}]),
+         "must be one of system, developer, user, assistant, not 'robot'"),
+        ("/v1/chat/completions", chat(max_tokens=120), "maximum context length is 128 tokens"),
+    ],
+)
+def test_bad_request_messages_say_what_is_wrong_in_json_terms(client, path, body, words):
+    error = assert_openai_error(client.post(path, json=body), 400)
+    assert words in error["message"], error
+    assert "sampling:" not in error["message"] and "Input should" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [(b"", "the request body is empty"), (b"[1, 2]", "must be a JSON object, not a list"),
+     (b'{"model": "tiny", "prompt": "caf\xe9"}', "not UTF-8 (byte 0xe9 at offset 32)")],
+)
+def test_malformed_body_messages_say_what_is_wrong(client, raw, words):
+    response = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    error = assert_openai_error(response, 400, None)
+    assert words in error["message"], error
+
+
+def test_null_unsupported_fields_ask_for_nothing(client):
+    # Some clients send every field; null asks for no tools, so it is not refused.
+    body = chat(tools=None, tool_choice=None, response_format=None, logit_bias=None)
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_float_field_takes_a_json_integer(client):
+    response = client.post("/v1/completions", json=completion(temperature=1, top_p=1, repetition_penalty=1))
+    assert response.status_code == 200, response.text
+
+
+def test_sampling_config_errors_name_the_request_field():
+    error = _sampling_error(ConfigError("sampling: max_new_tokens must be >= 1, not 0"), "max_completion_tokens")
+    assert (error.param, error.message) == ("max_completion_tokens", "max_completion_tokens must be >= 1, not 0")
+    error = _sampling_error(ConfigError("sampling: top_p must be in (0, 1], not 2"), "max_tokens")
+    assert (error.param, error.message) == ("top_p", "top_p must be in (0, 1], not 2")
+    error = _sampling_error(ConfigError("sampling: stop_token_ids must be token ids"), "max_tokens")
+    assert (error.param, error.message) == (None, "stop_token_ids must be token ids")  # not a request field
 
 
 def test_non_finite_numbers_are_refused(client):

@@ -417,17 +417,27 @@ def test_chat_page_sends_the_api_key_to_chat_and_feedback_in_chromium(browser, t
     with ServerThread(app) as server:
         page = open_page(browser, server.url, script_errors)
         try:
+            # The page says where the key goes at once, rather than the API's advice on headers.
+            error = page.get_by_test_id("error")
+            expect(error).to_have_text("This server needs an API key: enter it in the API key field.",
+                                       timeout=WAIT_MS)
+            expect(page.get_by_test_id("model-name")).to_have_text("")
             page.get_by_label("Max tokens").fill("5")
             page.get_by_label("Message").fill("Hello")
             page.get_by_test_id("send").click()
-            expect(page.get_by_test_id("error")).to_contain_text("API key", timeout=WAIT_MS)
-            expect(page.get_by_label("Message")).to_have_value("Hello")
+            expect(page.get_by_label("Message")).to_have_value("Hello", timeout=WAIT_MS)
+            expect(error).to_contain_text("enter it in the API key field")
 
+            page.get_by_label("API key").fill("sk-wrong")  # a changed key asks for the model list again
+            expect(error).to_have_text("The server refused this API key: correct it in the API key field.",
+                                       timeout=WAIT_MS)
             page.get_by_label("API key").fill("sk-page")
+            expect(page.get_by_test_id("model-name")).to_have_text("tiny", timeout=WAIT_MS)  # before any message
+            expect(error).to_be_hidden()
+            expect(page.locator("#max-tokens-value")).to_have_text("5")  # the user's choice stays
             page.get_by_test_id("send").click()
             expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)
-            expect(page.get_by_test_id("error")).to_be_hidden()
-            expect(page.get_by_test_id("model-name")).to_have_text("tiny")
+            expect(error).to_be_hidden()
             page.get_by_test_id("thumbs-up").click()
             expect(page.get_by_test_id("feedback-status")).to_have_text("Saved", timeout=WAIT_MS)
         finally:
@@ -435,3 +445,50 @@ def test_chat_page_sends_the_api_key_to_chat_and_feedback_in_chromium(browser, t
     assert script_errors == []
     (record,) = read_feedback(feedback)
     assert record.rating == "up" and record.messages[-1].content == "Hello"
+
+
+@pytest.mark.slow
+def test_chat_page_fits_max_tokens_to_a_small_context_and_marks_a_stopped_reply_in_chromium(
+        browser, tiny_chat_model, tmp_path):
+    from playwright.sync_api import expect
+
+    from scratchlm.serve.server import ServerThread, create_app
+
+    app = create_app(*tiny_chat_model, "tiny", feedback_path=tmp_path / "feedback.jsonl")
+    script_errors: list[str] = []
+    with ServerThread(app) as server:
+        page = open_page(browser, server.url, script_errors)
+        try:
+            # The slider follows the model's 128-token context: at most 128, half of it by default.
+            expect(page.get_by_test_id("model-name")).to_have_text("tiny", timeout=WAIT_MS)
+            slider = page.get_by_label("Max tokens")
+            expect(slider).to_have_attribute("max", "128")
+            expect(slider).to_have_value("64")
+            expect(page.locator("#max-tokens-value")).to_have_text("64")
+            page.get_by_label("Temperature").fill("0")
+
+            # All of the context for the reply: the server is left to give what the prompt leaves,
+            # not asked for more than fits, which it would refuse.
+            slider.fill("128")
+            expect(page.locator("#max-tokens-value")).to_have_text("128")
+            page.get_by_label("Message").fill("Hello there")
+            page.get_by_label("Message").press("Enter")
+            expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)
+            expect(page.get_by_test_id("error")).to_be_hidden()
+            assert page.get_by_test_id("message-text").nth(1).text_content()
+
+            # Stop while a reply streams: what arrived stays, marked as stopped.
+            page.get_by_test_id("new-chat").click()
+            slider.fill("100")
+            page.get_by_label("Message").fill("The quick brown fox")
+            page.get_by_test_id("send").click()
+            page.wait_for_function(  # textContent: the greedy reply may be only white space
+                "() => document.querySelector('[data-role=assistant] [data-testid=message-text]')?.textContent",
+                timeout=WAIT_MS)
+            page.get_by_test_id("stop").click()
+            expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)
+            expect(page.get_by_test_id("reply-cut")).to_have_text("(stopped)")
+            expect(page.get_by_test_id("error")).to_be_hidden()
+        finally:
+            page.close()
+    assert script_errors == []

@@ -208,6 +208,12 @@ def test_generate_streams_a_continuation_from_a_run_folder(shards, tmp_path):
     assert result.stdout.startswith("The ") and len(result.stdout) > 5
     again = cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
     assert again.stdout == result.stdout
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 60  # longer than the tiny model's context
+    refused = cli("generate", str(tmp_path / "run"), "--prompt", long_prompt, "--max-new-tokens", "5")
+    assert refused.returncode == 2 and refused.stdout == ""  # nothing printed before the error
+    assert refused.stderr.startswith("scratchlm: error:") and "--truncate" in refused.stderr and "Traceback" not in refused.stderr
+    cut = cli("generate", str(tmp_path / "run"), "--prompt", long_prompt, "--max-new-tokens", "5", "--truncate")
+    assert cut.returncode == 0 and "the model sees its last" in cut.stderr
 
 
 def test_quickstart_end_to_end_with_a_tiny_budget(tmp_path):

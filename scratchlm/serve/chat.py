@@ -2,8 +2,8 @@
 
 A `ChatSession` holds what the model sees each turn: the system prompt, the user and assistant
 messages so far, and the sampling settings. Each reply renders the whole conversation with the
-model's chat template (`render_chat`) and samples with `generate_text`, the one sampling
-implementation, so a chat reply is exactly what `generate` would sample from that prompt.
+model's chat template (`render_chat`) and samples with `generate`, the one sampling
+implementation, so a chat reply is exactly what `generate_text` would sample from that prompt.
 
 The context: the rendered conversation plus `max_new_tokens` must fit the model's `block_size`.
 When it no longer does, the oldest exchanges (a user message and its reply) are forgotten, as
@@ -19,7 +19,7 @@ from torch import nn
 
 from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.serve.chat_template import chat_stop_ids, chat_template, render_chat
-from scratchlm.serve.sampling import SamplingConfig, generate_text
+from scratchlm.serve.sampling import SamplingConfig, generate
 from scratchlm.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -37,12 +37,17 @@ def default_max_new_tokens(block_size: int) -> int:
 @dataclass
 class ChatSession:
     """One conversation. `messages` holds the user and assistant turns, oldest first, always in
-    pairs; the system prompt is kept apart (None: the template's own default, if it has one)."""
+    pairs; the system prompt is kept apart (None: the template's own default, if it has one).
+    `limit_name` is what messages call the reply's token limit: a CLI names its flag.
+    `finish_reason` tells how the last reply ended: "stop" (the model ended its turn), "length"
+    (cut at the token limit) or None (none yet, or interrupted)."""
 
     tokenizer: Tokenizer
     system: str | None = None
     config: SamplingConfig = CHAT_SAMPLING
     messages: list[Message] = field(default_factory=list)
+    limit_name: str = "max_new_tokens"
+    finish_reason: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         chat_template(self.tokenizer)  # a model without a template fails now, not at the first message
@@ -95,17 +100,19 @@ class ChatSession:
         return (
             f"chat: {what} takes {prompt_tokens} tokens, but the context of {block_size} tokens keeps "
             f"{self.config.max_new_tokens} for the reply and leaves {max(block_size - self.config.max_new_tokens, 0)}; "
-            "shorten it or lower max_new_tokens"
+            f"shorten it or lower {self.limit_name}"
         )
 
     def reply(
         self, model: nn.Module, user_text: str, on_text: TextCallback | None = None, on_notice: TextCallback | None = None
     ) -> str:
         """The model's reply to `user_text`, streamed piece by piece to `on_text`; both messages
-        join the history. `on_notice` hears when old exchanges were forgotten to make room.
+        join the history. `on_notice` hears when old exchanges were forgotten to make room;
+        `finish_reason` then says whether the reply was cut at the token limit.
 
         Interrupted (KeyboardInterrupt), the reply so far joins the history, as the user saw it,
         and the interrupt goes on to the caller."""
+        self.finish_reason = None
         prompt = self.fit_prompt(user_text, model.config.block_size, on_notice)
         shown: list[str] = []
 
@@ -115,12 +122,14 @@ class ChatSession:
             shown.append(piece)  # after showing it: a piece whose showing was interrupted is not kept
 
         try:
-            text = generate_text(model, self.tokenizer, prompt, self.config, on_text=stream)[0]
+            # generate rather than generate_text: the completion says whether it was cut
+            (completion,) = generate(model, self.tokenizer, [prompt], self.config, max_batch=1, on_text=stream)
         except KeyboardInterrupt:
             self._remember(user_text, "".join(shown))
             raise
-        self._remember(user_text, text)
-        return text
+        self._remember(user_text, completion.text)
+        self.finish_reason = completion.finish_reason
+        return completion.text
 
     def _remember(self, user_text: str, reply: str) -> None:
         self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
@@ -143,10 +152,11 @@ def run_chat(
     notice: TextCallback | None = None,
     prompt: str = "you> ",
 ) -> None:
-    """Read messages with `read_line(prompt)` (EOFError ends the chat) and stream each reply to
-    `write`. Commands start with /. `notice` gets status lines (default: `write`); a terminal
-    sends them to stderr so that piped output holds only replies."""
-    notice = notice or write
+    """Read messages with `read_line(prompt)` (EOFError ends the chat; empty lines are skipped)
+    and stream each reply to `write`. Commands start with /. `notice` gets status lines and
+    what the commands show (default: `write`); a terminal sends them to stderr so that piped
+    output holds only replies."""
+    notice = notice or (lambda text: write(text + "\n"))  # notices are lines; `write` takes pieces
     while True:
         try:
             line = read_line(prompt).strip()
@@ -158,13 +168,15 @@ def run_chat(
         if not line:
             continue
         if line.startswith("/") and not line.startswith("//"):
-            if not _run_command(session, line, write, notice):
+            if not _run_command(session, line, notice):
                 return
             continue
         text = line[1:] if line.startswith("//") else line
         try:
             session.reply(model, text, on_text=write, on_notice=notice)
             write("\n")
+            if session.finish_reason == "length":  # else a reply cut mid-word looks like the model's own end
+                notice(f"(reply cut at {session.limit_name})")
         except KeyboardInterrupt:
             write("\n")
             notice("(reply stopped)")
@@ -172,7 +184,7 @@ def run_chat(
             notice(f"error: {error}")
 
 
-def _run_command(session: ChatSession, line: str, write: TextCallback, notice: TextCallback) -> bool:
+def _run_command(session: ChatSession, line: str, notice: TextCallback) -> bool:
     """Carry out one /command; False when the chat should end."""
     name, _, argument = line.partition(" ")
     argument = argument.strip()
@@ -185,9 +197,9 @@ def _run_command(session: ChatSession, line: str, write: TextCallback, notice: T
         session.set_system(argument)
         notice("(system prompt set)")
     elif name == "/system":
-        write((session.system or "(no system prompt: the chat template's default applies, if it has one)") + "\n")
+        notice(session.system or "(no system prompt: the chat template's default applies, if it has one)")
     elif name == "/help":
-        write(HELP + "\n")
+        notice(HELP)
     else:
         notice(f"unknown command {name}; /help lists the commands")
     return True

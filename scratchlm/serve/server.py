@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 from torch import nn
@@ -51,6 +51,26 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its cl
 DEFAULT_FEEDBACK_PATH = Path("feedback.jsonl")
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
+ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer name for system
+
+# OpenAI fields that clients send but this server cannot honour: refused by name, not as unknown
+# fields, so a client learns the feature is missing rather than that it misspelled something.
+UNSUPPORTED_FIELDS = frozenset({
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "logit_bias", "best_of", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
+    "service_tier", "store", "metadata",
+})
+
+# What a JSON value must be, by pydantic's error type: the wording a JSON client understands.
+_WANTED_TYPE = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+                "string_type": "a string", "list_type": "a list", "model_type": "an object",
+                "model_attributes_type": "an object", "dict_type": "an object"}
+
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+           "less_than": ("lt", "<")}
+
+# SamplingConfig's names for the request fields they come from (the others are spelled alike).
+_SAMPLING_FIELDS = {"max_new_tokens": "max_tokens", "num_samples": "n"}
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -81,24 +101,60 @@ def _field_path(loc: Sequence[Any]) -> str | None:
     return ".".join(parts) or None
 
 
+def _json_value(value: Any) -> str:
+    """A parsed JSON value as a message shows it: short scalars as written, others by their type."""
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return f"the string {json.dumps(value)}" if len(value) <= 20 else "a string"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _plain_message(error: dict[str, Any]) -> str:
+    if bound := _BOUNDS.get(error.get("type", "")):
+        key, op = bound
+        return f"must be {op} {error.get('ctx', {}).get(key)}, not {_json_value(error.get('input'))}"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _union_message(param: str, errors: Sequence[dict[str, Any]]) -> str:
+    """What `param` must be, from its errors (one per union member that failed)."""
+    wanted = dict.fromkeys(_WANTED_TYPE.get(e.get("type", ""), "") for e in errors)
+    if "" not in wanted:  # only wrong JSON types: one sentence naming every accepted one
+        return f"{param} must be {' or '.join(wanted)}, not {_json_value(errors[0].get('input'))}"
+    messages = dict.fromkeys(_plain_message(e) for e in errors)
+    if len(messages) == 1 and (only := next(iter(messages))).startswith("must "):
+        return f"{param} {only}"
+    return f"{param}: {' or '.join(messages)}"
+
+
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI answers 422; OpenAI's API and clients expect 400 with their error body.
     errors = exc.errors()
     first = errors[0]
     param = _field_path(first.get("loc", ()))
+    # A union member that got further than the first failed one (a list whose item is wrong,
+    # not a string) is what the client meant: report its error.
+    deeper = [e for e in errors if param and (_field_path(e.get("loc", ())) or "").startswith(param + ".")]
+    if deeper:
+        first = deeper[0]
+        param = _field_path(first.get("loc", ()))
     kind = first.get("type")
+    body_form = "send a JSON object of the request's fields, with Content-Type: application/json"
     if kind == "json_invalid":
         message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
+    elif kind == "extra_forbidden" and param in UNSUPPORTED_FIELDS:
+        message = f"{param!r} is not supported by this server"
     elif kind == "extra_forbidden":
         message = f"unknown field {param!r}; see the API reference for the supported fields"
+    elif kind == "missing" and param is None:  # FastAPI reads an empty body as a missing one
+        message = f"the request body is empty; {body_form}"
     elif kind == "missing":
         message = f"{param} is required"
     elif param is None:
-        message = "the request body must be a JSON object, sent with Content-Type: application/json"
-    else:  # a union's members each failed: say what every one of them wanted
-        wanted = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors
-                               if _field_path(e.get("loc", ())) == param)
-        message = f"{param}: {' or '.join(wanted)}"
+        message = f"the request body must be a JSON object, not {_json_value(first.get('input'))}; {body_form}"
+    else:  # one error, or one per union member: say what every one of them wanted
+        message = _union_message(param, [e for e in errors if _field_path(e.get("loc", ())) == param])
     return APIError(400, message, param).response()
 
 
@@ -107,6 +163,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         message = f"unknown request URL: {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
+    elif isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
+        bad = exc.__cause__
+        message = (f"the request body is not UTF-8 (byte 0x{bad.object[bad.start]:02x} at offset {bad.start}); "
+                   "send JSON encoded as UTF-8")
     else:
         message = str(exc.detail)
     return APIError(exc.status_code, message, type_="invalid_request_error").response()
@@ -144,7 +204,9 @@ async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
 
 # ---- request bodies ------------------------------------------------------------------------
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as written, so "5" is not an integer and 1 not a boolean (a float field
+    # still takes a JSON integer such as 1).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):
@@ -171,11 +233,21 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; not used
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_unsupported(cls, body: Any) -> Any:
+        # Clients that send every field send `"tools": null` and the like, which asks for nothing.
+        if isinstance(body, dict):
+            return {k: v for k, v in body.items() if not (k in UNSUPPORTED_FIELDS and v is None)}
+        return body
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
         if isinstance(stop, list) and len(stop) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings, not {len(stop)}")
+        if stop == "" or (isinstance(stop, list) and "" in stop):
+            raise ValueError("must not be an empty string: an empty stop string would end every completion at once")
         return stop
 
     @property
@@ -208,6 +280,24 @@ class ChatMessage(_Request):
     refusal: None = None
     tool_calls: list | None = None
 
+    @field_validator("role")
+    @classmethod
+    def _check_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"must be one of {', '.join(ROLES)}, not {role!r}")
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, content: Any) -> Any:
+        # Checked before the union so that an image part is named as such, not as "not a string".
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") != "text":
+                    raise ValueError(f"only text content parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                                     f"supported by this server, not {part.get('type')!r}")
+        return content
+
     @field_validator("tool_calls")
     @classmethod
     def _no_tool_calls(cls, calls: list | None) -> list | None:
@@ -217,7 +307,6 @@ class ChatMessage(_Request):
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content if not isinstance(self.content, list) else "".join(part.text for part in self.content)
-        # "developer" is OpenAI's newer name for the system role.
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
@@ -300,9 +389,11 @@ def _completion_prompts(request: CompletionRequest, served: "_Served") -> list[_
     return prompts
 
 
-def _max_new_tokens(asked: int | None, prompt_tokens: int, context: int, param: str, what: str) -> int:
+def _max_new_tokens(asked: int | None, prompt_tokens: int, context: int, param: str, what: str,
+                    asked_param: str = "max_tokens") -> int:
     """The completion's token budget. Like OpenAI and vLLM, a prompt plus `max_tokens` that do not
-    fit in the context is refused rather than silently cut."""
+    fit in the context is refused rather than silently cut. The error names `asked_param` when the
+    prompt alone fits (the tokens asked for are at fault), else the prompt's field `param`."""
     if asked is None:
         if prompt_tokens >= context:
             raise APIError(400, f"this model's maximum context length is {context} tokens, and the {what} "
@@ -311,7 +402,7 @@ def _max_new_tokens(asked: int | None, prompt_tokens: int, context: int, param: 
     if prompt_tokens + asked > context:
         raise APIError(400, f"this model's maximum context length is {context} tokens, but {prompt_tokens + asked} "
                        f"were requested ({prompt_tokens} in the {what}, {asked} for the completion); shorten the "
-                       f"{what} or lower max_tokens", param)
+                       f"{what} or lower {asked_param}", param if prompt_tokens >= context else asked_param)
     return asked
 
 
@@ -319,7 +410,19 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def _sampling_configs(request: SamplingFields, max_new_tokens: int, stop_token_ids: tuple[int, ...]) -> list[SamplingConfig]:
+def _sampling_error(exc: ConfigError, max_tokens_param: str) -> APIError:
+    """SamplingConfig's "sampling: <field> must ..." as a 400 naming the request's field, without
+    the internal prefix."""
+    message = str(exc).removeprefix("sampling: ")
+    name = message.split(" ", 1)[0]
+    param = max_tokens_param if name == "max_new_tokens" else _SAMPLING_FIELDS.get(name, name)
+    if param not in SamplingFields.model_fields and param != max_tokens_param:
+        return APIError(400, message)
+    return APIError(400, param + message.removeprefix(name), param)
+
+
+def _sampling_configs(request: SamplingFields, max_new_tokens: int, stop_token_ids: tuple[int, ...],
+                      max_tokens_param: str = "max_tokens") -> list[SamplingConfig]:
     """One config per choice: `n` choices of a seeded request use seeds seed, seed+1, ... so that
     they differ from each other and the request is reproducible."""
     try:
@@ -335,7 +438,7 @@ def _sampling_configs(request: SamplingFields, max_new_tokens: int, stop_token_i
             for i in range(request.choices)
         ]
     except ConfigError as exc:
-        raise APIError(400, str(exc)) from None
+        raise _sampling_error(exc, max_tokens_param) from None
 
 
 def _submit(scheduler: Scheduler, jobs: Sequence[tuple[list[int], SamplingConfig]], param: str) -> list[Generation]:
@@ -632,9 +735,10 @@ async def _chat(served: _Served, body: ChatCompletionRequest, request: Request):
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
     include_usage = _check_stream_options(body)
     prompt_ids = await run_in_threadpool(_chat_prompt, served, body.messages)
+    asked_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_new = _max_new_tokens(asked, len(prompt_ids), served.context, "messages", "messages")
-    configs = _sampling_configs(body, max_new, chat_stop_ids(served.tokenizer))
+    max_new = _max_new_tokens(asked, len(prompt_ids), served.context, "messages", "messages", asked_param)
+    configs = _sampling_configs(body, max_new, chat_stop_ids(served.tokenizer), asked_param)
     generations = _submit(served.running_scheduler(), [(prompt_ids, c) for c in configs], "messages")
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

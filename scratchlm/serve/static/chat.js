@@ -11,6 +11,9 @@
 
   const state = {
     model: null, // the served model's name, from GET /v1/models
+    context: null, // its context in tokens (`max_model_len`): prompt plus reply must fit it
+    maxTokensTouched: false, // the user moved the Max tokens slider: keep their value
+    modelFetches: 0, // numbers each model fetch, so that only the newest one's answer is shown
     turns: [], // the conversation after the system prompt: {role, content} or a reply object
     controller: null, // aborts the reply being streamed
   };
@@ -38,7 +41,15 @@
   }
 
   // ---- talking to the server --------------------------------------------------------------
+  // The API's 401 tells an API client which header to send; a page user has a field instead.
+  function keyMessage() {
+    return $("api-key").value.trim()
+      ? "The server refused this API key: correct it in the API key field."
+      : "This server needs an API key: enter it in the API key field.";
+  }
+
   async function errorMessage(response) {
+    if (response.status === 401) return keyMessage();
     const body = await response.text();
     try {
       const parsed = JSON.parse(body);
@@ -50,20 +61,63 @@
     return `${response.status} ${response.statusText}${body ? `: ${body.slice(0, 500)}` : ""}`;
   }
 
+  // An Error for a refused request; `kind` "api-key" lets a later right key take it away.
+  async function apiError(response) {
+    const error = new Error(await errorMessage(response));
+    if (response.status === 401) error.kind = "api-key";
+    return error;
+  }
+
   async function fetchModel() {
     const response = await fetch("/v1/models", { headers: headers() });
-    if (!response.ok) throw new Error(await errorMessage(response));
+    if (!response.ok) throw await apiError(response);
     const body = await response.json();
     if (!body.data || !body.data.length) throw new Error("the server lists no model");
-    return body.data[0].id;
+    return body.data[0];
+  }
+
+  // A model trained here may have a context of only 128 tokens: the slider's range and default
+  // follow the served model's context, so the first message fits.
+  function fitMaxTokens(context) {
+    if (!Number.isInteger(context) || context < 2) return;
+    const slider = $("max-tokens");
+    slider.max = String(context);
+    if (!state.maxTokensTouched) slider.value = String(Math.min(256, Math.floor(context / 2)));
+    $("max-tokens-value").textContent = slider.value; // the browser clamps a value above the new max
+  }
+
+  async function loadModel() {
+    const fetchNumber = ++state.modelFetches;
+    const card = await fetchModel();
+    if (fetchNumber !== state.modelFetches) return card.id; // the newest fetch sets the page
+    state.model = card.id;
+    state.context = card.max_model_len;
+    $("model-name").textContent = state.model;
+    fitMaxTokens(state.context);
+    return state.model;
   }
 
   async function ensureModel() {
-    if (!state.model) {
-      state.model = await fetchModel();
-      $("model-name").textContent = state.model;
-    }
-    return state.model;
+    return state.model || loadModel();
+  }
+
+  // Ask for the model list with the current key: show the model's name, or what the key needs.
+  // Only errors of this kind are replaced or cleared here; a chat error stays until the next message.
+  function refreshModel() {
+    const ours = () => ["api-key", "model"].includes($("error").dataset.kind);
+    const fetchNumber = state.modelFetches + 1; // loadModel's, taken before its first await
+    const newest = () => fetchNumber === state.modelFetches;
+    loadModel()
+      .then(() => {
+        if (newest() && ours()) clearError();
+      })
+      .catch((error) => {
+        if (newest() && !state.controller && (ours() || $("error").hidden)) showError(error.message, error.kind || "model");
+      });
+  }
+
+  async function postChat(body, signal) {
+    return fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   }
 
   // Server-sent events: blocks separated by a blank line; the payload is in `data:` lines.
@@ -118,15 +172,17 @@
     if (force || nearEnd) list.scrollTop = list.scrollHeight;
   }
 
-  function showError(message) {
+  function showError(message, kind = "") {
     const box = $("error");
     box.textContent = message;
+    box.dataset.kind = kind;
     box.hidden = false;
   }
 
   function clearError() {
     $("error").hidden = true;
     $("error").textContent = "";
+    $("error").dataset.kind = "";
   }
 
   function setBusy(busy) {
@@ -148,6 +204,7 @@
       rating: null,
       id: null,
       finishReason: null,
+      stopped: false, // ended by the Stop button
       messagesBefore: messages,
       sampling,
       ...addMessage("assistant", ""),
@@ -159,13 +216,18 @@
     setBusy(true);
     try {
       const model = await ensureModel();
-      const response = await fetch("/v1/chat/completions", {
-        method: "POST",
-        headers: headers(),
-        body: JSON.stringify({ model, messages, stream: true, ...sampling }),
-        signal: controller.signal,
-      });
-      if (!response.ok) throw new Error(await errorMessage(response));
+      let response = await postChat({ model, messages, stream: true, ...sampling }, controller.signal);
+      if (response.status === 400 && "max_tokens" in sampling) {
+        // The page cannot count tokens; the server can. A conversation that leaves less room than
+        // Max tokens asks for gets what is left of the context: without max_tokens, the server
+        // gives min(its default, the room left), never more than the slider asked for.
+        const message = await errorMessage(response.clone());
+        if (/maximum context length/.test(message) && /were requested/.test(message)) {
+          delete sampling.max_tokens;
+          response = await postChat({ model, messages, stream: true, ...sampling }, controller.signal);
+        }
+      }
+      if (!response.ok) throw await apiError(response);
       for await (const data of sseData(response)) {
         if (data === "[DONE]") break;
         const chunk = JSON.parse(data);
@@ -182,7 +244,8 @@
         if (choice.finish_reason) reply.finishReason = choice.finish_reason;
       }
     } catch (error) {
-      if (error.name !== "AbortError") showError(error.message);
+      if (error.name === "AbortError") reply.stopped = true;
+      else showError(error.message, error.kind);
     } finally {
       finishReply(reply, user);
       if (state.controller === controller) {
@@ -206,10 +269,12 @@
     }
     reply.content = reply.original;
     state.turns.push(reply);
-    if (reply.finishReason === "length") {
+    const cut = reply.stopped ? "(stopped)" : reply.finishReason === "length" ? "(cut at max tokens)" : null;
+    if (cut) {
       const note = document.createElement("span");
       note.className = "edited-mark";
-      note.textContent = "(cut at max tokens)";
+      note.dataset.testid = "reply-cut";
+      note.textContent = cut;
       reply.node.querySelector(".role").appendChild(note);
     }
     addReplyTools(reply);
@@ -321,6 +386,9 @@
       input.addEventListener("input", update);
       update();
     }
+    $("max-tokens").addEventListener("input", () => {
+      state.maxTokensTouched = true;
+    });
     $("composer").addEventListener("submit", (event) => {
       event.preventDefault();
       const input = $("message-input");
@@ -337,11 +405,15 @@
     });
     $("stop").addEventListener("click", () => state.controller && state.controller.abort());
     $("new-chat").addEventListener("click", newChat);
-    $("api-key").addEventListener("change", () => {
-      if (!state.model) ensureModel().catch(() => {});
+    // A new key asks for the model list again, once typing pauses: the header shows the model as
+    // soon as the key is right, and a wrong key says so before a message is lost on it.
+    let keyTimer = null;
+    $("api-key").addEventListener("input", () => {
+      clearTimeout(keyTimer);
+      keyTimer = setTimeout(refreshModel, 300);
     });
-    // Show the model's name at once; without the right API key this waits for the first message.
-    ensureModel().catch(() => {});
+    // Show the model's name at once, or that the server needs an API key.
+    refreshModel();
   }
 
   init();
