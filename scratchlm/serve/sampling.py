@@ -287,9 +287,10 @@ class DecodeBatch:
             prompt_tensor = torch.tensor(prompt, device=self.device)
             for slot in slots:
                 self.slots[slot] = _Sequence(config, generator, stops, len(prompt))
-                self.seen[slot] = False
-                self.seen[slot, prompt_tensor] = True
-                self.counts[slot] = 0
+                if config.uses_penalties:  # the token history only penalties read
+                    self.seen[slot] = False
+                    self.seen[slot, prompt_tensor] = True
+                    self.counts[slot] = 0
             return self._draw(slots, logits[:, -1].float().expand(len(slots), -1))
 
     def step(self) -> list[TokenStep]:
@@ -329,8 +330,9 @@ class DecodeBatch:
         steps = []
         for slot, seq, token in zip(slots, seqs, tokens):
             seq.generated += 1
-            self.seen[slot, token] = True
-            self.counts[slot, token] += 1
+            if seq.config.uses_penalties:
+                self.seen[slot, token] = True
+                self.counts[slot, token] += 1
             finish = None
             if token in seq.stop_ids:
                 finish = "stop"
@@ -517,10 +519,10 @@ def generate(
     seed + n, so a prompt's samples do not depend on the others in the batch."""
     check_vocabularies(model, tokenizer)
     encoded = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
-    seen_lengths = []
+    prompt_lengths = []
     for n, ids in enumerate(encoded):  # every error before anything runs
         try:
-            seen_lengths.append(len(fit_prompt(ids, config, model.config.block_size)))
+            prompt_lengths.append(len(fit_prompt(ids, config, model.config.block_size)))
         except ContextTooLongError as error:
             raise ContextTooLongError(f"prompt {n}: {error}") from None
     samples = config.num_samples
@@ -542,7 +544,7 @@ def generate(
             on_text(index, piece)
         if ended:
             del owner[step.slot]
-            results[index] = Completion(streams[index].text, tokens[index], ended, seen_lengths[index // samples])
+            results[index] = Completion(streams[index].text, tokens[index], ended, prompt_lengths[index // samples])
 
     was_training = model.training
     model.eval()
