@@ -1,0 +1,1 @@
+"""Post-training: supervised fine-tuning, LoRA, DPO, classification and the human-feedback loop."""
