@@ -150,3 +150,24 @@ def test_invalid_model_configs_are_refused(changes, message):
 def test_unknown_preset_suggests_the_closest():
     with pytest.raises(ConfigError, match="did you mean 'gpt2-124m'"):
         get_preset("gpt2-124")
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_packed_documents_give_the_logits_of_each_document_alone(name):
+    torch.manual_seed(0)
+    model = GPT(ARCHITECTURES[name]).eval()
+    docs = [torch.randint(0, 97, (n,)) for n in (5, 9, 3)]
+    packed = torch.cat(docs)[None]
+    documents = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    logits, _ = model(packed, documents=documents)
+    alone = torch.cat([model(d[None])[0] for d in docs], dim=1)
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
+    unmasked, _ = model(packed)
+    assert not torch.allclose(unmasked[:, 5:], alone[:, 5:], atol=1e-3)  # without it, documents see each other
+
+
+def test_document_positions_restart_at_each_document():
+    from scratchlm.model.model import document_positions
+
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1, -1]])
+    assert document_positions(documents).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 0, 1]]

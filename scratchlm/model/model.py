@@ -154,7 +154,9 @@ class Attention(nn.Module):
         self.q_norm = make_norm(config, hd) if config.qk_norm else None
         self.k_norm = make_norm(config, hd) if config.qk_norm else None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cached: "CachedStep | None", layer: int) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cached: "CachedStep | None", layer: int, mask: Tensor | None = None
+    ) -> Tensor:
         cfg = self.config
         B, T, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
@@ -166,7 +168,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask, causal = None, T > 1
+        causal = mask is None and T > 1
         if cached is not None:
             k, v = cached.write(layer, k, v)
             mask, causal = cached.mask, cached.mask is None and T > 1 and cached.start == 0
@@ -206,8 +208,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cached: "CachedStep | None", layer: int) -> Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope, cached, layer))
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cached: "CachedStep | None", layer: int, mask: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cached, layer, mask))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -245,20 +249,34 @@ class GPT(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        documents: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets (B, T; -100 to
         ignore a position), the mean next-token cross-entropy in nats. With a cache, row b's
         tokens go at positions cache.lengths[b] onward, and its length grows by T. `last_only`
         computes logits (B, 1, vocab) for the last position: a long prompt's prefill would
-        otherwise spend time and memory on vocab x T logits nobody reads."""
+        otherwise spend time and memory on vocab x T logits nobody reads. `documents` (B, T)
+        numbers the documents packed into each row (fine-tuning on short examples): attention
+        stays inside each document and positions restart at each, so a packed row trains as
+        its documents would one by one."""
         B, T = idx.shape
-        cached, start = None, 0
+        cached, start, mask = None, 0, None
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
             positions = torch.arange(T, device=idx.device)[None]
+            if documents is not None:
+                if documents.shape != idx.shape:
+                    raise ValueError(f"documents has shape {tuple(documents.shape)}, the tokens {tuple(idx.shape)}")
+                positions, mask, start = document_positions(documents), document_mask(documents), None
         else:
+            if documents is not None:
+                raise ValueError("packed documents are for training; generation with a cache takes one sequence per row")
             cached = cache.plan(T, min(self.config.block_size, cache.max_len))
             positions, start = cached.positions, cached.start
         x = self.embed(idx)
@@ -271,7 +289,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cached, layer)
+            x = block(x, rope, cached, layer, mask)
         if cache is not None:
             cache.lengths += T
         if last_only:
@@ -285,6 +303,23 @@ class GPT(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         param = self.embed.weight
         return KVCache.empty(self.config, batch, max_len or self.config.block_size, param.device, param.dtype)
+
+
+def document_positions(documents: Tensor) -> Tensor:
+    """(B, T) position of each token inside its document: 0 where a new document starts."""
+    T = documents.shape[1]
+    index = torch.arange(T, device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def document_mask(documents: Tensor) -> Tensor:
+    """(B, 1, T, T) attention mask, True where query i may see key j: j <= i, same document.
+    Every position sees itself, so no softmax row is empty."""
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
 
 
 def allocate_on_cpu(model: GPT) -> GPT:
