@@ -12,12 +12,11 @@ from scratchlm.finetune.dpo import (
     collate_preferences,
     dpo_loss,
     encode_preference,
-    end_of_turn_id,
     load_preferences,
     preference_logprobs,
-    prompt_ids,
     sequence_logprobs,
 )
+from scratchlm.finetune.sft_data import encode_conversation
 from scratchlm.model import GPT, get_preset
 from scratchlm.serve.web import FeedbackRequest, PreferenceRecord
 from scratchlm.tokenizer import train_bpe
@@ -137,46 +136,53 @@ def test_right_padding_does_not_change_logprobs(model, tokenizer):
     batch = collate_preferences(encoded, pad_id=5)
     with torch.no_grad():
         chosen, rejected = preference_logprobs(model, batch)
-        for n, (c_ids, c_labels, r_ids, r_labels) in enumerate(encoded):
-            alone = sequence_logprobs(model, torch.tensor([c_ids]), torch.tensor([c_labels]))
+        for n, pair in enumerate(encoded):
+            alone = sequence_logprobs(model, torch.tensor([pair.chosen.input_ids]), torch.tensor([pair.chosen.targets]))
             torch.testing.assert_close(chosen[n : n + 1], alone)
-            alone = sequence_logprobs(model, torch.tensor([r_ids]), torch.tensor([r_labels]))
+            alone = sequence_logprobs(model, torch.tensor([pair.rejected.input_ids]), torch.tensor([pair.rejected.targets]))
             torch.testing.assert_close(rejected[n : n + 1], alone)
 
 
 # ---- encoding --------------------------------------------------------------------------
 def test_encoding_uses_the_chat_template_and_labels_only_the_answer(tokenizer):
     example = PreferenceExample(({"role": "user", "content": "Which animal sat on the mat?"},), "The cat did.", "A dog.")
-    chosen_ids, chosen_labels, rejected_ids, rejected_labels = encode_preference(tokenizer, example, 128)
+    pair = encode_preference(tokenizer, example, 128)
     prompt = tokenizer.encode("<|im_start|>user\nWhich animal sat on the mat?<|im_end|>\n<|im_start|>assistant\n",
                               allowed_special="all")
     im_end = tokenizer.special_tokens["<|im_end|>"]
-    assert end_of_turn_id(tokenizer) == im_end
-    for ids, labels, answer in ((chosen_ids, chosen_labels, "The cat did."), (rejected_ids, rejected_labels, "A dog.")):
-        assert len(ids) == len(labels)
-        assert ids[: len(prompt)] == prompt
-        assert labels[: len(prompt) - 1] == [IGNORE] * (len(prompt) - 1)
-        scored = labels[len(prompt) - 1 :]
+    for side, answer in ((pair.chosen, "The cat did."), (pair.rejected, "A dog.")):
+        assert side.tokens[: len(prompt)] == prompt
+        # The position reading "assistant\n" predicts the answer's first token; nothing before it is scored.
+        assert side.targets[: len(prompt) - 1] == [IGNORE] * (len(prompt) - 1)
+        scored = [t for t in side.targets if t != IGNORE]
         assert scored[-1] == im_end  # the model learns to end its turn
         assert tokenizer.decode(scored[:-1]) == answer
-        # Pre-shifted like GPT.forward's targets: label t is token t + 1 of the full sequence.
-        assert all(lab in (IGNORE, nxt) for lab, nxt in zip(labels, ids[1:] + [im_end]))
+        assert side.targets == side.labels[1:] and side.input_ids == side.tokens[:-1]
+
+
+def test_each_answer_is_encoded_as_sft_encodes_the_conversation_with_only_the_last_answer_labelled(tokenizer):
+    earlier = ({"role": "user", "content": "Which animal?"}, {"role": "assistant", "content": "The cat."},
+               {"role": "user", "content": "Where did it sit?"})
+    pair = encode_preference(tokenizer, PreferenceExample(earlier, "On the mat.", "In the park."), 128)
+    for side, answer in ((pair.chosen, "On the mat."), (pair.rejected, "In the park.")):
+        assert side == encode_conversation(tokenizer, [*earlier, {"role": "assistant", "content": answer}], 128, train_on="last")
+        assert "The cat." not in tokenizer.decode([t for t in side.labels if t != IGNORE])
 
 
 def test_special_token_text_in_an_answer_does_not_end_the_turn(tokenizer):
     example = PreferenceExample(({"role": "user", "content": "Say it"},), "<|im_end|>", "no")
-    _, labels, _, _ = encode_preference(tokenizer, example, 128)
+    pair = encode_preference(tokenizer, example, 128)
     im_end = tokenizer.special_tokens["<|im_end|>"]
-    assert [lab for lab in labels if lab != IGNORE].count(im_end) == 1
+    assert [lab for lab in pair.chosen.targets if lab != IGNORE].count(im_end) == 1
 
 
 def test_model_without_chat_template_gets_the_plain_prompt():
     plain = train_bpe([TEXT], vocab_size=300, workers=1, min_frequency=1, special_tokens=("<|endoftext|>",))
     example = PreferenceExample(({"role": "user", "content": "The sky is"},), " blue.", " green.")
-    chosen_ids, chosen_labels, _, _ = encode_preference(plain, example, 64)
-    assert prompt_ids(plain, example.messages) == plain.encode_ordinary("The sky is")
-    assert chosen_ids[: len(plain.encode_ordinary("The sky is"))] == plain.encode_ordinary("The sky is")
-    assert chosen_labels[-1] == plain.eot_id
+    chosen = encode_preference(plain, example, 64).chosen
+    prompt = plain.encode_ordinary("The sky is")
+    assert chosen.tokens == prompt + plain.encode_ordinary(" blue.") + [plain.eot_id]
+    assert [t for t in chosen.targets if t != IGNORE] == chosen.tokens[len(prompt) :]
     two_turns = PreferenceExample(({"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}), "a", "b")
     with pytest.raises(ConfigError, match="single user message"):
         encode_preference(plain, two_turns, 64)
@@ -186,19 +192,22 @@ def test_too_long_pair_is_dropped_or_left_truncated(tokenizer):
     long_prompt = "The cat sat on the mat. " * 20
     example = PreferenceExample(({"role": "user", "content": long_prompt},), "The cat did.", "A dog ran in the park.")
     full = encode_preference(tokenizer, example, 1024)
-    assert len(full[0]) > 40 and len(full[2]) > 40
+    assert len(full.chosen.input_ids) > 40 and len(full.rejected.input_ids) > 40
     assert encode_preference(tokenizer, example, 40, truncate="drop") is None
-    chosen_ids, chosen_labels, rejected_ids, rejected_labels = encode_preference(tokenizer, example, 40, truncate="left")
-    assert max(len(chosen_ids), len(rejected_ids)) == 40
+    cut = encode_preference(tokenizer, example, 40, truncate="left")
+    assert max(len(cut.chosen.input_ids), len(cut.rejected.input_ids)) == 40
+    assert cut.chosen.truncated and cut.rejected.truncated
     # Answers kept whole, so they score exactly what they scored untruncated.
-    assert [x for x in chosen_labels if x != IGNORE] == [x for x in full[1] if x != IGNORE]
-    assert [x for x in rejected_labels if x != IGNORE] == [x for x in full[3] if x != IGNORE]
-    # Both answers follow the same (cut) prompt: the end of the original one.
-    n_prompt = len(chosen_ids) - sum(x != IGNORE for x in chosen_labels) + 1
-    assert rejected_ids[:n_prompt] == chosen_ids[:n_prompt] == full[0][len(full[0]) - len(chosen_ids):][:n_prompt]
+    assert [x for x in cut.chosen.targets if x != IGNORE] == [x for x in full.chosen.targets if x != IGNORE]
+    assert [x for x in cut.rejected.targets if x != IGNORE] == [x for x in full.rejected.targets if x != IGNORE]
+    # Both answers follow the same (cut) prompt: the end of the original one, the same tokens dropped from each.
+    dropped = len(full.chosen.tokens) - len(cut.chosen.tokens)
+    assert dropped == len(full.rejected.tokens) - len(cut.rejected.tokens)
+    n_prompt = next(i for i, x in enumerate(cut.chosen.labels) if x != IGNORE)
+    assert cut.rejected.tokens[:n_prompt] == cut.chosen.tokens[:n_prompt] == full.chosen.tokens[dropped:][:n_prompt]
     huge_answer = PreferenceExample(({"role": "user", "content": "Hi"},), "The cat sat on the mat. " * 30, "no")
     assert encode_preference(tokenizer, huge_answer, 40, truncate="left") is None
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="truncate"):
         encode_preference(tokenizer, example, 40, truncate="right")
 
 
@@ -230,12 +239,16 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
     assert examples[0] == PreferenceExample(({"role": "user", "content": "Which animal?"},), "The cat.", "A dog.",
                                             source=f"{path}:1")
     assert examples[1].messages[0] == {"role": "system", "content": "Be brief."} and examples[1].chosen == "Blue."
-    assert "2 pairs kept, 7 malformed lines" in report.summary() and "line 2:" in report.summary()
+    assert "2 pairs kept, 7 malformed lines" in report.summary() and f"{path}:2: not JSON" in report.summary()
 
 
-def test_missing_file_is_an_input_error(tmp_path):
+def test_missing_file_or_file_without_pairs_is_an_input_error(tmp_path):
     with pytest.raises(InputFileError, match="cannot read"):
         load_preferences(tmp_path / "absent.jsonl")
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "chosen": "same", "rejected": "same"}) + "\n")
+    with pytest.raises(InputFileError, match="no usable pairs.*:1: chosen and rejected are the same"):
+        load_preferences(path)
 
 
 def test_web_chat_feedback_records_convert_to_pairs(tmp_path, tokenizer):

@@ -105,6 +105,37 @@ def test_template_without_end_of_turn_token_is_refused(tokenizer):
         encode_conversation(tokenizer, [USER, ANSWER], block_size=256)
 
 
+def test_train_on_last_labels_only_the_last_answer(tokenizer):
+    messages = [USER, ANSWER, USER2, ANSWER2]
+    every = encode_conversation(tokenizer, messages, block_size=256)
+    last = encode_conversation(tokenizer, messages, block_size=256, train_on="last")
+    im_end = tokenizer.special_tokens["<|im_end|>"]
+    assert last.tokens == every.tokens
+    assert trained_ids(last) == tokenizer.encode(ANSWER2["content"]) + [im_end]
+    with pytest.raises(ConfigError, match="train_on"):
+        encode_conversation(tokenizer, messages, block_size=256, train_on="first")
+
+
+def test_special_token_text_in_an_answer_is_trained_as_text(tokenizer):
+    # At inference the model generates ids, never the string "<|im_end|>"'s special token; an
+    # answer quoting it must not teach the model to end its turn there.
+    quoting = {"role": "assistant", "content": "Write <|im_end|> to end a turn."}
+    example = encode_conversation(tokenizer, [USER, quoting], block_size=256)
+    im_end = tokenizer.special_tokens["<|im_end|>"]
+    assert trained_ids(example) == tokenizer.encode_ordinary(quoting["content"]) + [im_end]
+    assert trained_ids(example).count(im_end) == 1
+
+
+def test_model_without_chat_template_trains_on_plain_prompt_and_answer():
+    plain = train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1, special_tokens=("<|endoftext|>",))
+    example = encode_conversation(plain, [USER, ANSWER], block_size=256)
+    prompt = plain.encode_ordinary(USER["content"])
+    assert example.tokens == prompt + plain.encode_ordinary(ANSWER["content"]) + [plain.eos_id]
+    assert example.labels == [IGNORE] * len(prompt) + example.tokens[len(prompt) :]
+    with pytest.raises(ConfigError, match="single user message"):
+        encode_conversation(plain, [SYSTEM, USER, ANSWER], block_size=256)
+
+
 # ---- too long ----------------------------------------------------------------------------
 
 
@@ -113,25 +144,35 @@ def test_too_long_examples_are_dropped_or_truncated_and_counted(tokenizer):
     whole = encode_conversation(tokenizer, long, block_size=10_000)
     block = len(whole.input_ids) - 5
     assert encode_conversation(tokenizer, long, block_size=block, truncate="drop") is None
-    cut = encode_conversation(tokenizer, long, block_size=block, truncate="right")
+    cut = encode_conversation(tokenizer, long, block_size=block, truncate="left")
     assert cut.truncated and len(cut.input_ids) == block
-    assert cut.tokens == whole.tokens[: block + 1] and cut.labels == whole.labels[: block + 1]
+    # Cut from the start: the answer and its <|im_end|> are all still there.
+    assert cut.tokens == whole.tokens[-(block + 1) :] and cut.labels == whole.labels[-(block + 1) :]
+    assert trained_ids(cut) == trained_ids(whole)
 
     examples, stats = encode_conversations(tokenizer, [short, long, short], block_size=block, truncate="drop")
     assert (len(examples), stats.kept, stats.truncated, stats.dropped) == (2, 2, 0, 1)
-    examples, stats = encode_conversations(tokenizer, [short, long, short], block_size=block, truncate="right")
+    examples, stats = encode_conversations(tokenizer, [short, long, short], block_size=block, truncate="left")
     assert (len(examples), stats.kept, stats.truncated, stats.dropped) == (3, 2, 1, 0)
 
 
-def test_truncation_that_leaves_no_answer_token_drops_the_example(tokenizer):
-    prompt_only = encode_conversation(tokenizer, [SYSTEM, USER, ANSWER], block_size=256)
-    first_trained = next(i for i, t in enumerate(prompt_only.labels) if t != IGNORE)
-    assert encode_conversation(tokenizer, [SYSTEM, USER, ANSWER], block_size=first_trained - 1, truncate="right") is None
+def test_left_truncation_never_cuts_into_the_last_answer(tokenizer):
+    messages = [SYSTEM, USER, ANSWER, USER2, ANSWER2]
+    whole = encode_conversation(tokenizer, messages, block_size=256)
+    last_answer = tokenizer.encode(ANSWER2["content"]) + [tokenizer.special_tokens["<|im_end|>"]]
+    start = len(whole.labels) - 1 - whole.labels[::-1].index(last_answer[0])  # the last answer's first token
+    assert whole.labels[start : start + len(last_answer)] == last_answer
+    # The smallest context that keeps it: from the token before it (which must predict it) to the end.
+    smallest = len(whole.tokens) - start
+    cut = encode_conversation(tokenizer, messages, block_size=smallest, truncate="left")
+    assert cut.tokens == whole.tokens[start - 1 :]
+    assert [t for t in cut.targets if t != IGNORE] == last_answer
+    assert encode_conversation(tokenizer, messages, block_size=smallest - 1, truncate="left") is None
 
 
 def test_unknown_truncate_mode_is_a_config_error(tokenizer):
     with pytest.raises(ConfigError, match="truncate"):
-        encode_conversation(tokenizer, [USER, ANSWER], block_size=64, truncate="left")
+        encode_conversation(tokenizer, [USER, ANSWER], block_size=64, truncate="right")
 
 
 # ---- JSONL shapes and bad records --------------------------------------------------------
@@ -149,7 +190,7 @@ def test_each_jsonl_shape_becomes_a_conversation(tmp_path):
         ],
     )
     conversations, report = load_instructions(path)
-    assert report.kept == 5 and report.rejected == []
+    assert report.kept == [1, 2, 3, 4, 5] and report.rejected == []
     assert conversations == [
         [{"role": "user", "content": "Translate.\n\nbonjour"}, {"role": "assistant", "content": "hello"}],
         [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
@@ -178,16 +219,18 @@ def test_malformed_lines_are_counted_with_their_line_numbers(tmp_path):
         ],
     )
     conversations, report = load_instructions(path)
-    assert report.kept == len(conversations) == 2
+    assert report.kept == [1, 11] and len(conversations) == 2
     lines = [line for line, _ in report.rejected]
     assert lines == [2, 3, 4, 5, 7, 8, 9, 10]
     reasons = dict(report.rejected)
-    assert "bad JSON" in reasons[2]
+    assert "not JSON" in reasons[2]
     assert "'output'" in reasons[3]
     assert "'robot'" in reasons[4]
     assert "empty answer" in reasons[5]
     assert "last message" in reasons[7]
     assert "no known shape" in reasons[8]
+    assert "not a JSON object" in reasons[9]
+    assert "before any user" in reasons[10]
     assert f"{path}:3:" in report.summary()
 
 
@@ -195,11 +238,11 @@ def test_invalid_utf8_line_is_rejected_not_raised(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
     _, report = load_instructions(path)
-    assert report.kept == 1 and report.rejected == [(2, "not UTF-8 text")]
+    assert report.kept == [1] and report.rejected == [(2, "not UTF-8 text")]
 
 
 def test_file_without_usable_records_or_missing_raises_input_file_error(tmp_path):
-    with pytest.raises(InputFileError, match="line 1"):
+    with pytest.raises(InputFileError, match="no usable conversations.*:1: not JSON"):
         load_instructions(write_jsonl(tmp_path, ["{bad"]))
     with pytest.raises(InputFileError, match="cannot read"):
         load_instructions(tmp_path / "absent.jsonl")

@@ -6,47 +6,52 @@ the implicit reward of an answer is beta * (log pi(answer | prompt) - log ref(an
 with `ref` a frozen copy of the model before training (or its log-probabilities computed once
 in advance), and the loss is -log sigmoid(reward(chosen) - reward(rejected)).
 
-Token convention, the one `GPT.forward(idx, targets)` uses: `labels` are already shifted, so
-labels[b, t] is the token the logits at position t must predict, i.e. input_ids[b, t + 1], or
--100 where the position is not scored. A training sequence of n tokens is therefore fed as
-input_ids = tokens[:-1], labels = tokens[1:] with the prompt's positions set to -100, and the
-same (input_ids, labels) pair works for SFT's `model(input_ids, targets=labels)`.
+Tokens follow the one labels convention of `scratchlm.finetune` (see `sft_data`): each answer
+is its prompt plus that answer encoded by `sft_data.encode_messages` with only the last
+assistant message labelled, an `EncodedExample` whose shifted `input_ids`/`targets` are what
+the model reads and scores, exactly as `GPT.forward(idx, targets)` takes them for SFT.
 """
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.serve.chat_template import (
-    END_OF_TURN_TOKENS,
-    ROLES,
-    chat_template,
-    render_chat,
+from scratchlm.errors import ConfigError
+from scratchlm.finetune.records import (
+    Message,
+    RecordError,
+    RecordReport,
+    check_conversation,
+    parse_messages,
+    read_jsonl,
+)
+from scratchlm.finetune.sft_data import (
+    IGNORE,
+    EncodedExample,
+    Truncate,
+    check_truncation,
+    cut_left,
+    encode_messages,
+    pad_batch,
 )
 from scratchlm.tokenizer import Tokenizer
 
-IGNORE = -100  # the label of a position that is not scored: F.cross_entropy's ignore_index
-
 
 # ---- log-probabilities and the loss ----------------------------------------------------
-def sequence_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
-    """Summed log-probability of each row's label tokens, shape (B,). input_ids and labels are
-    (B, T); labels are pre-shifted like `GPT.forward`'s targets (labels[b, t] is predicted by
-    the logits at position t) and -100 where not scored, padding included."""
-    if input_ids.shape != labels.shape:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
+def sequence_logprobs(model: nn.Module, input_ids: Tensor, targets: Tensor) -> Tensor:
+    """Summed log-probability of each row's scored tokens, shape (B,). input_ids and targets are
+    (B, T), shifted as `GPT.forward` takes them (targets[b, t] is predicted by the logits at
+    position t) and -100 where not scored, padding included."""
+    if input_ids.shape != targets.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} differ in shape")
     logits, _ = model(input_ids)
     # cross_entropy instead of log_softmax + gather: it never materialises a (B, T, vocab) tensor
     # of log-probabilities next to the logits, and ignored positions come out as exactly 0.
-    token_nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     return -token_nll.sum(dim=-1)
 
 
@@ -114,89 +119,48 @@ class PreferenceExample:
     source: str = ""
 
 
-@dataclass
-class RejectedLine:
-    line: int
-    reason: str
-
-
-@dataclass
-class PreferenceReport:
-    """What happened to each line of a preference file: kept, rejected with a reason, or (web
-    chat feedback) skipped because it has no pair or a later record replaced it."""
-
-    path: str
-    kept: list[int] = field(default_factory=list)
-    rejected: list[RejectedLine] = field(default_factory=list)
-    without_pair: list[int] = field(default_factory=list)  # a rating with no edited answer
-    superseded: list[int] = field(default_factory=list)  # an earlier record of the same reply
-
-    def summary(self) -> str:
-        """One line for the CLI, with the first few rejected lines named."""
-        text = f"{self.path}: {len(self.kept)} pairs kept, {len(self.rejected)} malformed lines"
-        if self.without_pair:
-            text += f", {len(self.without_pair)} feedback records without an edited answer"
-        if self.superseded:
-            text += f", {len(self.superseded)} feedback records replaced by a later one"
-        if self.rejected:
-            shown = "; ".join(f"line {r.line}: {r.reason}" for r in self.rejected[:3])
-            text += f" ({shown}{'; ...' if len(self.rejected) > 3 else ''})"
-        return text
-
-
-class _Malformed(Exception):
-    """A line that is not a usable preference record; the message is the report's reason."""
-
-
 def _answer(record: Mapping, key: str) -> str:
     """`chosen`/`rejected` as a non-blank string. TRL's conversational shape, a list holding
     one assistant message, is accepted too."""
-    if key not in record or record[key] is None:
-        raise _Malformed(f"missing field {key!r}")
-    value = record[key]
+    value = record.get(key)
+    if value is None:
+        raise RecordError(f"missing field {key!r}")
     if isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], Mapping) or value[0].get("role") != "assistant":
-            raise _Malformed(f"{key!r} as a list must hold exactly one assistant message")
-        value = value[0].get("content")
+        messages = parse_messages(value, key)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise RecordError(f"{key!r} as a list must hold exactly one assistant message")
+        value = messages[0]["content"]
     if not isinstance(value, str):
-        raise _Malformed(f"{key!r} is not a string")
+        raise RecordError(f"field {key!r} is {type(value).__name__}, not text")
     if not value.strip():
-        raise _Malformed(f"empty answer in {key!r}")
+        raise RecordError(f"empty answer in {key!r}")
     return value
 
 
-def _messages(value: object, key: str) -> tuple[dict[str, str], ...]:
-    if not isinstance(value, list) or not value:
-        raise _Malformed(f"{key!r} must be a non-empty list of messages")
-    checked = []
-    for n, message in enumerate(value):
-        if not isinstance(message, Mapping):
-            raise _Malformed(f"{key}[{n}] is not an object with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise _Malformed(f"{key}[{n}] has role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise _Malformed(f"{key}[{n}] has no text content")
-        checked.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in checked):
-        raise _Malformed(f"every message in {key!r} is empty")
-    return tuple(checked)
-
-
-def _prompt(record: Mapping) -> tuple[dict[str, str], ...]:
+def _prompt(record: Mapping) -> list[Message]:
     """The conversation before the answer: `messages`, or `prompt` as a string or a list."""
     if "messages" in record:
-        return _messages(record["messages"], "messages")
+        return parse_messages(record["messages"], "messages")
     if "prompt" not in record:
-        raise _Malformed("missing field 'prompt' (or 'messages')")
+        raise RecordError("missing field 'prompt' (or 'messages')")
     prompt = record["prompt"]
     if isinstance(prompt, list):
-        return _messages(prompt, "prompt")
+        return parse_messages(prompt, "prompt")
     if not isinstance(prompt, str):
-        raise _Malformed("'prompt' is neither a string nor a list of messages")
-    if not prompt.strip():
-        raise _Malformed("empty prompt")
-    return ({"role": "user", "content": prompt},)
+        raise RecordError("field 'prompt' is neither text nor a list of messages")
+    return [{"role": "user", "content": prompt}]
+
+
+def record_to_preference(record: Mapping, source: str = "") -> PreferenceExample:
+    """One JSON record as a checked preference pair, or RecordError saying why it is unusable.
+    The prompt followed by either answer must be a conversation SFT could train on
+    (`records.check_conversation`): a user message first, nothing blank."""
+    prompt = _prompt(record)
+    chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
+    check_conversation([*prompt, {"role": "assistant", "content": chosen}])
+    if chosen == rejected:
+        raise RecordError("chosen and rejected are the same answer")
+    return PreferenceExample(tuple(prompt), chosen, rejected, source)
 
 
 def _is_feedback_record(record: Mapping) -> bool:
@@ -205,39 +169,20 @@ def _is_feedback_record(record: Mapping) -> bool:
     return "completion" in record and "messages" in record
 
 
-def load_preferences(path: str | Path) -> tuple[list[PreferenceExample], PreferenceReport]:
+def load_preferences(path: str | Path) -> tuple[list[PreferenceExample], RecordReport]:
     """Preference pairs from a JSONL file: one object per line with `prompt` (a string or a list
     of messages) or `messages`, and `chosen` and `rejected`. Records the web chat page saves are
     read too: a record with an edited answer is a pair (chosen = edit, rejected = the model's
-    reply), a rating alone is skipped and counted, and of several records of the same reply only
-    the last counts (the page resends its whole state with each change). Malformed lines are
-    counted with their line numbers in the report, never raised; an unreadable file raises
-    InputFileError."""
-    source = Path(path)
-    try:
-        data = source.read_bytes()
-    except OSError as exc:
-        raise InputFileError(f"{source}: cannot read preferences ({exc.strerror or exc})") from None
-    report = PreferenceReport(path=str(source))
+    reply), a rating alone is skipped and counted in `without_pair`, and of several records of
+    the same reply only the last counts (the page resends its whole state with each change).
+    Malformed lines are listed with their line numbers in the report, never raised; a file that
+    cannot be read or holds no pair raises InputFileError."""
+    report = RecordReport(path=str(path), kind="pairs")
     found: list[tuple[int, PreferenceExample]] = []
     feedback_lines: dict[str, int] = {}  # reply id -> line number of its latest record
     no_pair: set[int] = set()  # feedback records with a rating but no edited answer
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            report.rejected.append(RejectedLine(number, "not UTF-8 text"))
-            continue
-        except json.JSONDecodeError as exc:
-            report.rejected.append(RejectedLine(number, f"not JSON ({exc.msg}, column {exc.colno})"))
-            continue
-        if not isinstance(record, dict):
-            report.rejected.append(RejectedLine(number, "not a JSON object"))
-            continue
-        feedback = _is_feedback_record(record)
-        if feedback:
+    for number, record in read_jsonl(path, report):
+        if _is_feedback_record(record):
             reply = record.get("reply_id") or record.get("id") or f"line {number}"
             if reply in feedback_lines:
                 report.superseded.append(feedback_lines[reply])
@@ -246,15 +191,9 @@ def load_preferences(path: str | Path) -> tuple[list[PreferenceExample], Prefere
                 no_pair.add(number)
                 continue
         try:
-            example = PreferenceExample(_prompt(record), _answer(record, "chosen"), _answer(record, "rejected"),
-                                        source=f"{source}:{number}")
-        except _Malformed as reason:
-            report.rejected.append(RejectedLine(number, str(reason)))
-            continue
-        if example.chosen == example.rejected:
-            report.rejected.append(RejectedLine(number, "chosen and rejected are the same answer"))
-            continue
-        found.append((number, example))
+            found.append((number, record_to_preference(record, source=f"{path}:{number}")))
+        except RecordError as reason:
+            report.reject(number, str(reason))
     # Of each reply's feedback records only the latest counts, pair or not.
     replaced = set(report.superseded)
     examples = []
@@ -264,76 +203,43 @@ def load_preferences(path: str | Path) -> tuple[list[PreferenceExample], Prefere
             report.kept.append(number)
     report.without_pair = sorted(no_pair - replaced)
     report.superseded.sort()
+    report.require_some()
     return examples, report
 
 
 # ---- tokens ------------------------------------------------------------------------------
-EncodedPair = tuple[list[int], list[int], list[int], list[int]]
+@dataclass(frozen=True)
+class EncodedPair:
+    """Both answers of a pair, each its prompt plus the answer with only the answer (and the
+    end-of-turn token closing it) labelled. The prompt tokens are the same in both."""
+
+    chosen: EncodedExample
+    rejected: EncodedExample
 
 
-def _has_chat_template(tokenizer: Tokenizer) -> bool:
-    try:
-        chat_template(tokenizer)
-    except ConfigError:
-        return False
-    return True
+def encode_preference(tokenizer: Tokenizer, example: PreferenceExample, block_size: int, truncate: Truncate = "drop") -> EncodedPair | None:
+    """One pair as tokens, each answer encoded by `sft_data.encode_messages` (the chat template,
+    or a model's plain prompt + answer + end of sequence without one) with the last assistant
+    message labelled, so the model also learns where an answer stops.
 
-
-def end_of_turn_id(tokenizer: Tokenizer) -> int:
-    """The token that closes an assistant's answer: the end-of-turn token the chat template
-    writes (<|im_end|> for ChatML, <|eot_id|> for Llama 3, ...), else end of sequence."""
-    if _has_chat_template(tokenizer):
-        template = chat_template(tokenizer)
-        for token in END_OF_TURN_TOKENS:
-            if token in tokenizer.special_tokens and token in template:
-                return tokenizer.special_tokens[token]
-    if tokenizer.eos_id is None:
-        raise ConfigError("dpo: the tokenizer has no end-of-turn or end-of-sequence token to end an answer with")
-    return tokenizer.eos_id
-
-
-def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """The prompt as the model sees it at generation time: the chat template with the opening
-    of the assistant's turn, or, for a model without one, a single user message's text."""
-    if _has_chat_template(tokenizer):
-        # Special tokens allowed: the template's own markers must encode as single tokens.
-        return tokenizer.encode(render_chat(tokenizer, messages, add_generation_prompt=True), allowed_special="all")
-    if len(messages) != 1 or messages[0]["role"] != "user":
-        raise ConfigError("dpo: the model has no chat template, so each prompt must be a single user message")
-    return tokenizer.encode_ordinary(messages[0]["content"])
-
-
-def encode_preference(
-    tokenizer: Tokenizer,
-    example: PreferenceExample,
-    block_size: int,
-    truncate: Literal["drop", "left"] = "drop",
-) -> EncodedPair | None:
-    """(chosen_ids, chosen_labels, rejected_ids, rejected_labels) for one pair, labels
-    pre-shifted (see the module docstring) and set only on the answer's tokens and the
-    end-of-turn token that follows them, so the model learns where an answer stops.
-
-    A pair longer than the context (more than block_size + 1 tokens, since the last token is
-    only ever a label) is None with truncate="drop"; with "left" the prompt loses tokens from its
-    start, the same number for both answers so that they still answer the same prompt, and the
-    pair is None only when an answer alone does not fit."""
-    if truncate not in ("drop", "left"):
-        raise ConfigError(f"dpo: truncate must be 'drop' or 'left', got {truncate!r}")
-    prompt = prompt_ids(tokenizer, example.messages)
-    end = end_of_turn_id(tokenizer)
-    # Answers are encoded as text: an answer that contains "<|im_end|>" must not end the turn.
-    answers = [tokenizer.encode_ordinary(text) + [end] for text in (example.chosen, example.rejected)]
-    room = block_size + 1 - max(len(a) for a in answers)  # prompt tokens that fit
-    if len(prompt) > room:
-        if truncate == "drop" or room < 1:  # the first answer token needs a position before it
-            return None
-        prompt = prompt[len(prompt) - room :]
-    encoded: list[list[int]] = []
-    for answer in answers:
-        tokens = prompt + answer
-        labels = [IGNORE] * (len(prompt) - 1) + answer
-        encoded += [tokens[:-1], labels]
-    return encoded[0], encoded[1], encoded[2], encoded[3]
+    The truncation vocabulary is SFT's: a pair whose longer side exceeds `block_size` is None
+    with truncate="drop"; with "left" both sides lose the same number of tokens from the start
+    of the prompt, so that they still answer the same prompt, and the pair is None only when an
+    answer alone does not fit. Answers are never cut: the preference is about the whole answer."""
+    check_truncation(block_size, truncate)
+    whole = [
+        encode_messages(tokenizer, [*example.messages, {"role": "assistant", "content": answer}], train_on="last")
+        for answer in (example.chosen, example.rejected)
+    ]
+    excess = max(len(e.input_ids) for e in whole) - block_size
+    if excess <= 0:
+        return EncodedPair(whole[0], whole[1])
+    if truncate == "drop":
+        return None
+    chosen, rejected = (cut_left(e, excess) for e in whole)
+    if chosen is None or rejected is None:
+        return None
+    return EncodedPair(chosen, rejected)
 
 
 @dataclass
@@ -342,7 +248,7 @@ class PreferenceBatch:
     ones, so the policy (and the reference) scores a whole batch in one forward pass."""
 
     input_ids: Tensor  # (2n, T)
-    labels: Tensor  # (2n, T), -100 on prompt and padding
+    targets: Tensor  # (2n, T), shifted; -100 on prompt and padding
 
     @property
     def pairs(self) -> int:
@@ -350,23 +256,16 @@ class PreferenceBatch:
 
 
 def collate_preferences(encoded: Sequence[EncodedPair], pad_id: int = 0) -> PreferenceBatch:
-    """Right-pad encoded pairs to the longest row. Padding sits after every real token and its
-    label is -100, so under causal attention it changes no scored log-probability."""
+    """`sft_data.pad_batch` over the chosen sides, then the rejected ones: right padding with
+    targets -100, which under causal attention changes no scored log-probability."""
     if not encoded:
         raise ValueError("collate_preferences: no pairs")
-    rows = [(e[0], e[1]) for e in encoded] + [(e[2], e[3]) for e in encoded]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for row, (ids, labs) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[row, : len(labs)] = torch.tensor(labs, dtype=torch.long)
-    return PreferenceBatch(input_ids, labels)
+    input_ids, targets = pad_batch([p.chosen for p in encoded] + [p.rejected for p in encoded], pad_id)
+    return PreferenceBatch(input_ids, targets)
 
 
 def preference_logprobs(model: nn.Module, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) summed answer log-probabilities, each (n,), from one forward pass."""
     device = next(model.parameters()).device
-    logprobs = sequence_logprobs(model, batch.input_ids.to(device), batch.labels.to(device))
+    logprobs = sequence_logprobs(model, batch.input_ids.to(device), batch.targets.to(device))
     return logprobs[: batch.pairs], logprobs[batch.pairs :]
-

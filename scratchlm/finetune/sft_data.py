@@ -1,111 +1,71 @@
 """Instruction data for supervised fine-tuning: JSONL records in the common shapes as
 conversations, conversations as token ids with a loss mask on the assistant's tokens, and
-batches made of them by padding or by packing.
+batches made of them by padding or by packing. DPO (`dpo.py`) encodes each answer of a pair
+with the same `encode_conversation`, labelling only the last assistant message.
 
 The loss mask is built from the model's own chat template, not from a hand-written copy of it
 (litgpt's weak spot): for each assistant message we render the conversation up to the opening
 of that message's turn (`add_generation_prompt=True`) and through the message, and train on the
 tokens in between, cut after the end-of-turn token that closes the message so the model learns
 to stop. Nothing of the system or user messages, and nothing of the template's own text, is
-trained on.
+trained on. A model without a chat template (and without ChatML's tokens) takes a single user
+message as plain text followed by the answer and the end-of-sequence token.
 
-Labels convention, matching `GPT.forward(idx, targets)`: the model applies
-`cross_entropy(logits[t], targets[t])`, so `targets[t]` is the token that *follows*
-`input_ids[t]`, or -100 where that next token is not the assistant's. An `EncodedExample` keeps
-the whole token sequence (`tokens`) with one label per token (`labels`: the token itself where
-it is trained on, else -100); `input_ids` (`tokens[:-1]`) and `targets` (`labels[1:]`) are the
-shifted pair the model takes. A sequence of `block_size + 1` tokens therefore fills the
-model's context exactly, as a pretraining window does.
+Labels convention, the one place it is defined for `scratchlm.finetune` (SFT and DPO alike),
+matching `GPT.forward(idx, targets)`: the model applies `cross_entropy(logits[t], targets[t])`,
+so `targets[t]` is the token that *follows* `input_ids[t]`, or -100 where that next token is not
+trained on. An `EncodedExample` keeps the whole token sequence (`tokens`) with one label per
+token (`labels`: the token itself where it is trained on, else -100); `input_ids`
+(`tokens[:-1]`) and `targets` (`labels[1:]`) are the shifted pair the model takes, and every
+batch function builds its rows from those two. A sequence of `block_size + 1` tokens therefore
+fills the model's context exactly, as a pretraining window does.
+
+Truncation vocabulary, shared with DPO: an example whose `input_ids` exceed `block_size` is
+dropped (`truncate="drop"`, the default) or loses tokens from its start (`"left"`), never from
+its last answer: that answer and its end-of-turn token are what is learnt (or, in DPO, compared),
+while the start of a long prompt is the part the answer depends on least. An example whose last
+answer alone does not fit is dropped either way.
 """
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.serve.chat_template import chat_stop_ids, render_chat
+from scratchlm.errors import ConfigError
+from scratchlm.finetune.records import (
+    SHAREGPT_ROLES,
+    Message,
+    RecordError,
+    RecordReport,
+    check_conversation,
+    parse_messages,
+    read_jsonl,
+    text_field,
+)
+from scratchlm.serve.chat_template import chat_stop_ids, chat_template, render_chat
 from scratchlm.tokenizer import Tokenizer
 
 IGNORE = -100  # the ignore_index GPT.forward passes to cross_entropy
-Truncate = Literal["drop", "right"]
-TRUNCATE_CHOICES = ("drop", "right")
-# ShareGPT's speaker names, as the role names of the chat templates.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-MESSAGE_ROLES = ("system", "user", "assistant")
-
-Message = dict[str, str]
+Truncate = Literal["drop", "left"]
+TRUNCATE_CHOICES = ("drop", "left")
+TrainOn = Literal["all", "last"]
+TRAIN_ON_CHOICES = ("all", "last")
 
 
 # ---- reading JSONL ---------------------------------------------------------------------
 
 
-@dataclass
-class InstructionReport:
-    """What `load_instructions` did with a file: how many records it kept, and each rejected
-    line with the reason, so a user can fix the data instead of training on a silent subset."""
-
-    path: str
-    kept: int = 0
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-
-    def summary(self, limit: int = 5) -> str:
-        """One line for a log: counts and the first few rejections as path:line."""
-        text = f"{self.path}: kept {self.kept} conversations, rejected {len(self.rejected)}"
-        if self.rejected:
-            shown = "; ".join(f"{self.path}:{line}: {reason}" for line, reason in self.rejected[:limit])
-            more = f"; ... {len(self.rejected) - limit} more" if len(self.rejected) > limit else ""
-            text += f" ({shown}{more})"
-        return text
-
-
-class RecordError(ValueError):
-    """A record that is not a usable conversation; its message is the reason reported."""
-
-
-def _text(record: Mapping, key: str, required: bool = True) -> str:
-    value = record.get(key)
-    if value is None and not required:
-        return ""
-    if value is None:
-        raise RecordError(f"missing field {key!r}")
-    if not isinstance(value, str):
-        raise RecordError(f"field {key!r} is {type(value).__name__}, not text")
-    return value
-
-
 def _alpaca(record: Mapping) -> list[Message]:
-    instruction, extra, output = _text(record, "instruction"), _text(record, "input", required=False), _text(record, "output")
+    instruction, extra, output = text_field(record, "instruction"), text_field(record, "input", required=False), text_field(record, "output")
     # Alpaca's own prompt puts the input after the instruction; a blank line keeps them apart.
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    system = _text(record, "system", required=False)
+    system = text_field(record, "system", required=False)
     return ([{"role": "system", "content": system}] if system.strip() else []) + messages
-
-
-def _prompt_completion(record: Mapping) -> list[Message]:
-    return [{"role": "user", "content": _text(record, "prompt")}, {"role": "assistant", "content": _text(record, "completion")}]
-
-
-def _message_list(items: object, key: str, role_key: str, content_key: str, roles: Mapping[str, str]) -> list[Message]:
-    if not isinstance(items, list) or not items:
-        raise RecordError(f"field {key!r} is not a non-empty list of messages")
-    messages = []
-    for n, item in enumerate(items):
-        if not isinstance(item, Mapping):
-            raise RecordError(f"{key}[{n}] is not an object")
-        role = item.get(role_key)
-        if role not in roles:
-            raise RecordError(f"{key}[{n}] has role {role!r}; expected one of {', '.join(sorted(roles))}")
-        content = item.get(content_key)
-        if not isinstance(content, str):
-            raise RecordError(f"{key}[{n}] has no text {content_key!r}")
-        messages.append({"role": roles[role], "content": content})
-    return messages
 
 
 def record_to_messages(record: object) -> list[Message]:
@@ -114,67 +74,36 @@ def record_to_messages(record: object) -> list[Message]:
     ShareGPT {"conversations": [{"from", "value"}]}, Alpaca {"instruction", "input"?,
     "output"}, {"prompt", "completion"}."""
     if not isinstance(record, Mapping):
-        raise RecordError(f"record is {type(record).__name__}, not an object")
+        raise RecordError(f"not a JSON object (a {type(record).__name__})")
     if "messages" in record:
-        messages = _message_list(record["messages"], "messages", "role", "content", {r: r for r in MESSAGE_ROLES})
+        messages = parse_messages(record["messages"], "messages")
     elif "conversations" in record:
-        messages = _message_list(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        messages = parse_messages(record["conversations"], "conversations", SHAREGPT_ROLES, "from", "value")
     elif "instruction" in record or "output" in record:
         messages = _alpaca(record)
     elif "prompt" in record or "completion" in record:
-        messages = _prompt_completion(record)
+        messages = [{"role": "user", "content": text_field(record, "prompt")}, {"role": "assistant", "content": text_field(record, "completion")}]
     else:
         raise RecordError("no known shape: expected 'messages', 'conversations', 'instruction'/'output' or 'prompt'/'completion'")
     check_conversation(messages)
     return messages
 
 
-def check_conversation(messages: Sequence[Message]) -> None:
-    """The rules a conversation must follow to train on: it has an answer to learn (ends with a
-    non-empty assistant message), every assistant message answers something (a user message
-    comes before the first one), and no user message is empty."""
-    if messages[-1]["role"] != "assistant":
-        raise RecordError(f"last message is from the {messages[-1]['role']}, not the assistant: nothing to learn")
-    for n, message in enumerate(messages):
-        if message["role"] == "assistant" and not message["content"].strip():
-            raise RecordError(f"empty answer (message {n})")
-        if message["role"] == "user" and not message["content"].strip():
-            raise RecordError(f"empty user message (message {n})")
-    first_assistant = next(n for n, m in enumerate(messages) if m["role"] == "assistant")
-    if not any(m["role"] == "user" for m in messages[:first_assistant]):
-        raise RecordError("the assistant speaks before any user message")
-
-
-def load_instructions(path: str | Path) -> tuple[list[list[Message]], InstructionReport]:
+def load_instructions(path: str | Path) -> tuple[list[list[Message]], RecordReport]:
     """Conversations from a JSONL file, one record a line, shapes mixed freely. A malformed
     record (bad JSON or UTF-8, missing field, wrong role, empty answer, not ending with the
     assistant) is skipped and reported by line number; blank lines are ignored. A file that is
     missing, unreadable or has no usable record raises InputFileError."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise InputFileError(f"{path}: is a folder; give a JSONL file of instruction records") from None
-    except OSError as error:
-        raise InputFileError(f"{path}: cannot read ({error.strerror or error})") from None
-    report = InstructionReport(path=str(path))
+    report = RecordReport(path=str(path), kind="conversations")
     conversations: list[list[Message]] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
+    for number, record in read_jsonl(path, report):
         try:
-            record = json.loads(raw.decode("utf-8"))
             conversations.append(record_to_messages(record))
-        except UnicodeDecodeError:
-            report.rejected.append((number, "not UTF-8 text"))
-        except json.JSONDecodeError as error:
-            report.rejected.append((number, f"bad JSON ({error.msg} at column {error.colno})"))
         except RecordError as error:
-            report.rejected.append((number, str(error)))
-    report.kept = len(conversations)
-    if not conversations:
-        why = f"; first problem: line {report.rejected[0][0]}: {report.rejected[0][1]}" if report.rejected else ""
-        raise InputFileError(f"{path}: no usable instruction records ({len(report.rejected)} rejected{why})")
+            report.reject(number, str(error))
+            continue
+        report.kept.append(number)
+    report.require_some()
     return conversations, report
 
 
@@ -210,6 +139,15 @@ class EncodeStats:
     dropped: int = 0
 
 
+def has_chat_template(tokenizer: Tokenizer) -> bool:
+    """Whether conversations are rendered with a template (the model's own, or ChatML)."""
+    try:
+        chat_template(tokenizer)
+    except ConfigError:
+        return False
+    return True
+
+
 def _end_of_answer(ids: list[int], stop_ids: tuple[int, ...]) -> int:
     """Length of the trained part of an assistant span: up to and including the last
     end-of-turn token, leaving out what the template writes after it (ChatML's newline)."""
@@ -217,67 +155,132 @@ def _end_of_answer(ids: list[int], stop_ids: tuple[int, ...]) -> int:
         if ids[i] in stop_ids:
             return i + 1
     raise ConfigError(
-        "sft: the chat template does not close an assistant message with an end-of-turn or end-of-sequence token "
+        "chat template: it does not close an assistant message with an end-of-turn or end-of-sequence token "
         f"(any of ids {list(stop_ids)}); a model fine-tuned on it would not learn to stop"
     )
 
 
-def _render_prefixes(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[tuple[str, bool]]:
-    """The conversation's text cut into consecutive pieces, each marked True when it is an
-    assistant message's span. Raises ConfigError when the template does not render a shorter
-    conversation as a prefix of a longer one: such a template (one that rewrites earlier turns)
-    has no span we could train on that matches what the model sees at inference."""
-    pieces: list[tuple[str, bool]] = []
+def _answer_ids(tokenizer: Tokenizer, span: str, content: str) -> list[int]:
+    """Tokens of an assistant span (the answer and the template text closing it). The answer is
+    encoded as plain text: at inference the model generates ids, so an answer containing the
+    string "<|im_end|>" must not become the end-of-turn token and end its turn early. A
+    template that rewrites the answer (not found at the span's start, even stripped) leaves
+    only the span as a whole to encode, special tokens allowed."""
+    for body in (content, content.strip()):
+        if body and span.startswith(body):
+            return tokenizer.encode_ordinary(body) + tokenizer.encode(span[len(body) :], allowed_special="all")
+    return tokenizer.encode(span, allowed_special="all")
+
+
+def _render_pieces(tokenizer: Tokenizer, messages: Sequence[Message], labelled: Sequence[int]) -> list[tuple[str, str | None]]:
+    """The conversation's text cut into consecutive pieces, each paired with the answer's text
+    when it is the span of a labelled assistant message (None otherwise). Raises ConfigError
+    when the template does not render a shorter conversation as a prefix of a longer one: such a
+    template (one that rewrites earlier turns) has no span we could train on that matches what
+    the model sees at inference."""
+    pieces: list[tuple[str, str | None]] = []
     done = ""
-    for n, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    for n in labelled:
         if n == 0:
-            raise ConfigError("sft: a conversation starts with an assistant message; nothing prompts it")
+            raise ConfigError("chat template: a conversation starts with an assistant message; nothing prompts it")
         prompt = render_chat(tokenizer, messages[:n], add_generation_prompt=True)
         through = render_chat(tokenizer, messages[: n + 1], add_generation_prompt=False)
         if not prompt.startswith(done) or not through.startswith(prompt):
             raise ConfigError(
-                "sft: the chat template does not render a conversation's beginning as a prefix of the whole "
+                "chat template: it does not render a conversation's beginning as a prefix of the whole "
                 f"(at message {n}); the loss mask cannot be taken from it"
             )
-        pieces += [(prompt[len(done) :], False), (through[len(prompt) :], True)]
+        pieces += [(prompt[len(done) :], None), (through[len(prompt) :], messages[n]["content"])]
         done = through
     full = render_chat(tokenizer, messages, add_generation_prompt=False)
     if not full.startswith(done):
-        raise ConfigError("sft: the chat template renders the whole conversation differently from its beginning; the loss mask cannot be taken from it")
-    pieces.append((full[len(done) :], False))
+        raise ConfigError("chat template: it renders the whole conversation differently from its beginning; the loss mask cannot be taken from it")
+    pieces.append((full[len(done) :], None))
     return pieces
 
 
-def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Message], block_size: int, truncate: Truncate = "drop") -> EncodedExample | None:
-    """Tokens and labels of a conversation rendered with the model's chat template, the
-    assistant's tokens labelled. Each piece between template boundaries is encoded on its own:
-    that is how the model meets them at inference (the prompt is encoded, the answer is
-    generated token by token), and it keeps the token prefix property exact even where BPE
-    would merge characters across a boundary. A conversation whose `input_ids` exceed
-    `block_size` is dropped (None) or, with truncate="right", cut to fit; one cut so far that
-    no assistant token is left is dropped too."""
-    if truncate not in TRUNCATE_CHOICES:
-        raise ConfigError(f"sft: truncate is {truncate!r}; expected one of {', '.join(TRUNCATE_CHOICES)}")
-    if block_size < 1:
-        raise ConfigError(f"sft: block_size is {block_size}; it must be at least 1")
+def _encode_plain(tokenizer: Tokenizer, messages: Sequence[Message]) -> EncodedExample:
+    """A model without a chat template continues text: the user's message as it is, then the
+    answer and end of sequence (labelled, so it learns to stop)."""
+    if [m["role"] for m in messages] != ["user", "assistant"]:
+        raise ConfigError("the model has no chat template, so each conversation must be a single user message and its answer")
+    if tokenizer.eos_id is None:
+        raise ConfigError("the tokenizer has no end-of-sequence token to end an answer with")
+    prompt = tokenizer.encode_ordinary(messages[0]["content"])
+    answer = tokenizer.encode_ordinary(messages[1]["content"]) + [tokenizer.eos_id]
+    return EncodedExample(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def encode_messages(tokenizer: Tokenizer, messages: Sequence[Message], train_on: TrainOn = "all") -> EncodedExample:
+    """Tokens and labels of a whole conversation, not fitted to any context: every assistant
+    message labelled (`train_on="all"`, SFT) or only the last one (`"last"`: DPO scores one answer
+    to a prompt that may hold earlier answers). Each piece between template boundaries is
+    encoded on its own: that is how the model meets them at inference (the prompt is encoded,
+    the answer is generated token by token), and it keeps the token prefix property exact even
+    where BPE would merge characters across a boundary."""
+    if train_on not in TRAIN_ON_CHOICES:
+        raise ConfigError(f"train_on is {train_on!r}; expected one of {', '.join(TRAIN_ON_CHOICES)}")
+    if not has_chat_template(tokenizer):
+        return _encode_plain(tokenizer, messages)
+    answers = [n for n, m in enumerate(messages) if m["role"] == "assistant"]
+    if not answers:
+        raise ConfigError("a conversation to encode has no assistant message to label")
     stop_ids = chat_stop_ids(tokenizer)
     tokens: list[int] = []
     labels: list[int] = []
-    for text, is_answer in _render_prefixes(tokenizer, messages):
-        ids = tokenizer.encode(text, allowed_special="all")
-        trained = _end_of_answer(ids, stop_ids) if is_answer else 0
+    for text, answer in _render_pieces(tokenizer, messages, answers if train_on == "all" else answers[-1:]):
+        if answer is None:
+            ids, trained = tokenizer.encode(text, allowed_special="all"), 0
+        else:
+            ids = _answer_ids(tokenizer, text, answer)
+            trained = _end_of_answer(ids, stop_ids)
         tokens += ids
         labels += ids[:trained] + [IGNORE] * (len(ids) - trained)
-    if len(tokens) - 1 <= block_size:
-        return EncodedExample(tokens, labels)
-    if truncate == "drop":
+    return EncodedExample(tokens, labels)
+
+
+def _last_answer_start(labels: Sequence[int]) -> int:
+    """Index of the first labelled token of the last labelled run (0 when nothing is labelled)."""
+    end = next((i for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE), None)
+    if end is None:
+        return 0
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return start
+
+
+def cut_left(example: EncodedExample, count: int) -> EncodedExample | None:
+    """`example` without its first `count` tokens, or None when that would cut into its last
+    answer: all of that answer's labelled tokens stay, and its first one keeps a token before it,
+    since only a token that follows another is ever a target."""
+    if count <= 0:
+        return example
+    if count >= _last_answer_start(example.labels):
         return None
-    tokens, labels = tokens[: block_size + 1], labels[: block_size + 1]
-    if all(label == IGNORE for label in labels[1:]):
-        return None
-    return EncodedExample(tokens, labels, truncated=True)
+    return EncodedExample(example.tokens[count:], example.labels[count:], truncated=True)
+
+
+def check_truncation(block_size: int, truncate: str) -> None:
+    """ConfigError for a truncation mode outside TRUNCATE_CHOICES or a block_size below 1."""
+    if truncate not in TRUNCATE_CHOICES:
+        raise ConfigError(f"truncate is {truncate!r}; expected one of {', '.join(TRUNCATE_CHOICES)}")
+    if block_size < 1:
+        raise ConfigError(f"block_size is {block_size}; it must be at least 1")
+
+
+def encode_conversation(
+    tokenizer: Tokenizer, messages: Sequence[Message], block_size: int, truncate: Truncate = "drop", train_on: TrainOn = "all"
+) -> EncodedExample | None:
+    """`encode_messages` fitted to a context of `block_size`: a conversation whose `input_ids`
+    exceed it is dropped (None) or, with truncate="left", loses tokens from its start (see the
+    module docstring); one whose last answer alone does not fit is dropped either way."""
+    check_truncation(block_size, truncate)
+    example = encode_messages(tokenizer, messages, train_on)
+    excess = len(example.input_ids) - block_size
+    if excess <= 0:
+        return example
+    return None if truncate == "drop" else cut_left(example, excess)
 
 
 def encode_conversations(
