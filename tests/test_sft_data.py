@@ -8,7 +8,6 @@ from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.finetune.sft_data import (
     IGNORE,
     EncodedExample,
-    document_mask,
     encode_conversation,
     encode_conversations,
     load_instructions,
@@ -17,6 +16,7 @@ from scratchlm.finetune.sft_data import (
     stack_rows,
 )
 from scratchlm.model import GPT, get_preset
+from scratchlm.model.model import document_mask
 from scratchlm.tokenizer import train_bpe
 
 TRAIN_TEXT = (

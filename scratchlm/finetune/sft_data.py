@@ -373,16 +373,3 @@ def stack_rows(rows: Sequence[PackedRow]) -> tuple[Tensor, Tensor, Tensor]:
         torch.tensor([r.targets for r in rows], dtype=torch.long),
         torch.tensor([r.doc_ids for r in rows], dtype=torch.long),
     )
-
-
-def document_mask(doc_ids: Tensor) -> Tensor:
-    """Attention mask (B, 1, T, T), True where query position i may attend to key position j:
-    j <= i and both belong to the same document. This is the boolean `attn_mask` convention of
-    `F.scaled_dot_product_attention` (True takes part), broadcast over heads. Every position
-    attends at least to itself, so no softmax row is empty."""
-    if doc_ids.dim() != 2:
-        raise ValueError(f"document_mask: doc_ids must be (B, T), got shape {tuple(doc_ids.shape)}")
-    T = doc_ids.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (same & causal)[:, None]
