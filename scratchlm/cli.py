@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_command(stages)
     _add_chat_command(stages)
     _add_serve_command(stages)
+    _add_finetune_commands(stages)
     _add_interop_commands(stages)
     _add_eval_commands(stages)
     _add_plan_command(stages)
+    _add_feedback_commands(stages)
     return parser
 
 
@@ -463,6 +465,131 @@ def _serve(args: argparse.Namespace) -> int:
 
     run_server(args.model, args.host, args.port, max_batch=args.max_batch, api_key=args.api_key, device=args.device,
                dtype=args.dtype, quantize=args.quantize, feedback_path=args.feedback, model_name=args.model_name)
+    return 0
+
+
+# ---- scratchlm feedback select / build --------------------------------------------------
+def _add_feedback_commands(stages: argparse._SubParsersAction) -> None:
+    fb = stages.add_parser(
+        "feedback",
+        help="the human-feedback loop: pick what the model is unsure of, turn reviews into training data",
+        description="select: answer a pool of prompts and write the answers the model is least sure of for review. "
+        "build: turn reviewed files (and the web chat page's feedback.jsonl) into SFT and DPO data.",
+    )
+    steps = fb.add_subparsers(title="steps", metavar="STEP")
+    sel = steps.add_parser(
+        "select",
+        help="score prompts by the model's uncertainty and write the most uncertain for review",
+        description="Answer each prompt greedily and score the answer by the model's uncertainty: mean next-token "
+        "entropy over its tokens (entropy), or one minus the mean gap between the two likeliest tokens (margin). "
+        "The --top most uncertain go to --out (JSONL, or CSV when it ends in .csv) with empty `rating` and "
+        "`edited` fields for a reviewer to fill in. " + MODEL_HELP,
+    )
+    sel.add_argument("model", type=Path, help="the model (see above)")
+    sel.add_argument("--prompts", type=Path, required=True,
+                     help='JSONL pool: {"prompt": text} or {"messages": [...]} a line, optional "id"')
+    sel.add_argument("--out", type=Path, required=True, help="review file to write (.jsonl or .csv)")
+    sel.add_argument("--top", type=int, default=20, help="how many to keep for review (default: 20)")
+    sel.add_argument("--method", choices=["entropy", "margin"], default="entropy", help="uncertainty measure (default: entropy)")
+    sel.add_argument("--max-new-tokens", type=int, default=64, help="length of each answer (default: 64)")
+    sel.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    sel.set_defaults(run=_feedback_select)
+    bld = steps.add_parser(
+        "build",
+        help="turn reviews into SFT conversations and DPO pairs",
+        description="Read reviewed files from `feedback select` (JSONL or CSV) and the web chat page's feedback.jsonl. "
+        "A reply rated up becomes an SFT conversation; an edited reply becomes an SFT conversation with the edit "
+        "and a DPO pair (chosen: the edit, rejected: the model's reply); rated down without an edit, or not "
+        "reviewed, is skipped and counted. The latest review of a reply wins.",
+    )
+    bld.add_argument("reviews", type=Path, nargs="+", help="reviewed files")
+    bld.add_argument("--sft", type=Path, default=None, help='SFT JSONL to write ({"messages": [...]})')
+    bld.add_argument("--dpo", type=Path, default=None, help='DPO JSONL to write ({"prompt", "chosen", "rejected"})')
+    bld.set_defaults(run=_feedback_build)
+
+
+def _feedback_select(args: argparse.Namespace) -> int:
+    from scratchlm.atomic_io import check_writable_file
+    from scratchlm.finetune.feedback import load_prompts, most_uncertain, score_prompts, write_review_file
+    from scratchlm.interop import load_pretrained
+
+    check_writable_file(args.out)
+    prompts, report = load_prompts(args.prompts)
+    print(report.summary(), file=sys.stderr)
+    model, tokenizer = load_pretrained(args.model, args.device)
+    candidates = score_prompts(model, tokenizer, prompts, args.method, args.max_new_tokens)
+    chosen = most_uncertain(candidates, args.top)
+    write_review_file(args.out, chosen)
+    print(f"{len(chosen)} of {len(candidates)} answers for review -> {args.out} (fill in rating and/or edited, then: "
+          f"scratchlm feedback build {args.out} --sft sft.jsonl --dpo dpo.jsonl)")
+    return 0
+
+
+def _feedback_build(args: argparse.Namespace) -> int:
+    from scratchlm.finetune.feedback import build_datasets
+
+    report = build_datasets(args.reviews, args.sft, args.dpo)
+    print(report.summary())
+    return 0
+
+
+# ---- scratchlm finetune classify ---------------------------------------------------------
+def _add_finetune_commands(stages: argparse._SubParsersAction) -> None:
+    ft = stages.add_parser("finetune", help="fine-tune a model for a task",
+                           description="Post-training: fine-tune a pretrained model for a task.")
+    cmds = ft.add_subparsers(title="commands", metavar="COMMAND")
+    cls = cmds.add_parser(
+        "classify",
+        help="train a text classifier on (text, label) records",
+        description="Fine-tune MODEL as a text classifier: a linear head on the last token's (or the mean) hidden "
+        "state, trained on a CSV (header text,label) or JSONL ({\"text\", \"label\"}) file. Reports held-out accuracy, "
+        "macro F1 and the confusion matrix before and after, and writes OUT/classifier.safetensors, config.json, "
+        "tokenizer.json, report.md, results.json, metrics.jsonl and loss.png. " + MODEL_HELP,
+    )
+    cls.add_argument("model", type=Path, help="the base model (see above)")
+    cls.add_argument("--data", required=True, type=Path, help="training records (.csv or .jsonl)")
+    cls.add_argument("--eval", type=Path, default=None, help="held-out records (default: a seeded --val-fraction split of --data)")
+    cls.add_argument("--out", required=True, type=Path, help="run folder (must be empty unless --force)")
+    cls.add_argument("--val-fraction", type=float, default=0.2, help="held-out share without --eval (default: 0.2)")
+    cls.add_argument("--pooling", choices=["last", "mean"], default="last", help="last real token or mean of tokens (default: last)")
+    cls.add_argument("--freeze", default="none", metavar="WHAT",
+                     help="none (train everything), embeddings, or all-but-last:N (only the last N blocks and the head) (default: none)")
+    cls.add_argument("--lora", action="store_true", help="train LoRA adapters on the blocks plus the head, base weights frozen")
+    cls.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
+    cls.add_argument("--epochs", type=int, default=3, help="passes over the training data (default: 3)")
+    cls.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    cls.add_argument("--batch-size", type=int, default=16, help="texts per step (default: 16)")
+    cls.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    cls.add_argument("--max-length", type=int, default=128, help="tokens per text, end token included (default: 128)")
+    long = cls.add_mutually_exclusive_group()
+    long.add_argument("--truncate", dest="long", action="store_const", const="truncate", help="cut longer texts (the default)")
+    long.add_argument("--drop-long", dest="long", action="store_const", const="drop", help="leave longer texts out")
+    cls.add_argument("--seed", type=int, default=0, help="seed of the split, the head and the batch order (default: 0)")
+    cls.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    cls.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    cls.add_argument("--quiet", action="store_true", help="no progress bar")
+    cls.set_defaults(run=_finetune_classify, long="truncate")
+
+
+def _finetune_classify(args: argparse.Namespace) -> int:
+    from scratchlm.finetune.classify import ClassifyConfig, finetune_classifier
+
+    config = ClassifyConfig(
+        pooling=args.pooling, freeze=args.freeze, lora=args.lora, lora_rank=args.lora_rank, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, long=args.long,
+        val_fraction=args.val_fraction, seed=args.seed, device=args.device,
+    )
+    result = finetune_classifier(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
+                                 progress=not args.quiet)
+    for report in result.reports:
+        print(report.summary())
+    if result.data["truncated"] or result.data["dropped"]:
+        print(f"texts over {config.max_length} tokens: {result.data['truncated']} truncated, {result.data['dropped']} dropped")
+    print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
+          f"{result.steps} steps in {result.train_seconds:.1f} s")
+    for name, scores in (("before", result.before), ("after", result.after)):
+        print(f"held-out {name}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f} ({scores['examples']} examples)")
+    print(f"wrote {result.out}/ (classifier.safetensors, config.json, report.md, results.json, loss.png, metrics.jsonl)")
     return 0
 
 

@@ -1,0 +1,506 @@
+"""Classification fine-tuning: a pretrained GPT body with a linear head on one pooled vector.
+
+    texts -> tokens (+ end token) -> embedding -> blocks -> final norm -> pool -> linear -> label
+
+The language-model head is dropped; the pooled hidden state goes through a new `score` layer
+with one output per label (Radford et al. 2018, section 3.3, classify from the last token's
+state). Pooling is "last" (the last real token: under right padding and causal attention it has
+seen the whole text and no padding) or "mean" (average of the real tokens, pads masked out).
+
+What trains is chosen by `freeze`: "none" (everything), "embeddings" (all but the token and
+position embeddings), or "all-but-last:N" (only the last N blocks, the final norm and the head:
+transfer learning with the lower layers' features kept), or by `lora` (low-rank adapters on the
+blocks' linear layers plus the head; scratchlm/finetune/lora.py).
+
+    result = finetune_classifier("runs/base", "spam_train.jsonl", "runs/spam", ClassifyConfig())
+    clf = load_classifier("runs/spam")
+    clf.classify(["WIN a FREE cruise, reply now"])   # ['spam']
+
+The run folder holds classifier.safetensors and config.json (labels, pooling, the base model's
+config) with tokenizer.json, so `load_classifier` needs nothing else; plus metrics.jsonl,
+loss.png, report.md and results.json (held-out accuracy, macro F1 and confusion matrix before
+and after training, trainable parameters, wall time).
+"""
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from scratchlm.atomic_io import write_text_atomic, written_atomically
+from scratchlm.devices import parse_device
+from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.eval.metrics import accuracy, confusion_matrix, macro_f1
+from scratchlm.finetune.classify_data import (
+    LONG_POLICIES,
+    EncodedTexts,
+    LabelledText,
+    LongPolicy,
+    check_labels,
+    encode_texts,
+    label_names,
+    load_labelled_texts,
+    pad_right,
+    split_held_out,
+)
+from scratchlm.finetune.lora import (
+    LoRAConfig,
+    apply_lora,
+    merge_lora,
+    save_adapter,
+    trainable_parameters,
+)
+from scratchlm.finetune.records import RecordReport
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.model import GPT, allocate_on_cpu
+from scratchlm.tokenizer import Tokenizer, load_tokenizer
+
+Pooling = Literal["last", "mean"]
+POOLINGS = ("last", "mean")
+WEIGHTS = "classifier.safetensors"
+CONFIG = "config.json"
+FORMAT = "scratchlm-classifier"  # config.json's "format": tells a classifier folder from a model folder
+
+
+# ---- the model -------------------------------------------------------------------------
+def pool_hidden(hidden: Tensor, lengths: Tensor, pooling: Pooling) -> Tensor:
+    """(B, T, C) hidden states of right-padded rows with `lengths` real tokens -> (B, C)."""
+    if pooling == "last":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, lengths.to(hidden.device) - 1]
+    if pooling == "mean":
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        mask = (positions[None] < lengths.to(hidden.device)[:, None]).to(hidden.dtype)[..., None]
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+    raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+
+
+class SequenceClassifier(nn.Module):
+    """Our GPT's embedding, blocks and final norm (its LM head left out), a pooling and a linear
+    head to `num_labels` scores. The modules are taken from `gpt`, not copied."""
+
+    def __init__(self, gpt: GPT, num_labels: int, pooling: Pooling = "last") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        if num_labels < 2:
+            raise ConfigError(f"a classifier needs at least two labels, not {num_labels}")
+        self.config: ModelConfig = gpt.config
+        self.pooling = pooling
+        self.embed, self.pos_embed, self.drop = gpt.embed, gpt.pos_embed, gpt.drop
+        self.blocks, self.norm = gpt.blocks, gpt.norm
+        if self.config.positions == "rope":
+            self.register_buffer("rope_cos", gpt.rope_cos, persistent=False)
+            self.register_buffer("rope_sin", gpt.rope_sin, persistent=False)
+        self.score = nn.Linear(self.config.n_embd, num_labels)
+        # Small random weights, zero bias: the untrained head gives near-uniform class scores.
+        device = self.embed.weight.device
+        self.score.to(device)
+        nn.init.normal_(self.score.weight, std=self.config.init_std)
+        nn.init.zeros_(self.score.bias)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, C) final-norm hidden states: GPT.forward without the LM head
+        (plain causal attention from position 0, no cache)."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        x = self.embed(idx)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(T, device=idx.device))[None]
+        else:
+            rope = (self.rope_cos[:T][None, None], self.rope_sin[:T][None, None])
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, None, layer)
+        return self.norm(x)
+
+    def forward(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """Class scores (B, num_labels) of right-padded rows with `lengths` real tokens."""
+        return self.score(pool_hidden(self.hidden(idx), lengths, self.pooling))
+
+
+# ---- what trains ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FreezeSpec:
+    kind: Literal["none", "embeddings", "all-but-last"]
+    last_blocks: int = 0  # for "all-but-last": how many of the top blocks train
+
+    def __str__(self) -> str:
+        return f"all-but-last:{self.last_blocks}" if self.kind == "all-but-last" else self.kind
+
+
+def parse_freeze(value: str) -> FreezeSpec:
+    """'none', 'embeddings' or 'all-but-last:N' (N >= 0; 0 trains only the final norm and head)."""
+    text = value.strip().lower()
+    if text in ("none", "embeddings"):
+        return FreezeSpec(text)  # type: ignore[arg-type]
+    kind, _, number = text.partition(":")
+    if kind == "all-but-last" and number.isdigit():
+        return FreezeSpec("all-but-last", int(number))
+    raise ConfigError(f"freeze must be none, embeddings or all-but-last:N, not {value!r}")
+
+
+def apply_freeze(model: SequenceClassifier, spec: FreezeSpec) -> SequenceClassifier:
+    """Set requires_grad per `spec`, in place. The head always trains: it starts random."""
+    model.requires_grad_(True)
+    if spec.kind in ("embeddings", "all-but-last"):
+        model.embed.requires_grad_(False)
+        if model.pos_embed is not None:
+            model.pos_embed.requires_grad_(False)
+    if spec.kind == "all-but-last":
+        n = len(model.blocks)
+        if spec.last_blocks > n:
+            raise ConfigError(f"freeze all-but-last:{spec.last_blocks}: the model has only {n} blocks")
+        for block in model.blocks[: n - spec.last_blocks]:
+            block.requires_grad_(False)
+    return model
+
+
+# ---- settings ------------------------------------------------------------------------------
+@dataclass
+class ClassifyConfig:
+    pooling: Pooling = "last"
+    freeze: str = "none"  # none | embeddings | all-but-last:N
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    epochs: int = 3
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1  # of the steps, linear from 0; then cosine to min_lr_ratio
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_length: int = 128
+    long: LongPolicy = "truncate"  # a text longer than max_length: truncate or drop
+    val_fraction: float = 0.2  # held-out share when no eval file is given
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
+            (self.long in LONG_POLICIES, f"long must be one of {', '.join(LONG_POLICIES)}, not {self.long!r}"),
+            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max steps must be at least 1, not {self.max_steps}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
+            (0.0 <= self.warmup_fraction < 1.0, f"warmup fraction must be in [0, 1), not {self.warmup_fraction}"),
+            (self.max_length >= 2, f"max length must be at least 2, not {self.max_length}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        spec = parse_freeze(self.freeze)
+        if self.lora and spec.kind != "none":
+            raise ConfigError("LoRA already freezes every base weight; use --lora or --freeze, not both")
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
+    """Linear warmup over the first `warmup_fraction` of `total` steps, then cosine decay to
+    `min_ratio`: a fresh random head makes the first gradients large, and warmup keeps them
+    from wrecking the pretrained body before the head has settled."""
+    warmup = int(total * warmup_fraction)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+def _batches(n: int, size: int, order: Sequence[int] | None = None) -> list[list[int]]:
+    order = list(order) if order is not None else list(range(n))
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def predict(model: SequenceClassifier, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> tuple[list[int], Tensor]:
+    """(predicted class numbers, logits (N, num_labels) on the CPU) for encoded texts."""
+    was_training = model.training
+    model.eval()
+    device = model.embed.weight.device
+    outputs = []
+    try:
+        for rows in _batches(len(ids), batch_size):
+            idx, lengths = pad_right([ids[i] for i in rows], pad_id)
+            outputs.append(model(idx.to(device), lengths.to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, model.score.out_features)
+    return logits.argmax(dim=-1).tolist(), logits
+
+
+def evaluate(model: SequenceClassifier, data: EncodedTexts, labels: Sequence[str], pad_id: int, batch_size: int = 32) -> dict:
+    """Accuracy, macro F1, the confusion matrix (rows: true label, columns: predicted, in
+    `labels` order) and the mean cross-entropy on `data`."""
+    predicted, logits = predict(model, data.ids, pad_id, batch_size)
+    truth = data.labels
+    loss = float(F.cross_entropy(logits, torch.tensor(truth, dtype=torch.long))) if truth else float("nan")
+    guess_names, true_names = [labels[p] for p in predicted], [labels[t] for t in truth]
+    return {
+        "accuracy": accuracy(guess_names, true_names),
+        "macro_f1": macro_f1(guess_names, true_names),
+        "confusion": confusion_matrix(guess_names, true_names, labels),
+        "loss": loss,
+        "examples": len(truth),
+    }
+
+
+# ---- saving and loading --------------------------------------------------------------------
+def save_classifier(folder: str | Path, model: SequenceClassifier, tokenizer: Tokenizer, labels: Sequence[str],
+                    max_length: int) -> Path:
+    """Write weights (safetensors), config.json and tokenizer.json into `folder`. A model with
+    LoRA adapters is saved merged, so loading needs no adapter code."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merge_lora(model)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    with written_atomically(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    meta = {"format": FORMAT, "labels": list(labels), "pooling": model.pooling, "max_length": max_length,
+            "model_config": model.config.to_dict()}
+    write_text_atomic(folder / CONFIG, json.dumps(meta, indent=2) + "\n")
+    tokenizer.save(folder / "tokenizer.json")
+    return folder
+
+
+@dataclass
+class TextClassifier:
+    """A loaded classifier: `classify(texts)` gives a label per text. Texts longer than
+    `max_length` tokens are truncated (a classifier must answer for every text)."""
+
+    model: SequenceClassifier
+    tokenizer: Tokenizer
+    labels: list[str]
+    max_length: int
+    pad_id: int = 0
+
+    def classify(self, texts: Sequence[str], batch_size: int = 32) -> list[str]:
+        encoded = encode_texts(self.tokenizer, texts, [0] * len(texts), self.max_length, "truncate")
+        predicted, _ = predict(self.model, encoded.ids, self.pad_id, batch_size)
+        return [self.labels[p] for p in predicted]
+
+
+def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> TextClassifier:
+    """The classifier `save_classifier` (or `finetune_classifier`) wrote into `folder`."""
+    folder = Path(folder)
+    config_path = folder / CONFIG
+    if not (folder / WEIGHTS).is_file() or not config_path.is_file():
+        raise InputFileError(f"{folder}: not a classifier folder (expected {WEIGHTS} and {CONFIG})")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(f"{config_path}: not a JSON file ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputFileError(f"{config_path}: not a classifier config (no \"format\": \"{FORMAT}\")")
+    config = ModelConfig.from_dict(meta["model_config"])
+    with torch.device("meta"):  # no random initialisation of weights about to be overwritten
+        gpt = GPT(config)
+    model = SequenceClassifier(allocate_on_cpu(gpt), len(meta["labels"]), meta["pooling"])
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise InputFileError(f"{folder / WEIGHTS}: not a safetensors file ({exc})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputFileError(f"{folder / WEIGHTS}: weights do not match the config ({min(missing or unexpected)})")
+    model.to(parse_device(str(device))).eval()
+    return TextClassifier(model, load_tokenizer(folder / "tokenizer.json"), list(meta["labels"]), int(meta["max_length"]))
+
+
+# ---- the whole run ---------------------------------------------------------------------------
+@dataclass
+class ClassifyResult:
+    out: Path
+    labels: list[str]
+    before: dict
+    after: dict
+    trainable_params: int
+    total_params: int
+    train_seconds: float
+    steps: int
+    data: dict = field(default_factory=dict)  # counts: train, eval, rejected, truncated, dropped
+    reports: list[RecordReport] = field(default_factory=list)
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse a folder that already holds something, unless `force` (as pretrain refuses a
+    folder holding a run): a second run would mix its metrics into the first one's."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; --out must be a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(f"{out} is not empty; choose another --out or pass --force to overwrite")
+        for name in ("metrics.jsonl", "adapter.safetensors"):  # appended to, or written only with --lora
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_classifier(gpt: GPT, num_labels: int, config: ClassifyConfig) -> tuple[SequenceClassifier, LoRAConfig | None]:
+    """The classifier on `gpt`'s body with `config`'s freezing or LoRA adapters applied."""
+    model = SequenceClassifier(gpt, num_labels, config.pooling)
+    if not config.lora:
+        return apply_freeze(model, parse_freeze(config.freeze)), None
+    lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
+    apply_lora(model, lora)  # freezes every base weight
+    model.score.requires_grad_(True)  # the new head is not pretrained: it must train in full
+    return model, lora
+
+
+def _load_splits(data: Path, eval_path: Path | None, config: ClassifyConfig):
+    train_records, train_report = load_labelled_texts(data)
+    reports = [train_report]
+    if eval_path is not None:
+        eval_records, eval_report = load_labelled_texts(eval_path)
+        reports.append(eval_report)
+        eval_name = str(eval_path)
+    else:
+        train_records, eval_records = split_held_out(train_records, config.val_fraction, config.seed)
+        eval_name = f"{data} (held-out split)"
+    labels = label_names(train_records)
+    check_labels(labels, eval_records, eval_name)
+    return train_records, eval_records, labels, reports
+
+
+def _encode(tokenizer: Tokenizer, records: Sequence[LabelledText], labels: Sequence[str], config: ClassifyConfig, name: str) -> EncodedTexts:
+    index = {label: n for n, label in enumerate(labels)}
+    encoded = encode_texts(tokenizer, [r.text for r in records], [index[r.label] for r in records], config.max_length, config.long)
+    if not encoded.ids:
+        raise ConfigError(f"{name}: every text is longer than --max-length {config.max_length} and was dropped")
+    return encoded
+
+
+def train_classifier(model: SequenceClassifier, train: EncodedTexts, config: ClassifyConfig, pad_id: int,
+                     on_step=None, progress: bool = False) -> int:
+    """AdamW on the parameters with requires_grad, warmup + cosine, gradient clipping; batches
+    in a seeded order reshuffled each epoch. `on_step(step, loss, lr)` sees every step. Returns
+    the number of steps taken."""
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    decay = [p for p in params if p.dim() >= 2]  # no decay on norms' gains and biases
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+    per_epoch = math.ceil(len(train.ids) / config.batch_size)
+    total = config.max_steps or per_epoch * config.epochs
+    generator = torch.Generator().manual_seed(config.seed)
+    device = model.embed.weight.device
+    labels = torch.tensor(train.labels, dtype=torch.long)
+    model.train()
+    step = 0
+    with tqdm(total=total, desc="classify", unit="step", disable=not progress) as bar:
+        while step < total:
+            order = torch.randperm(len(train.ids), generator=generator).tolist()
+            for rows in _batches(len(order), config.batch_size, order):
+                if step >= total:
+                    break
+                lr = config.lr * lr_factor(step, total, config.warmup_fraction, config.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx, lengths = pad_right([train.ids[i] for i in rows], pad_id)
+                logits = model(idx.to(device), lengths.to(device))
+                loss = F.cross_entropy(logits.float(), labels[rows].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                value = loss.item()
+                if on_step is not None:
+                    on_step(step, value, lr)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+    model.eval()
+    return step
+
+
+def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Path, config: ClassifyConfig,
+                        eval_path: str | Path | None = None, force: bool = False, progress: bool = True) -> ClassifyResult:
+    """Fine-tune the model at `model_path` (anything `load_pretrained` opens) to classify the
+    texts of `data`, evaluate on `eval_path` or a held-out split before and after, and write
+    the run folder `out`."""
+    from scratchlm.interop import load_pretrained
+    from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
+
+    out = Path(out)
+    data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
+    train_records, eval_records, labels, reports = _load_splits(data, eval_path, config)  # bad data fails before the model loads
+    prepare_out(out, force)
+    device = parse_device(config.device)
+    gpt, tokenizer = load_pretrained(model_path, device)
+    if config.max_length > gpt.config.block_size:
+        raise ConfigError(f"--max-length {config.max_length} is longer than the model's context ({gpt.config.block_size})")
+    train = _encode(tokenizer, train_records, labels, config, str(data))
+    held = _encode(tokenizer, eval_records, labels, config, str(eval_path or data))
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # any id: pads are never read
+    torch.manual_seed(config.seed)  # the head's initialisation and LoRA's A matrices
+    model, lora = build_classifier(gpt, len(labels), config)
+    trainable, total = trainable_parameters(model)
+    before = evaluate(model, held, labels, pad_id)
+    log = MetricsLog(out / "metrics.jsonl")
+    log.write({"step": 0, "val_loss": before["loss"], "val_accuracy": before["accuracy"]})
+    start = time.perf_counter()
+    steps = train_classifier(model, train, config, pad_id, progress=progress,
+                             on_step=lambda step, loss, lr: log.write({"step": step + 1, "loss": loss, "lr": lr}))
+    seconds = time.perf_counter() - start
+    after = evaluate(model, held, labels, pad_id)
+    log.write({"step": steps, "val_loss": after["loss"], "val_accuracy": after["accuracy"]})
+    if lora is not None:
+        save_adapter(out / "adapter.safetensors", model, lora)
+    save_classifier(out, model, tokenizer, labels, config.max_length)
+    plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"classification fine-tuning: {out.name}")
+    counts = {"train": len(train.ids), "eval": len(held.ids), "rejected": sum(len(r.rejected) for r in reports),
+              "truncated": train.truncated + held.truncated, "dropped": train.dropped + held.dropped}
+    result = ClassifyResult(out, labels, before, after, trainable, total, seconds, steps, counts, reports)
+    write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
+    write_text_atomic(out / "report.md", classify_report(result, config, model_path))
+    return result
+
+
+def _results_dict(result: ClassifyResult, config: ClassifyConfig, model_path) -> dict:
+    return {"model": str(model_path), "labels": result.labels, "before": result.before, "after": result.after,
+            "trainable_params": result.trainable_params, "total_params": result.total_params,
+            "train_seconds": result.train_seconds, "steps": result.steps, "data": result.data, "config": asdict(config)}
+
+
+def classify_report(result: ClassifyResult, config: ClassifyConfig, model_path) -> str:
+    """report.md: the before/after table, the confusion matrix after training, what trained."""
+    method = f"LoRA rank {config.lora_rank}" if config.lora else f"freeze {config.freeze}"
+    b, a = result.before, result.after
+    lines = [
+        f"# Classification fine-tuning: {result.out.name}", "",
+        (f"Base model `{model_path}`, {method}, pooling {config.pooling}; {result.steps} steps of batch "
+         f"{config.batch_size} at lr {config.lr} in {result.train_seconds:.1f} s."), "",
+        (f"Trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
+         f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)."), "",
+        (f"Held-out set: {result.data['eval']} examples; training set: {result.data['train']}. Rejected lines: "
+         f"{result.data['rejected']}; texts over {config.max_length} tokens truncated: {result.data['truncated']}, "
+         f"dropped: {result.data['dropped']}."), "",
+        "| | accuracy | macro F1 | loss |", "| --- | --- | --- | --- |",
+        f"| before | {b['accuracy']:.4f} | {b['macro_f1']:.4f} | {b['loss']:.4f} |",
+        f"| after | {a['accuracy']:.4f} | {a['macro_f1']:.4f} | {a['loss']:.4f} |", "",
+        "Confusion matrix after training (rows: true label, columns: predicted):", "",
+        "| true \\ predicted | " + " | ".join(result.labels) + " |",
+        "| --- |" + " --- |" * len(result.labels),
+    ]
+    lines += [f"| {label} | " + " | ".join(str(c) for c in row) + " |" for label, row in zip(result.labels, a["confusion"])]
+    for report in result.reports:
+        if report.rejected:
+            lines += ["", report.summary(limit=20)]
+    return "\n".join(lines) + "\n"
