@@ -14,8 +14,6 @@ from scratchlm.finetune.classify import (
     evaluate,
     finetune_classifier,
     load_classifier,
-    lr_factor,
-    parse_freeze,
     pool_hidden,
     predict,
     save_classifier,
@@ -31,6 +29,7 @@ from scratchlm.finetune.classify_data import (
     split_held_out,
 )
 from scratchlm.finetune.lora import lora_layers
+from scratchlm.finetune.trainer import lr_factor, parse_freeze
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.tokenizer import train_bpe
@@ -181,7 +180,7 @@ def test_a_few_steps_lower_the_loss_and_raise_training_accuracy(tokenizer, metho
     model, _ = build_classifier(tiny_gpt(tokenizer), 2, config)
     before = evaluate(model, data, ["a", "b"], pad_id=0)
     losses = []
-    train_classifier(model, data, config, pad_id=0, on_step=lambda step, loss, lr: losses.append(loss))
+    train_classifier(model, data, config, pad_id=0, on_step=lambda n, row: losses.append(row["loss"]))
     after = evaluate(model, data, ["a", "b"], pad_id=0)
     assert len(losses) == 30 and after["loss"] < before["loss"] * 0.5
     assert after["accuracy"] == 1.0 and before["accuracy"] < 0.8

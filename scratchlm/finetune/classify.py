@@ -52,14 +52,17 @@ from scratchlm.finetune.classify_data import (
     pad_right,
     split_held_out,
 )
-from scratchlm.finetune.lora import (
-    LoRAConfig,
-    apply_lora,
-    merge_lora,
-    save_adapter,
-    trainable_parameters,
-)
+from scratchlm.finetune.lora import LoRAConfig, merge_lora, save_adapter, trainable_parameters
 from scratchlm.finetune.records import RecordReport
+from scratchlm.finetune.trainer import (
+    Batches,
+    FinetuneConfig,
+    StepOutput,
+    finetune_loop,
+    prepare_out,
+    prepare_trainable,
+    shuffled_groups,
+)
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.model import GPT, allocate_on_cpu
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
@@ -130,101 +133,29 @@ class SequenceClassifier(nn.Module):
         return self.score(pool_hidden(self.hidden(idx), lengths, self.pooling))
 
 
-# ---- what trains ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FreezeSpec:
-    kind: Literal["none", "embeddings", "all-but-last"]
-    last_blocks: int = 0  # for "all-but-last": how many of the top blocks train
-
-    def __str__(self) -> str:
-        return f"all-but-last:{self.last_blocks}" if self.kind == "all-but-last" else self.kind
-
-
-def parse_freeze(value: str) -> FreezeSpec:
-    """'none', 'embeddings' or 'all-but-last:N' (N >= 0; 0 trains only the final norm and head)."""
-    text = value.strip().lower()
-    if text in ("none", "embeddings"):
-        return FreezeSpec(text)  # type: ignore[arg-type]
-    kind, _, number = text.partition(":")
-    if kind == "all-but-last" and number.isdigit():
-        return FreezeSpec("all-but-last", int(number))
-    raise ConfigError(f"freeze must be none, embeddings or all-but-last:N, not {value!r}")
-
-
-def apply_freeze(model: SequenceClassifier, spec: FreezeSpec) -> SequenceClassifier:
-    """Set requires_grad per `spec`, in place. The head always trains: it starts random."""
-    model.requires_grad_(True)
-    if spec.kind in ("embeddings", "all-but-last"):
-        model.embed.requires_grad_(False)
-        if model.pos_embed is not None:
-            model.pos_embed.requires_grad_(False)
-    if spec.kind == "all-but-last":
-        n = len(model.blocks)
-        if spec.last_blocks > n:
-            raise ConfigError(f"freeze all-but-last:{spec.last_blocks}: the model has only {n} blocks")
-        for block in model.blocks[: n - spec.last_blocks]:
-            block.requires_grad_(False)
-    return model
-
-
 # ---- settings ------------------------------------------------------------------------------
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(FinetuneConfig):
+    """The shared fine-tuning settings (`trainer.FinetuneConfig`) plus the classifier's own."""
+
     pooling: Pooling = "last"
-    freeze: str = "none"  # none | embeddings | all-but-last:N
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    epochs: int = 3
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.1  # of the steps, linear from 0; then cosine to min_lr_ratio
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
     max_length: int = 128
     long: LongPolicy = "truncate"  # a text longer than max_length: truncate or drop
     val_fraction: float = 0.2  # held-out share when no eval file is given
-    seed: int = 0
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = [
             (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
             (self.long in LONG_POLICIES, f"long must be one of {', '.join(LONG_POLICIES)}, not {self.long!r}"),
-            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"max steps must be at least 1, not {self.max_steps}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
-            (0.0 <= self.warmup_fraction < 1.0, f"warmup fraction must be in [0, 1), not {self.warmup_fraction}"),
             (self.max_length >= 2, f"max length must be at least 2, not {self.max_length}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        spec = parse_freeze(self.freeze)
-        if self.lora and spec.kind != "none":
-            raise ConfigError("LoRA already freezes every base weight; use --lora or --freeze, not both")
-
-
-def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
-    """Linear warmup over the first `warmup_fraction` of `total` steps, then cosine decay to
-    `min_ratio`: a fresh random head makes the first gradients large, and warmup keeps them
-    from wrecking the pretrained body before the head has settled."""
-    warmup = int(total * warmup_fraction)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ---- evaluation ----------------------------------------------------------------------------
-def _batches(n: int, size: int, order: Sequence[int] | None = None) -> list[list[int]]:
-    order = list(order) if order is not None else list(range(n))
-    return [order[i : i + size] for i in range(0, n, size)]
-
-
 @torch.no_grad()
 def predict(model: SequenceClassifier, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> tuple[list[int], Tensor]:
     """(predicted class numbers, logits (N, num_labels) on the CPU) for encoded texts."""
@@ -233,7 +164,8 @@ def predict(model: SequenceClassifier, ids: Sequence[Sequence[int]], pad_id: int
     device = model.embed.weight.device
     outputs = []
     try:
-        for rows in _batches(len(ids), batch_size):
+        for start in range(0, len(ids), batch_size):
+            rows = range(start, min(start + batch_size, len(ids)))
             idx, lengths = pad_right([ids[i] for i in rows], pad_id)
             outputs.append(model(idx.to(device), lengths.to(device)).float().cpu())
     finally:
@@ -335,27 +267,11 @@ class ClassifyResult:
     reports: list[RecordReport] = field(default_factory=list)
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    """Refuse a folder that already holds something, unless `force` (as pretrain refuses a
-    folder holding a run): a second run would mix its metrics into the first one's."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; --out must be a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ConfigError(f"{out} is not empty; choose another --out or pass --force to overwrite")
-        for name in ("metrics.jsonl", "adapter.safetensors"):  # appended to, or written only with --lora
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def build_classifier(gpt: GPT, num_labels: int, config: ClassifyConfig) -> tuple[SequenceClassifier, LoRAConfig | None]:
     """The classifier on `gpt`'s body with `config`'s freezing or LoRA adapters applied."""
     model = SequenceClassifier(gpt, num_labels, config.pooling)
-    if not config.lora:
-        return apply_freeze(model, parse_freeze(config.freeze)), None
-    lora = LoRAConfig(rank=config.lora_rank, alpha=config.lora_alpha)
-    apply_lora(model, lora)  # freezes every base weight
-    model.score.requires_grad_(True)  # the new head is not pretrained: it must train in full
+    lora = prepare_trainable(model, config)
+    model.score.requires_grad_(True)  # the new head is not pretrained: it must train in full, under LoRA too
     return model, lora
 
 
@@ -384,50 +300,22 @@ def _encode(tokenizer: Tokenizer, records: Sequence[LabelledText], labels: Seque
 
 def train_classifier(model: SequenceClassifier, train: EncodedTexts, config: ClassifyConfig, pad_id: int,
                      on_step=None, progress: bool = False) -> int:
-    """AdamW on the parameters with requires_grad, warmup + cosine, gradient clipping; batches
-    in a seeded order reshuffled each epoch. `on_step(step, loss, lr)` sees every step. Returns
-    the number of steps taken."""
-    from tqdm import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("nothing to train: every parameter is frozen")
-    decay = [p for p in params if p.dim() >= 2]  # no decay on norms' gains and biases
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
-    per_epoch = math.ceil(len(train.ids) / config.batch_size)
-    total = config.max_steps or per_epoch * config.epochs
-    generator = torch.Generator().manual_seed(config.seed)
+    """Cross-entropy of the class scores, trained by the shared fine-tuning loop
+    (`trainer.finetune_loop`); `on_step(n, row)` sees every step. Returns the steps taken."""
     device = model.embed.weight.device
     labels = torch.tensor(train.labels, dtype=torch.long)
-    model.train()
-    step = 0
-    with tqdm(total=total, desc="classify", unit="step", disable=not progress) as bar:
-        while step < total:
-            order = torch.randperm(len(train.ids), generator=generator).tolist()
-            for rows in _batches(len(order), config.batch_size, order):
-                if step >= total:
-                    break
-                lr = config.lr * lr_factor(step, total, config.warmup_fraction, config.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx, lengths = pad_right([train.ids[i] for i in rows], pad_id)
-                logits = model(idx.to(device), lengths.to(device))
-                loss = F.cross_entropy(logits.float(), labels[rows].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                value = loss.item()
-                if on_step is not None:
-                    on_step(step, value, lr)
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}")
-    model.eval()
-    return step
+
+    def epoch(generator: torch.Generator):
+        for rows in shuffled_groups(len(train.ids), config.batch_size, generator):
+            idx, lengths = pad_right([train.ids[i] for i in rows], pad_id)
+            yield idx.to(device), lengths.to(device), labels[rows].to(device)
+
+    def step(batch) -> StepOutput:
+        idx, lengths, truth = batch
+        return StepOutput(F.cross_entropy(model(idx, lengths).float(), truth))
+
+    batches = Batches(epoch, math.ceil(len(train.ids) / config.batch_size))
+    return finetune_loop(model, batches, step, config, on_step=on_step, progress=progress, desc="classify")
 
 
 def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Path, config: ClassifyConfig,
@@ -457,7 +345,7 @@ def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pat
     log.write({"step": 0, "val_loss": before["loss"], "val_accuracy": before["accuracy"]})
     start = time.perf_counter()
     steps = train_classifier(model, train, config, pad_id, progress=progress,
-                             on_step=lambda step, loss, lr: log.write({"step": step + 1, "loss": loss, "lr": lr}))
+                             on_step=lambda n, row: log.write({"step": n, **row}))
     seconds = time.perf_counter() - start
     after = evaluate(model, held, labels, pad_id)
     log.write({"step": steps, "val_loss": after["loss"], "val_accuracy": after["accuracy"]})
@@ -481,7 +369,7 @@ def _results_dict(result: ClassifyResult, config: ClassifyConfig, model_path) ->
 
 def classify_report(result: ClassifyResult, config: ClassifyConfig, model_path) -> str:
     """report.md: the before/after table, the confusion matrix after training, what trained."""
-    method = f"LoRA rank {config.lora_rank}" if config.lora else f"freeze {config.freeze}"
+    method = config.method()
     b, a = result.before, result.after
     lines = [
         f"# Classification fine-tuning: {result.out.name}", "",

@@ -1,0 +1,314 @@
+"""The one training loop of every fine-tuning method: classification, instruction SFT and DPO.
+
+A method brings two things: a stream of batches (`batches(generator)` yields one epoch's
+batches in an order drawn from `generator`) and a step function that turns a batch into a loss
+(`step(batch) -> StepOutput`, with what to log beside it). The loop owns the rest, the same for
+all three: which parameters train (`prepare_trainable`: everything, a freeze, or LoRA), AdamW
+with weight decay on matrices only, linear warmup then cosine decay, gradient accumulation,
+autocast, clipping, a stop on a non-finite loss, a progress bar, and one `on_step` callback per
+optimizer step for the run's metrics.jsonl.
+
+    config = FinetuneConfig(lora=True, lr=1e-3, epochs=2)
+    lora = prepare_trainable(model, config)
+    steps = finetune_loop(model, batches, len(examples) // 8, step, config, on_step=log)
+
+Pretraining keeps its own loop (scratchlm/train/loop.py): it streams token shards against a
+token or time budget, checkpoints and resumes, and runs under torchrun; fine-tuning runs are
+minutes to hours over a small data set counted in epochs, on one device.
+"""
+
+import math
+import random
+import resource
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from scratchlm.errors import ConfigError
+from scratchlm.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
+from scratchlm.model.folder import save_model_folder
+from scratchlm.model.model import GPT
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.loop import TrainingError, autocast_dtype
+from scratchlm.train.metrics import plot_loss_curve, read_metrics
+
+B = TypeVar("B")
+T = TypeVar("T")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# ---- what trains ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FreezeSpec:
+    kind: Literal["none", "embeddings", "all-but-last"]
+    last_blocks: int = 0  # for "all-but-last": how many of the top blocks train
+
+    def __str__(self) -> str:
+        return f"all-but-last:{self.last_blocks}" if self.kind == "all-but-last" else self.kind
+
+
+def parse_freeze(value: str) -> FreezeSpec:
+    """'none', 'embeddings' or 'all-but-last:N' (N >= 0; 0 trains only the final norm and head)."""
+    text = value.strip().lower()
+    if text in ("none", "embeddings"):
+        return FreezeSpec(text)  # type: ignore[arg-type]
+    kind, _, number = text.partition(":")
+    if kind == "all-but-last" and number.isdigit():
+        return FreezeSpec("all-but-last", int(number))
+    raise ConfigError(f"freeze must be none, embeddings or all-but-last:N, not {value!r}")
+
+
+def apply_freeze(model: nn.Module, spec: FreezeSpec) -> nn.Module:
+    """Set requires_grad per `spec`, in place, on our GPT or a model built on its modules (the
+    classifier): anything with `embed`, `pos_embed` and `blocks`. What is not frozen trains: the
+    final norm, and a head unless it is tied to the frozen token embedding (one matrix)."""
+    model.requires_grad_(True)
+    if spec.kind in ("embeddings", "all-but-last"):
+        model.embed.requires_grad_(False)
+        if model.pos_embed is not None:
+            model.pos_embed.requires_grad_(False)
+    if spec.kind == "all-but-last":
+        n = len(model.blocks)
+        if spec.last_blocks > n:
+            raise ConfigError(f"freeze all-but-last:{spec.last_blocks}: the model has only {n} blocks")
+        for block in model.blocks[: n - spec.last_blocks]:
+            block.requires_grad_(False)
+    return model
+
+
+# ---- settings ------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig:
+    """The settings every fine-tuning method shares; each method's config adds its own."""
+
+    freeze: str = "none"  # none | embeddings | all-but-last:N
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ",".join(DEFAULT_TARGETS)
+    epochs: int = 3
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16
+    grad_accum: int = 1  # batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1  # of the steps, linear from 0; then cosine to min_lr_ratio
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # autocast: auto (bf16 on GPUs, float32 on CPU) | float32 | bfloat16 | float16
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max steps must be at least 1, not {self.max_steps}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad accum must be at least 1, not {self.grad_accum}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
+            (0.0 <= self.warmup_fraction < 1.0, f"warmup fraction must be in [0, 1), not {self.warmup_fraction}"),
+            (0.0 <= self.min_lr_ratio <= 1.0, f"min lr ratio must be in [0, 1], not {self.min_lr_ratio}"),
+            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        spec = parse_freeze(self.freeze)
+        if self.lora:
+            if spec.kind != "none":
+                raise ConfigError("LoRA already freezes every base weight; use --lora or --freeze, not both")
+            self.lora_config()  # a bad rank, alpha, dropout or target fails here, before any model loads
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
+
+    def method(self) -> str:
+        """What trains, in words, for reports."""
+        if self.lora:
+            return f"LoRA rank {self.lora_rank}, alpha {self.lora_alpha:g} on {self.lora_targets}"
+        return "full fine-tuning" if self.freeze == "none" else f"freeze {self.freeze}"
+
+
+def prepare_trainable(model: nn.Module, config: FinetuneConfig) -> LoRAConfig | None:
+    """LoRA adapters (every base weight frozen) or `config.freeze` applied to `model`, in place.
+    Returns the LoRA config when adapters were added, for `save_adapter`."""
+    if config.lora:
+        lora = config.lora_config()
+        apply_lora(model, lora)
+        return lora
+    apply_freeze(model, parse_freeze(config.freeze))
+    return None
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
+    """Linear warmup over the first `warmup_fraction` of `total` steps, then cosine decay to
+    `min_ratio`: early gradients (a fresh head, a new loss) are the largest, and warmup keeps
+    them from wrecking the pretrained weights before the rest has settled."""
+    warmup = int(total * warmup_fraction)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def total_steps(config: FinetuneConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of a run: `max_steps`, or `epochs` passes of `grad_accum` batches a step."""
+    if batches_per_epoch < 1:
+        raise ConfigError("nothing to train on: the training set gives no batch")
+    return config.max_steps or math.ceil(batches_per_epoch * config.epochs / config.grad_accum)
+
+
+# ---- the loop ------------------------------------------------------------------------------
+@dataclass
+class StepOutput:
+    """A batch's loss (what the optimizer minimises) and measurements logged beside it."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Batches(Generic[B]):
+    """A training set as batches: `epoch(generator)` yields one pass in a random order drawn
+    from `generator`; `per_epoch` is how many batches one pass gives."""
+
+    epoch: Callable[[torch.Generator], Iterable[B]]
+    per_epoch: int
+
+
+def shuffled_groups(n: int, size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Indices 0..n-1 in a random order, `size` at a time (the last group may be shorter)."""
+    order = torch.randperm(n, generator=generator).tolist()
+    return (order[i : i + size] for i in range(0, n, size))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def finetune_loop(
+    model: nn.Module,
+    batches: Batches[B],
+    step: Callable[[B], StepOutput],
+    config: FinetuneConfig,
+    on_step: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+    desc: str = "fine-tuning",
+) -> int:
+    """Train the parameters of `model` that require grad; returns the optimizer steps taken.
+    `on_step(n, row)` sees each step (n from 1) with its loss, lr, gradient norm and the
+    step function's metrics, averaged over the accumulated batches."""
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    device = model_device(model)
+    decay = [p for p in params if p.dim() >= 2]  # no decay on norms' gains and biases
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    amp = autocast_dtype(device, config.dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients underflow unscaled
+    total = total_steps(config, batches.per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def stream() -> Iterator[B]:
+        while True:
+            yield from batches.epoch(generator)
+
+    source = stream()
+    model.train()
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        for n in range(total):
+            lr = config.lr * lr_factor(n, total, config.warmup_fraction, config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            for _ in range(config.grad_accum):
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    out = step(next(source))
+                scaler.scale(out.loss / config.grad_accum).backward()
+                for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
+            if not math.isfinite(sums["loss"]):
+                raise TrainingError(f"{desc}: the loss is not finite at step {n + 1}; lower the learning rate (lr={config.lr})")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"loss": sums.pop("loss"), "lr": lr, "grad_norm": float(grad_norm), **sums}
+            if on_step is not None:
+                on_step(n + 1, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+    model.eval()
+    return total
+
+
+# ---- run folders ---------------------------------------------------------------------------
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse a folder that already holds something, unless `force` (as pretrain refuses a
+    folder holding a run): a second run would mix its metrics into the first one's."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; --out must be a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(f"{out} is not empty; choose another --out or pass --force to overwrite")
+        for name in ("metrics.jsonl", "adapter.safetensors"):  # appended to, or written only with --lora
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The run's peak memory in MB: allocated tensors on a GPU (since `reset_peak_memory`); on a
+    CPU the process's peak resident set, which counts everything the process ever held, the
+    loaded model included (compare runs in fresh processes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def split_off(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held-out): a seeded random `fraction` of `items` held out, both parts kept in
+    their original order. Without an eval file a run still measures itself on data it never
+    trained on."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"val fraction must be between 0 and 1 (exclusive), not {fraction}")
+    n_held = round(len(items) * fraction)
+    if n_held < 1 or n_held >= len(items):
+        raise ConfigError(f"a val fraction of {fraction} of {len(items)} records leaves no held-out or no training "
+                          "example; give more data, another --val-fraction or an --eval file")
+    held = set(random.Random(seed).sample(range(len(items)), n_held))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def save_finetuned(out: Path, model: GPT, tokenizer: Tokenizer, lora: LoRAConfig | None) -> Path:
+    """Write the fine-tuned language model: with LoRA, first the adapter alone
+    (out/adapter.safetensors, for `load_adapter` on the base model), then the model merged into
+    plain weights as a model folder (out/model), which every command opens (chat, serve, eval,
+    export, a further fine-tuning run)."""
+    if lora is not None:
+        save_adapter(out / "adapter.safetensors", model, lora)
+        merge_lora(model)
+    return save_model_folder(out / "model", model, tokenizer)
+
+
+def write_loss_curve(out: Path, title: str) -> Path:
+    """out/loss.png from out/metrics.jsonl."""
+    return plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=title)

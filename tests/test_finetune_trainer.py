@@ -1,0 +1,167 @@
+"""The shared fine-tuning loop (scratchlm/finetune/trainer.py): what trains, the schedule,
+accumulation, the stop on a non-finite loss, held-out splits and run folders."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from scratchlm.errors import ConfigError
+from scratchlm.finetune.lora import lora_layers
+from scratchlm.finetune.trainer import (
+    Batches,
+    FinetuneConfig,
+    StepOutput,
+    finetune_loop,
+    peak_memory_mb,
+    prepare_out,
+    prepare_trainable,
+    shuffled_groups,
+    split_off,
+    total_steps,
+)
+from scratchlm.model import GPT, get_preset
+from scratchlm.train.loop import TrainingError
+
+VOCAB = 64
+
+
+def tiny_gpt(seed: int = 0, **changes) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(get_preset("cpu-tiny").replace(vocab_size=VOCAB, block_size=32, **changes))
+
+
+def copy_task(n: int = 32, length: int = 12) -> torch.Tensor:
+    """Rows that repeat a short random pattern: a language model learns them in a few steps."""
+    g = torch.Generator().manual_seed(1)
+    pattern = torch.randint(0, VOCAB, (n, 3), generator=g)
+    return pattern.repeat(1, length // 3 + 1)[:, : length + 1]
+
+
+def lm_batches(rows: torch.Tensor, size: int) -> Batches:
+    return Batches(lambda g: (rows[i] for i in shuffled_groups(len(rows), size, g)), math.ceil(len(rows) / size))
+
+
+def lm_step(model: GPT):
+    def step(batch: torch.Tensor) -> StepOutput:
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        return StepOutput(loss, {"tokens": float(batch[:, 1:].numel())})
+
+    return step
+
+
+def mean_loss(model: GPT, rows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(rows[:, :-1], rows[:, 1:])[1].item()
+
+
+def test_a_few_steps_lower_the_loss_and_log_every_step():
+    model, rows = tiny_gpt(), copy_task()
+    before = mean_loss(model, rows)
+    logged = []
+    config = FinetuneConfig(max_steps=20, batch_size=8, lr=1e-2)
+    steps = finetune_loop(model, lm_batches(rows, 8), lm_step(model), config, on_step=lambda n, row: logged.append((n, row)))
+    assert steps == 20 and [n for n, _ in logged] == list(range(1, 21))
+    assert set(logged[0][1]) == {"loss", "lr", "grad_norm", "tokens"} and logged[0][1]["tokens"] == 8 * 12
+    assert mean_loss(model, rows) < before * 0.7
+    assert not model.training  # left in eval mode for evaluation
+
+
+def test_epochs_count_optimizer_steps_over_accumulated_batches():
+    config = FinetuneConfig(epochs=3, grad_accum=2)
+    assert total_steps(config, batches_per_epoch=5) == 8  # 15 batches, 2 a step, the last step partial
+    assert total_steps(FinetuneConfig(max_steps=4), 100) == 4
+    with pytest.raises(ConfigError, match="no batch"):
+        total_steps(config, 0)
+
+
+def test_accumulating_two_half_batches_gives_the_same_step_as_one_whole_batch():
+    rows = copy_task(n=8)
+    whole, halves = tiny_gpt(), tiny_gpt()
+    in_order = lambda size: Batches(lambda g: (rows[i : i + size] for i in range(0, len(rows), size)), len(rows) // size)  # noqa: E731
+    finetune_loop(whole, in_order(8), lm_step(whole), FinetuneConfig(max_steps=1, batch_size=8, lr=1e-2, warmup_fraction=0.0))
+    finetune_loop(halves, in_order(4), lm_step(halves), FinetuneConfig(max_steps=1, grad_accum=2, lr=1e-2, warmup_fraction=0.0))
+    for (name, a), (_, b) in zip(whole.named_parameters(), halves.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_freeze_keeps_the_lower_blocks_and_embeddings_bit_identical():
+    model, rows = tiny_gpt(), copy_task()
+    config = FinetuneConfig(freeze="all-but-last:1", max_steps=3, lr=1e-2)
+    assert prepare_trainable(model, config) is None
+    before = copy.deepcopy(model.state_dict())
+    finetune_loop(model, lm_batches(rows, 8), lm_step(model), config)
+    after = model.state_dict()
+    frozen = [n for n in before if n.startswith(("embed.", "blocks.0.")) or (n.startswith("head.") and model.config.tie_embeddings)]
+    trained = [n for n in before if n.startswith("blocks.1.") and n.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert all(not torch.equal(before[n], after[n]) for n in trained)
+
+
+def test_lora_trains_only_the_adapters():
+    model, rows = tiny_gpt(), copy_task()
+    config = FinetuneConfig(lora=True, lora_rank=2, lora_targets="attn.qkv", max_steps=3, lr=1e-2)
+    lora = prepare_trainable(model, config)
+    assert lora is not None and lora.rank == 2 and len(lora_layers(model)) == model.config.n_layer
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    finetune_loop(model, lm_batches(rows, 8), lm_step(model), config)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if n.endswith("lora_b"))
+
+
+def test_a_non_finite_loss_stops_the_run_with_advice():
+    model = tiny_gpt()
+
+    def step(batch) -> StepOutput:
+        return StepOutput(model(batch[:, :-1], batch[:, 1:])[1] * float("nan"))
+
+    with pytest.raises(TrainingError, match="not finite at step 1; lower the learning rate"):
+        finetune_loop(model, lm_batches(copy_task(), 8), step, FinetuneConfig(max_steps=2))
+
+
+def test_nothing_to_train_is_a_config_error():
+    model = tiny_gpt()
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="every parameter is frozen"):
+        finetune_loop(model, lm_batches(copy_task(), 8), lm_step(model), FinetuneConfig(max_steps=1))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"lr": 0.0}, "lr must be a positive number"),
+    ({"grad_accum": 0}, "grad accum must be at least 1"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"freeze": "top"}, "freeze must be none, embeddings or all-but-last:N"),
+    ({"lora": True, "freeze": "embeddings"}, "not both"),
+    ({"lora": True, "lora_rank": 0}, "rank must be a positive integer"),
+])
+def test_bad_settings_are_named_before_any_model_loads(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig(**changes)
+
+
+def test_split_off_is_seeded_disjoint_and_complete():
+    items = list(range(50))
+    train, held = split_off(items, 0.2, seed=3)
+    assert (train, held) == split_off(items, 0.2, seed=3)
+    assert len(held) == 10 and sorted(train + held) == items and train == sorted(train)
+    assert held != split_off(items, 0.2, seed=4)[1]
+    with pytest.raises(ConfigError, match="leaves no held-out"):
+        split_off([1, 2], 0.1, seed=0)
+
+
+def test_prepare_out_refuses_a_used_folder_unless_forced(tmp_path):
+    out = tmp_path / "run"
+    prepare_out(out, force=False)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="not empty"):
+        prepare_out(out, force=False)
+    prepare_out(out, force=True)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_peak_memory_is_reported_in_megabytes():
+    resident = peak_memory_mb(torch.device("cpu"))
+    assert 10 < resident < 1e6  # a Python process with torch loaded holds tens of MB at least
+
