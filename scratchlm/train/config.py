@@ -16,6 +16,9 @@ class TrainConfig:
     model: str = "auto"
     model_config: dict = field(default_factory=dict)  # overrides of ModelConfig fields
     seq_len: int | None = None  # default: the model's block_size
+    # continued pretraining: start from this model's weights and architecture (anything
+    # `scratchlm.interop.load_pretrained` opens); `model` stays "auto", model_config may set dropout only
+    init_from: str | None = None
     # batch
     micro_batch: int = 16  # sequences per forward pass on each process
     batch_tokens: int | None = None  # tokens per optimizer step; reached by gradient accumulation
@@ -64,6 +67,10 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, not {value}")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"seq_len must be positive, not {self.seq_len}")
+        if self.init_from is not None and self.model != "auto":
+            raise ConfigError(f"model={self.model!r} conflicts with init_from: the architecture comes from {self.init_from}; leave model as \"auto\"")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
 

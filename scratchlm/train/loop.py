@@ -10,6 +10,10 @@ The data stream is read sequentially: step s, micro-step m, rank r reads the win
 `(s * accum * world + m * world + r) * micro_batch * seq_len`, so the data position is the
 step number and a resumed or distributed run reads exactly what an uninterrupted single
 process would.
+
+Continued pretraining (`init_from`): the run starts from a trained model's weights and
+architecture instead of a fresh one, on shards made with that model's tokenizer, and logs the
+validation loss at step 0 so the report shows where it started.
 """
 
 import math
@@ -36,7 +40,7 @@ from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.train.optim import build_optimizer, lr_multiplier
 from scratchlm.devices import parse_device
 from scratchlm.model.folder import save_model_folder
-from scratchlm.train.runfolder import write_report
+from scratchlm.train.runfolder import start_evaluation, write_report
 
 
 SPIKE_FACTOR = 1.5
@@ -59,6 +63,8 @@ class RunSummary:
     tokens_per_s: float = 0.0
     mfu: float | None = None
     samples: list[str] = field(default_factory=list)
+    start_val_loss: float | None = None  # before the first step, for runs with init_from
+    start_val_bpb: float | None = None
 
 
 # ---- devices and precision ----------------------------------------------------------
@@ -130,6 +136,88 @@ def choose_model(config: TrainConfig, vocab_size: int) -> ModelConfig:
     return model_config
 
 
+# ---- continued pretraining: starting from a model -------------------------------------
+# Fields a run with init_from may change: they change neither the weights' shapes nor what
+# the weights compute at inference. Others that keep shapes (mlp, rope_base, norm_eps) would
+# silently turn the loaded weights into a different function, so they are refused too.
+INIT_OVERRIDABLE = frozenset({"dropout"})
+
+
+def init_model_config(config: TrainConfig, loaded: ModelConfig) -> ModelConfig:
+    """The architecture of a run that starts from a model with architecture `loaded`: that one,
+    with the run's dropout. Any other model_config key must repeat the loaded value."""
+    changed = loaded.replace(**config.model_config)
+    for key in config.model_config:
+        if key not in INIT_OVERRIDABLE and getattr(changed, key) != getattr(loaded, key):
+            hint = "; set seq_len for shorter training windows" if key == "block_size" else ""
+            raise ConfigError(f"model_config.{key}={getattr(changed, key)!r} conflicts with init_from: the architecture "
+                              f"comes from {config.init_from} ({key}={getattr(loaded, key)!r}); only "
+                              f"{', '.join(sorted(INIT_OVERRIDABLE))} may be set{hint}")
+    return changed
+
+
+def training_seq_len(config: TrainConfig, model_config: ModelConfig) -> int:
+    """Tokens per training window. A loaded model keeps its full context (block_size): shorter
+    windows train every weight but the learned position rows past seq_len, which stay as they
+    were, and the rotary tables are sized from block_size; so the model is not cut down to seq_len."""
+    if config.init_from is None:
+        return model_config.block_size  # choose_model already made block_size = seq_len
+    if config.seq_len is None:
+        return model_config.block_size
+    if config.seq_len > model_config.block_size:
+        raise ConfigError(f"seq_len {config.seq_len} is longer than the context of {config.init_from} ({model_config.block_size} tokens)")
+    return config.seq_len
+
+
+def load_init_model(config: TrainConfig, shards_tokenizer: Tokenizer, shards: TokenShards, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """The model named by `config.init_from` on `device`, with the run's dropout, and its own
+    tokenizer (which keeps its chat template and BOS/EOS metadata for the final model folder)."""
+    from scratchlm.interop import load_pretrained
+
+    model, tokenizer = load_pretrained(config.init_from, device)
+    check_same_vocabulary(shards_tokenizer, tokenizer, shards, config.init_from)
+    model_config = init_model_config(config, model.config)
+    if model_config != model.config:  # dropout lives in the modules: rebuild, keep the weights
+        rebuilt = GPT(model_config).to(device)
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt
+    return model, tokenizer
+
+
+def check_same_vocabulary(shards_tokenizer: Tokenizer, model_tokenizer: Tokenizer, shards: TokenShards, model_path: str) -> None:
+    """Shards are ids; they mean the same text to the model only if both tokenizers map the same
+    byte sequences and special tokens to the same ids (names and metadata may differ)."""
+    if shards_tokenizer.ranks == model_tokenizer.ranks and shards_tokenizer.special_tokens == model_tokenizer.special_tokens:
+        return
+    ours, theirs = len(shards_tokenizer.ranks), len(model_tokenizer.ranks)
+    if ours != theirs:
+        what = f"a {ours}-token vocabulary, the model's has {theirs}"
+    elif shards_tokenizer.ranks != model_tokenizer.ranks:
+        what = f"{ours} tokens like the model's, but not the same tokens at the same ids"
+    else:
+        what = f"special tokens {shards_tokenizer.special_tokens} vs {model_tokenizer.special_tokens}"
+    data, source = shards.path, _tokenizer_source(Path(model_path))
+    inputs = "" if shards.manifest.get("source") == "embedded corpus" else " --input CORPUS"
+    raise InputFileError(f"{data}: the shards were made with a different tokenizer than {model_path} ({what}); tokenize "
+                         f"the corpus with the model's tokenizer: scratchlm data tokenize{inputs} --tokenizer {source} "
+                         f"--out {data.with_name(data.name + '-' + _model_name(Path(model_path)))}")
+
+
+def _tokenizer_source(model_path: Path) -> Path:
+    """What `scratchlm data tokenize --tokenizer` reads for this model: a GGUF file itself, else
+    the tokenizer.json of the model folder (a run folder's model/, a checkpoint's run)."""
+    if model_path.is_dir():
+        for candidate in (model_path / "model" / "tokenizer.json", model_path / "tokenizer.json",
+                          model_path.parent.parent / "model" / "tokenizer.json"):
+            if candidate.is_file():
+                return candidate
+    return model_path
+
+
+def _model_name(model_path: Path) -> str:
+    return model_path.stem if model_path.is_file() else model_path.resolve().name
+
+
 # ---- evaluation -----------------------------------------------------------------------
 def token_byte_lengths(tokenizer: Tokenizer, size: int) -> np.ndarray:
     """UTF-8 bytes each id stands for; 0 for special tokens, which bits per byte leaves out."""
@@ -182,7 +270,8 @@ def pretrain(
     resume: bool = False,
     progress: bool = True,
 ) -> RunSummary:
-    """Train a model from scratch on the shard folder `data`, writing the run folder `out`."""
+    """Train a model on the shard folder `data`, writing the run folder `out`: from scratch, or
+    from the weights of `config.init_from` (continued pretraining)."""
     run_dir = Path(out)
     shards = TokenShards.open(data)
     tokenizer = _shard_tokenizer(Path(data), shards)
@@ -206,8 +295,12 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
            val_text: str | Path | None, resume: bool, progress: bool) -> RunSummary:
     device = resolve_device(config.device, info)
     amp = autocast_dtype(device, config.dtype)
-    model_config = choose_model(config, tokenizer.vocab_size)
-    seq_len = model_config.block_size
+    init_model = None
+    if config.init_from is not None:
+        # On resume too: its config and tokenizer; the checkpoint's weights then replace its own.
+        init_model, tokenizer = load_init_model(config, tokenizer, shards, device)
+    model_config = init_model.config if init_model is not None else choose_model(config, tokenizer.vocab_size)
+    seq_len = training_seq_len(config, model_config)
     train_tokens = shards.tokens("train")
     if train_tokens < seq_len + 1:
         raise InputFileError(f"{shards.path}: train split has {train_tokens} tokens, fewer than one context window ({seq_len + 1})")
@@ -222,7 +315,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         _prepare_run_dir(run_dir, resume)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = GPT(model_config).to(device)
+    model = init_model if init_model is not None else GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
     step, elapsed_before, resumed_scaler = 0, 0.0, None
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
@@ -257,6 +350,9 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
     max_steps = _max_steps(config, tokens_per_step)
     if info.is_main:
         _write_run_config(run_dir, config, model_config, shards, tokens_per_step, accum, info)
+    if config.init_from is not None and step == 0:  # where the loaded model starts on this data
+        start_loss, start_bpb = evaluate(model, val_tokens, seq_len, config.micro_batch, byte_lengths, device, amp)
+        metrics.write({"step": 0, "val_loss": round(start_loss, 5), "val_bpb": round(start_bpb, 5)})
 
     bar = tqdm(
         total=max_steps if max_steps else int(max_seconds), initial=step if max_steps else int(elapsed_before),
@@ -356,6 +452,9 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         save_model_folder(run_dir / "model", model, tokenizer)
         summary.samples = _samples(model, tokenizer, config)
         rows = read_metrics(run_dir / "metrics.jsonl")
+        start_row = start_evaluation(rows) if config.init_from is not None else None
+        if start_row:
+            summary.start_val_loss, summary.start_val_bpb = start_row["val_loss"], start_row["val_bpb"]
         plot_loss_curve(rows, run_dir / "loss.png", title=f"{run_dir.name}: {params / 1e6:.2f}M parameters")
         write_report(run_dir, summary, config, model_config, shards, rows)
     return summary

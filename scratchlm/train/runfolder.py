@@ -42,11 +42,22 @@ def _config(path: Path) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
+def start_evaluation(rows: list[dict]) -> dict | None:
+    """The metrics row of the evaluation before the first step (runs with init_from)."""
+    return next((r for r in rows if r["step"] == 0 and "val_loss" in r), None)
+
+
 def write_report(run_dir: Path, summary, config, model_config: ModelConfig, shards, rows: list[dict]) -> Path:
     import platform
 
     evals = [r for r in rows if "val_bpb" in r]
     best = min(evals, key=lambda r: r["val_bpb"]) if evals else None
+    start = start_evaluation(rows) if config.init_from is not None else None
+    started_from = []
+    if config.init_from is not None:
+        started_from.append(f"| started from | `{config.init_from}` (continued pretraining) |")
+        started_from.append(f"| validation loss at start | {start['val_loss']:.4f} nats/token, {start['val_bpb']:.4f} bits per byte |"
+                            if start else "| validation loss at start | n/a |")
     lines = [
         f"# Run report: {run_dir.name}",
         "",
@@ -54,6 +65,7 @@ def write_report(run_dir: Path, summary, config, model_config: ModelConfig, shar
         "",
         "| | |",
         "| --- | --- |",
+        *started_from,
         f"| final train loss | {summary.final_loss:.4f} nats/token |" if summary.final_loss is not None else "| final train loss | n/a |",
         f"| validation loss | {summary.val_loss:.4f} nats/token |" if summary.val_loss is not None else "| validation loss | n/a |",
         f"| validation bits per byte | {summary.val_bpb:.4f} |" if summary.val_bpb is not None else "| validation bits per byte | n/a |",
