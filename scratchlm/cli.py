@@ -254,14 +254,21 @@ def _add_pretrain_command(stages: argparse._SubParsersAction) -> None:
 
     pre = stages.add_parser(
         "pretrain",
-        help="train a model from scratch on token shards",
+        help="train a model from scratch, or continue a trained one, on token shards",
         description="Pretrain a decoder-only transformer on token shards. Writes RUN/metrics.jsonl, loss.png, "
         "report.md, checkpoints/ and the final model/. With no --recipe, uses the default CPU recipe, which "
-        "sizes the model to the time budget. Works unchanged under torchrun --nproc_per_node N (data parallel).",
+        "sizes the model to the time budget. With --init-from MODEL, continues pretraining a trained model on "
+        "the shards (e.g. a domain corpus): its weights and architecture are the start, the shards must be made "
+        "with its tokenizer, step 0 logs the validation loss before training, and the default recipe is "
+        "continued-pretraining. Works unchanged under torchrun --nproc_per_node N (data parallel).",
     )
     pre.add_argument("--data", required=True, type=Path, help="shard folder (from scratchlm data tokenize)")
     pre.add_argument("--out", required=True, type=Path, help="run folder")
-    pre.add_argument("--recipe", default=None, help=f"TOML recipe file or built-in name ({', '.join(builtin_recipes())}; default: cpu-default)")
+    pre.add_argument("--recipe", default=None, help=f"TOML recipe file or built-in name ({', '.join(builtin_recipes())}; "
+                     "default: cpu-default, or continued-pretraining with --init-from)")
+    pre.add_argument("--init-from", default=None, metavar="MODEL", help="start from this model's weights and architecture "
+                     "(continued pretraining; same as --set init_from=MODEL); the shards must be tokenized with its "
+                     f"tokenizer, and seq_len may be at most its context. {MODEL_HELP}")
     pre.add_argument("--max-time", default=None, help="wall-clock budget, e.g. 120s, 10m (overrides the recipe)")
     pre.add_argument("--max-steps", type=int, default=None, help="step budget (overrides the recipe)")
     pre.add_argument("--val-text", type=Path, default=None, help="evaluate on this text file instead of the val split")
@@ -280,8 +287,14 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides += [f"max_time={args.max_time}", "max_steps=none"]
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
-    config = load_train_config(resolve_recipe(args.recipe), overrides)
+    if args.init_from is not None:
+        overrides.append(f"init_from={args.init_from}")
+    continued = any(item.split("=", 1)[0].strip() == "init_from" for item in overrides)
+    recipe = args.recipe or ("continued-pretraining" if continued else None)
+    config = load_train_config(resolve_recipe(recipe), overrides)
     summary = pretrain(args.data, args.out, config, val_text=args.val_text, resume=args.resume, progress=not args.quiet)
+    if summary.start_val_bpb is not None:
+        print(f"step 0 ({config.init_from}): val loss {summary.start_val_loss:.4f} nats/token, {summary.start_val_bpb:.4f} bits per byte")
     if summary.val_bpb is not None:
         print(f"step {summary.steps}: val loss {summary.val_loss:.4f} nats/token, {summary.val_bpb:.4f} bits per byte")
     print(f"wrote {summary.run_dir}/ (model/, report.md, loss.png, metrics.jsonl)")
@@ -533,7 +546,55 @@ def _feedback_build(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- scratchlm finetune classify ---------------------------------------------------------
+# ---- scratchlm finetune classify | sft | dpo --------------------------------------------
+def _add_finetune_args(cmd: argparse.ArgumentParser, unit: str, lr: float | str, epochs: int, batch_size: int) -> None:
+    """MODEL, --data, --eval, --out and the settings every fine-tuning method shares
+    (`scratchlm.finetune.trainer.FinetuneConfig`); each command adds its own after them."""
+    from scratchlm.finetune.datasets import resolve_data_path, shipped_datasets
+
+    cmd.add_argument("model", type=Path, help="the base model (see above)")
+    data_path = _argument_type(resolve_data_path)
+    cmd.add_argument("--data", required=True, type=data_path,
+                     help="training records: a file, or builtin:NAME for a data set shipped with scratchlm "
+                     f"({', '.join(shipped_datasets())})")
+    cmd.add_argument("--eval", type=data_path, default=None,
+                     help="held-out records, a file or builtin:NAME (default: a seeded --val-fraction split of --data)")
+    cmd.add_argument("--out", required=True, type=Path, help="run folder (must be empty unless --force)")
+    cmd.add_argument("--freeze", default="none", metavar="WHAT",
+                     help="none (train everything), embeddings, or all-but-last:N (only the last N blocks, the final norm "
+                     "and an untied head) (default: none)")
+    cmd.add_argument("--lora", action="store_true", help="train LoRA adapters instead, every base weight frozen")
+    cmd.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
+    cmd.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank (default: 16)")
+    cmd.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0)")
+    cmd.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.up,mlp.down",
+                     help="comma-separated linear layers to adapt, by name suffix (default: attn.qkv,attn.proj,mlp.up,mlp.down)")
+    cmd.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default: {epochs})")
+    cmd.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    cmd.add_argument("--batch-size", type=int, default=batch_size, help=f"{unit} per batch (default: {batch_size})")
+    cmd.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)")
+    # lr as text: the method's config picks the rate when --lr is not given (SFT: by full or LoRA); the text says how.
+    lr_default = lr if isinstance(lr, str) else format(lr, "g")
+    cmd.add_argument("--lr", type=float, default=None if isinstance(lr, str) else lr,
+                     help=f"peak learning rate, after linear warmup, before cosine decay (default: {lr_default})")
+    cmd.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
+    cmd.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps spent warming up (default: 0.1)")
+    cmd.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 for none (default: 1.0)")
+    cmd.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                     help="autocast precision; auto is bfloat16 on GPUs, float32 on CPU (default: auto)")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the split, new weights and the batch order (default: 0)")
+    cmd.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    cmd.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _finetune_settings(args: argparse.Namespace) -> dict:
+    """The shared `FinetuneConfig` fields from the arguments `_add_finetune_args` defined."""
+    names = ("freeze", "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "epochs", "max_steps",
+             "batch_size", "grad_accum", "lr", "weight_decay", "warmup_fraction", "grad_clip", "dtype", "seed", "device")
+    return {name: getattr(args, name) for name in names}
+
+
 def _add_finetune_commands(stages: argparse._SubParsersAction) -> None:
     ft = stages.add_parser("finetune", help="fine-tune a model for a task",
                            description="Post-training: fine-tune a pretrained model for a task.")
@@ -546,39 +607,78 @@ def _add_finetune_commands(stages: argparse._SubParsersAction) -> None:
         "macro F1 and the confusion matrix before and after, and writes OUT/classifier.safetensors, config.json, "
         "tokenizer.json, report.md, results.json, metrics.jsonl and loss.png. " + MODEL_HELP,
     )
-    cls.add_argument("model", type=Path, help="the base model (see above)")
-    cls.add_argument("--data", required=True, type=Path, help="training records (.csv or .jsonl)")
-    cls.add_argument("--eval", type=Path, default=None, help="held-out records (default: a seeded --val-fraction split of --data)")
-    cls.add_argument("--out", required=True, type=Path, help="run folder (must be empty unless --force)")
+    _add_finetune_args(cls, unit="texts", lr=1e-3, epochs=3, batch_size=16)
     cls.add_argument("--val-fraction", type=float, default=0.2, help="held-out share without --eval (default: 0.2)")
     cls.add_argument("--pooling", choices=["last", "mean"], default="last", help="last real token or mean of tokens (default: last)")
-    cls.add_argument("--freeze", default="none", metavar="WHAT",
-                     help="none (train everything), embeddings, or all-but-last:N (only the last N blocks and the head) (default: none)")
-    cls.add_argument("--lora", action="store_true", help="train LoRA adapters on the blocks plus the head, base weights frozen")
-    cls.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
-    cls.add_argument("--epochs", type=int, default=3, help="passes over the training data (default: 3)")
-    cls.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
-    cls.add_argument("--batch-size", type=int, default=16, help="texts per step (default: 16)")
-    cls.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     cls.add_argument("--max-length", type=int, default=128, help="tokens per text, end token included (default: 128)")
     long = cls.add_mutually_exclusive_group()
     long.add_argument("--truncate", dest="long", action="store_const", const="truncate", help="cut longer texts (the default)")
     long.add_argument("--drop-long", dest="long", action="store_const", const="drop", help="leave longer texts out")
-    cls.add_argument("--seed", type=int, default=0, help="seed of the split, the head and the batch order (default: 0)")
-    cls.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
-    cls.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    cls.add_argument("--quiet", action="store_true", help="no progress bar")
     cls.set_defaults(run=_finetune_classify, long="truncate")
+    sft = cmds.add_parser(
+        "sft",
+        help="instruction-tune a model on conversations (SFT)",
+        description="Fine-tune MODEL to follow instructions: next-token loss on the assistant's tokens only, the "
+        "conversation rendered with the model's own chat template (ChatML for models trained here). --data and --eval "
+        "are JSONL files, one record a line, in any of these shapes: {\"messages\": [{\"role\", \"content\"}]}, "
+        "ShareGPT {\"conversations\": [{\"from\", \"value\"}]}, Alpaca {\"instruction\", \"input\", \"output\"}, "
+        "{\"prompt\", \"completion\"}; malformed lines are skipped and reported by line number. Reports the held-out "
+        "answer loss and perplexity before and after, and greedy answers to a few held-out prompts before and after. "
+        "OUT holds model/ (the fine-tuned model, LoRA merged: a model folder that chat, serve, eval and export open), "
+        "adapter.safetensors (with --lora), report.md, results.json, metrics.jsonl and loss.png. " + MODEL_HELP,
+    )
+    _add_finetune_args(sft, unit="rows of --max-length tokens (conversations with --no-packing)", lr="5e-4; 2e-3 with --lora",
+                       epochs=2, batch_size=8)  # SFTConfig's defaults
+    sft.add_argument("--max-length", type=int, default=None,
+                     help="row width and context: longer conversations are dropped or cut (default: min(512, the model's context))")
+    sft.add_argument("--no-packing", dest="packing", action="store_false",
+                     help="one conversation per row, padded, instead of packing several into each row (attention stays "
+                     "inside each either way)")
+    sft.add_argument("--truncate", choices=["drop", "left"], default="drop",
+                     help="a conversation over --max-length: drop it, or cut its start, never its last answer (default: drop)")
+    sft.add_argument("--val-fraction", type=float, default=0.1, help="held-out share without --eval (default: 0.1)")
+    sft.add_argument("--samples", type=int, default=3, help="held-out prompts answered before and after, in the report (default: 3)")
+    sft.set_defaults(run=_finetune_sft)
+    dpo = cmds.add_parser(
+        "dpo",
+        help="align a model with preference pairs (DPO)",
+        description="Train MODEL by direct preference optimisation (Rafailov et al. 2023) on pairs of a prompt, a "
+        "chosen answer and a rejected one: the model learns to make chosen answers more likely, relative to a frozen "
+        "reference (the starting model unless --reference), than rejected ones. --data and --eval are JSONL files, one "
+        "pair a line: {\"prompt\": text, \"chosen\": text, \"rejected\": text}, with the prompt a string, a list of "
+        "messages, or {\"messages\": [...]} instead, and each answer a string or a list of one assistant message "
+        "(TRL's shape); the web chat page's feedback file (scratchlm serve) is read as it is: an edited reply is a "
+        "pair (chosen = the edit, rejected = the model's reply), a rating alone is skipped, and only the latest record "
+        "of each reply counts. Malformed lines (and pairs whose answers are the same) are skipped and reported by line "
+        "number. Reports held-out DPO loss, reward accuracy, margin and rewards, and the model's own log-probability "
+        "preference, before and after. OUT holds model/ (the tuned model, LoRA merged: a model folder that chat, "
+        "serve, eval and export open), adapter.safetensors (with --lora), report.md, results.json, metrics.jsonl and "
+        "loss.png. " + MODEL_HELP,
+    )
+    _add_finetune_args(dpo, unit="pairs", lr="1e-4; 1e-3 with --lora", epochs=2, batch_size=8)  # DPOConfig's defaults
+    dpo.add_argument("--beta", type=float, default=0.1,
+                     help="reward scale: how far the model may move from the reference; lower lets it move further (default: 0.1)")
+    dpo.add_argument("--label-smoothing", type=float, default=0.0,
+                     help="conservative DPO: the chance a pair's label is wrong, in [0, 0.5) (default: 0)")
+    dpo.add_argument("--reference", default=None, metavar="MODEL",
+                     help="the frozen reference model (same tokenizer) (default: MODEL itself, before training)")
+    dpo.add_argument("--live-reference", dest="precompute_reference", action="store_false",
+                     help="keep the reference model in memory and score each batch with it, instead of computing its "
+                     "log-probabilities of every pair once before training (TRL's default; two models in memory)")
+    dpo.add_argument("--max-length", type=int, default=None,
+                     help="tokens per prompt and answer: longer pairs are dropped or cut (default: min(512, the model's context))")
+    dpo.add_argument("--truncate", choices=["drop", "left"], default="drop",
+                     help="a pair over --max-length: drop it, or cut its prompt's start in both answers, never an answer "
+                     "(default: drop)")
+    dpo.add_argument("--val-fraction", type=float, default=0.1, help="held-out share without --eval (default: 0.1)")
+    dpo.set_defaults(run=_finetune_dpo)
 
 
 def _finetune_classify(args: argparse.Namespace) -> int:
     from scratchlm.finetune.classify import ClassifyConfig, finetune_classifier
 
-    config = ClassifyConfig(
-        pooling=args.pooling, freeze=args.freeze, lora=args.lora, lora_rank=args.lora_rank, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, long=args.long,
-        val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-    )
+    config = ClassifyConfig(**_finetune_settings(args), pooling=args.pooling, max_length=args.max_length, long=args.long,
+                            val_fraction=args.val_fraction)
     result = finetune_classifier(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
                                  progress=not args.quiet)
     for report in result.reports:
@@ -590,6 +690,50 @@ def _finetune_classify(args: argparse.Namespace) -> int:
     for name, scores in (("before", result.before), ("after", result.after)):
         print(f"held-out {name}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f} ({scores['examples']} examples)")
     print(f"wrote {result.out}/ (classifier.safetensors, config.json, report.md, results.json, loss.png, metrics.jsonl)")
+    return 0
+
+
+def _finetune_sft(args: argparse.Namespace) -> int:
+    from scratchlm.finetune.sft_train import SFTConfig, finetune_sft
+
+    config = SFTConfig(**_finetune_settings(args), max_length=args.max_length, packing=args.packing, truncate=args.truncate,
+                       val_fraction=args.val_fraction, samples=args.samples)
+    result = finetune_sft(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
+                          progress=not args.quiet)
+    for report in result.reports:
+        print(report.summary())
+    data = result.data
+    print(f"conversations: {data['train_examples']} training, {data['eval_examples']} held-out fit {result.context} tokens; "
+          f"{data['truncated']} truncated, {data['dropped']} dropped")
+    print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
+          f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
+    for name, scores in (("before", result.before), ("after", result.after)):
+        print(f"held-out answer loss {name}: {scores['loss']:.4f} (perplexity {scores['perplexity']:.2f})")
+    extra = ", adapter.safetensors" if config.lora else ""
+    print(f"wrote {result.out}/ (report.md, results.json, loss.png, metrics.jsonl{extra}); the model: {result.model_dir}")
+    return 0
+
+
+def _finetune_dpo(args: argparse.Namespace) -> int:
+    from scratchlm.finetune.dpo_train import DPOConfig, finetune_dpo
+
+    config = DPOConfig(**_finetune_settings(args), beta=args.beta, label_smoothing=args.label_smoothing,
+                       reference=args.reference, precompute_reference=args.precompute_reference,
+                       max_length=args.max_length, truncate=args.truncate, val_fraction=args.val_fraction)
+    result = finetune_dpo(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
+                          progress=not args.quiet)
+    for report in result.reports:
+        print(report.summary())
+    data = result.data
+    print(f"pairs: {data['train']} training, {data['eval']} held-out fit {data['max_length']} tokens; "
+          f"{data['truncated']} truncated, {data['dropped']} dropped")
+    print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
+          f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
+    for name, m in (("before", result.before), ("after", result.after)):
+        print(f"held-out {name}: DPO loss {m['loss']:.4f}, reward accuracy {m['reward_accuracy']:.4f}, "
+              f"margin {m['margin']:+.4f}, log-prob accuracy {m['logp_accuracy']:.4f}")
+    extra = ", adapter.safetensors" if config.lora else ""
+    print(f"wrote {result.out}/ (report.md, results.json, loss.png, metrics.jsonl{extra}); the model: {result.out / 'model'}")
     return 0
 
 

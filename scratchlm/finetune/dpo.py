@@ -67,6 +67,15 @@ class DPOOutput:
     accuracy: Tensor  # scalar: fraction of pairs whose chosen reward is strictly higher
 
 
+def check_dpo_settings(beta: float, label_smoothing: float) -> None:
+    """ConfigError for a beta that is not a positive number or a label smoothing outside [0, 0.5)
+    (at 0.5 every label is a coin toss and the loss has no preference left to learn)."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"dpo: beta must be a positive number, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ConfigError(f"dpo: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
 def dpo_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -82,10 +91,7 @@ def dpo_loss(
     DPO (Mitchell 2023): the pair's label is taken to be wrong with probability eps, giving
     -(1 - eps) log sigmoid(h) - eps log sigmoid(-h), which stops the margin growing without
     bound on noisy pairs. At policy == reference every pair costs log 2."""
-    if not (math.isfinite(beta) and beta > 0):
-        raise ConfigError(f"dpo: beta must be a positive number, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ConfigError(f"dpo: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_dpo_settings(beta, label_smoothing)
     shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
     if len(shapes) != 1:
         raise ValueError(f"dpo_loss: the four log-probability tensors differ in shape: {sorted(shapes)}")
