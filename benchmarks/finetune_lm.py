@@ -5,7 +5,7 @@ peak memory of each run.
 
     scratchlm quickstart                                    # or any model load_pretrained opens
     python benchmarks/finetune_lm.py runs/quickstart/run [--runs sft-full,sft-lora,dpo-full,dpo-lora]
-           [--max-steps N] [--batch-size N] [--max-length N] [--set run:--flag=value ...] [--out FILE.json]
+           [--epochs N] [--max-steps N] [--batch-size N] [--max-length N] [--set run:--flag=value ...] [--out FILE.json]
 
 Each run is the real command (`scratchlm finetune sft|dpo ...`) in a process of its own, so its
 peak memory (getrusage's peak resident set on a CPU, `max_memory_allocated` on a GPU, as the run
@@ -40,7 +40,8 @@ def run(name: str, args: argparse.Namespace, folder: Path) -> dict:
     out = folder / name
     command = [sys.executable, "-m", "scratchlm.cli", "finetune", method, str(args.model), "--data", train, "--eval", held,
                "--out", str(out), "--device", args.device, "--quiet", *flags]
-    for option, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+    for option, value in (("--epochs", args.epochs), ("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
+                          ("--max-length", args.max_length)):
         if value is not None:
             command += [option, str(value)]
     command += [flag for run_name, flag in args.extra if run_name == name]
@@ -90,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="base model: run folder, model folder, GGUF file or Hugging Face folder")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=None)

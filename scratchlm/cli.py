@@ -125,8 +125,8 @@ def _add_data_commands(stages: argparse._SubParsersAction) -> None:
         "tokenize",
         help="tokenize text files into train/val shards",
         description="Tokenize text files (each file a document, <|endoftext|> between documents) into "
-        "memory-mapped shards with a manifest and a copy of the tokenizer. With 20 or more files, 10%% of "
-        "files go to validation by a hash of their name; with fewer, the last 10%% of each file. With no "
+        "memory-mapped shards with a manifest and a copy of the tokenizer. With 20 or more files, 10% of "
+        "files go to validation by a hash of their name; with fewer, the last 10% of each file. With no "
         "--input, tokenizes the embedded corpus.",
     )
     tok.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories (default: embedded corpus)")
@@ -547,7 +547,8 @@ def _feedback_build(args: argparse.Namespace) -> int:
 
 
 # ---- scratchlm finetune classify | sft | dpo --------------------------------------------
-def _add_finetune_args(cmd: argparse.ArgumentParser, unit: str, lr: float | str, epochs: int, batch_size: int) -> None:
+def _add_finetune_args(cmd: argparse.ArgumentParser, unit: str, lr: float | str, epochs: int, batch_size: int,
+                       shipped: str) -> None:
     """MODEL, --data, --eval, --out and the settings every fine-tuning method shares
     (`scratchlm.finetune.trainer.FinetuneConfig`); each command adds its own after them."""
     from scratchlm.finetune.datasets import resolve_data_path, shipped_datasets
@@ -556,7 +557,7 @@ def _add_finetune_args(cmd: argparse.ArgumentParser, unit: str, lr: float | str,
     data_path = _argument_type(resolve_data_path)
     cmd.add_argument("--data", required=True, type=data_path,
                      help="training records: a file, or builtin:NAME for a data set shipped with scratchlm "
-                     f"({', '.join(shipped_datasets())})")
+                     f"({', '.join(n for n in shipped_datasets() if n.startswith(shipped))})")
     cmd.add_argument("--eval", type=data_path, default=None,
                      help="held-out records, a file or builtin:NAME (default: a seeded --val-fraction split of --data)")
     cmd.add_argument("--out", required=True, type=Path, help="run folder (must be empty unless --force)")
@@ -567,8 +568,10 @@ def _add_finetune_args(cmd: argparse.ArgumentParser, unit: str, lr: float | str,
     cmd.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
     cmd.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank (default: 16)")
     cmd.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0)")
-    cmd.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.up,mlp.down",
-                     help="comma-separated linear layers to adapt, by name suffix (default: attn.qkv,attn.proj,mlp.up,mlp.down)")
+    cmd.add_argument("--lora-targets", default="auto",
+                     help="comma-separated linear layers to adapt, by name suffix; auto: attn.qkv,attn.proj,mlp.up,mlp.down "
+                     "plus the LM head when it is untied from the embedding, so a new end-of-turn token can be learnt "
+                     "(default: auto)")
     cmd.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default: {epochs})")
     cmd.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
     cmd.add_argument("--batch-size", type=int, default=batch_size, help=f"{unit} per batch (default: {batch_size})")
@@ -607,7 +610,7 @@ def _add_finetune_commands(stages: argparse._SubParsersAction) -> None:
         "macro F1 and the confusion matrix before and after, and writes OUT/classifier.safetensors, config.json, "
         "tokenizer.json, report.md, results.json, metrics.jsonl and loss.png. " + MODEL_HELP,
     )
-    _add_finetune_args(cls, unit="texts", lr=1e-3, epochs=3, batch_size=16)
+    _add_finetune_args(cls, unit="texts", lr=1e-3, epochs=3, batch_size=16, shipped="spam_")
     cls.add_argument("--val-fraction", type=float, default=0.2, help="held-out share without --eval (default: 0.2)")
     cls.add_argument("--pooling", choices=["last", "mean"], default="last", help="last real token or mean of tokens (default: last)")
     cls.add_argument("--max-length", type=int, default=128, help="tokens per text, end token included (default: 128)")
@@ -627,8 +630,9 @@ def _add_finetune_commands(stages: argparse._SubParsersAction) -> None:
         "OUT holds model/ (the fine-tuned model, LoRA merged: a model folder that chat, serve, eval and export open), "
         "adapter.safetensors (with --lora), report.md, results.json, metrics.jsonl and loss.png. " + MODEL_HELP,
     )
-    _add_finetune_args(sft, unit="rows of --max-length tokens (conversations with --no-packing)", lr="5e-4; 2e-3 with --lora",
-                       epochs=2, batch_size=8)  # SFTConfig's defaults
+    _add_finetune_args(sft, unit="rows of --max-length tokens (conversations with --no-packing)",
+                       lr="5e-4, 2e-3 with --lora; a tenth of that for a model of 50M+ parameters", epochs=2, batch_size=8,
+                       shipped="instructions_")  # SFTConfig's defaults
     sft.add_argument("--max-length", type=int, default=None,
                      help="row width and context: longer conversations are dropped or cut (default: min(512, the model's context))")
     sft.add_argument("--no-packing", dest="packing", action="store_false",
@@ -655,7 +659,7 @@ def _add_finetune_commands(stages: argparse._SubParsersAction) -> None:
         "serve, eval and export open), adapter.safetensors (with --lora), report.md, results.json, metrics.jsonl and "
         "loss.png. " + MODEL_HELP,
     )
-    _add_finetune_args(dpo, unit="pairs", lr="1e-4; 1e-3 with --lora", epochs=2, batch_size=8)  # DPOConfig's defaults
+    _add_finetune_args(dpo, unit="pairs", lr="1e-4, 1e-3 with --lora; a tenth of that for a model of 50M+ parameters", epochs=2, batch_size=8, shipped="preferences_")  # DPOConfig's defaults
     dpo.add_argument("--beta", type=float, default=0.1,
                      help="reward scale: how far the model may move from the reference; lower lets it move further (default: 0.1)")
     dpo.add_argument("--label-smoothing", type=float, default=0.0,
@@ -680,16 +684,16 @@ def _finetune_classify(args: argparse.Namespace) -> int:
     config = ClassifyConfig(**_finetune_settings(args), pooling=args.pooling, max_length=args.max_length, long=args.long,
                             val_fraction=args.val_fraction)
     result = finetune_classifier(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
-                                 progress=not args.quiet)
-    for report in result.reports:
-        print(report.summary())
+                                 progress=not args.quiet, note=print)
     if result.data["truncated"] or result.data["dropped"]:
         print(f"texts over {config.max_length} tokens: {result.data['truncated']} truncated, {result.data['dropped']} dropped")
     print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
           f"{result.steps} steps in {result.train_seconds:.1f} s")
-    for name, scores in (("before", result.before), ("after", result.after)):
-        print(f"held-out {name}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f} ({scores['examples']} examples)")
-    print(f"wrote {result.out}/ (classifier.safetensors, config.json, report.md, results.json, loss.png, metrics.jsonl)")
+    scores = result.after
+    print(f"held-out after: accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f} ({scores['examples']} examples)")
+    extra = ", adapter.safetensors" if config.lora else ""
+    print(f"wrote {result.out}/ (classifier.safetensors, config.json, tokenizer.json, report.md, results.json, loss.png, "
+          f"metrics.jsonl{extra})")
     return 0
 
 
@@ -699,16 +703,9 @@ def _finetune_sft(args: argparse.Namespace) -> int:
     config = SFTConfig(**_finetune_settings(args), max_length=args.max_length, packing=args.packing, truncate=args.truncate,
                        val_fraction=args.val_fraction, samples=args.samples)
     result = finetune_sft(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
-                          progress=not args.quiet)
-    for report in result.reports:
-        print(report.summary())
-    data = result.data
-    print(f"conversations: {data['train_examples']} training, {data['eval_examples']} held-out fit {result.context} tokens; "
-          f"{data['truncated']} truncated, {data['dropped']} dropped")
-    print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
-          f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
-    for name, scores in (("before", result.before), ("after", result.after)):
-        print(f"held-out answer loss {name}: {scores['loss']:.4f} (perplexity {scores['perplexity']:.2f})")
+                          progress=not args.quiet, note=print)
+    print(f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
+    print(f"held-out answer loss after: {result.after['loss']:.4f} (perplexity {result.after['perplexity']:.2f})")
     extra = ", adapter.safetensors" if config.lora else ""
     print(f"wrote {result.out}/ (report.md, results.json, loss.png, metrics.jsonl{extra}); the model: {result.model_dir}")
     return 0
@@ -721,17 +718,11 @@ def _finetune_dpo(args: argparse.Namespace) -> int:
                        reference=args.reference, precompute_reference=args.precompute_reference,
                        max_length=args.max_length, truncate=args.truncate, val_fraction=args.val_fraction)
     result = finetune_dpo(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
-                          progress=not args.quiet)
-    for report in result.reports:
-        print(report.summary())
-    data = result.data
-    print(f"pairs: {data['train']} training, {data['eval']} held-out fit {data['max_length']} tokens; "
-          f"{data['truncated']} truncated, {data['dropped']} dropped")
-    print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
-          f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
-    for name, m in (("before", result.before), ("after", result.after)):
-        print(f"held-out {name}: DPO loss {m['loss']:.4f}, reward accuracy {m['reward_accuracy']:.4f}, "
-              f"margin {m['margin']:+.4f}, log-prob accuracy {m['logp_accuracy']:.4f}")
+                          progress=not args.quiet, note=print)
+    print(f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
+    m = result.after
+    print(f"held-out after: DPO loss {m['loss']:.4f}, reward accuracy {m['reward_accuracy']:.4f}, "
+          f"margin {m['margin']:+.4f}, log-prob accuracy {m['logp_accuracy']:.4f}")
     extra = ", adapter.safetensors" if config.lora else ""
     print(f"wrote {result.out}/ (report.md, results.json, loss.png, metrics.jsonl{extra}); the model: {result.out / 'model'}")
     return 0

@@ -190,7 +190,7 @@ def test_web_chat_feedback_trains_end_to_end(tokenizer, tmp_path, capsys):
     out = tmp_path / "run"
     done = cli(base, "--data", feedback, "--out", out, "--val-fraction", "0.34", "--max-steps", "3", capsys=capsys)
     assert done.returncode == 0, done.stderr
-    assert "6 pairs kept" in done.stdout and "1 feedback records without an edited answer" in done.stdout
+    assert "6 pairs kept" in done.stdout and "1 feedback record without an edited answer" in done.stdout
     assert "6 feedback records replaced by a later one" in done.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["train"] == 4 and results["data"]["eval"] == 2

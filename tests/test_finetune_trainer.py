@@ -3,6 +3,7 @@ accumulation, the stop on a non-finite loss, held-out splits and run folders."""
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +13,19 @@ from scratchlm.finetune.lora import lora_layers
 from scratchlm.finetune.trainer import (
     Batches,
     FinetuneConfig,
+    default_lr,
     StepOutput,
     finetune_loop,
+    load_splits,
     peak_memory_mb,
     prepare_out,
     prepare_trainable,
+    reset_peak_memory,
+    run_folder,
     shuffled_groups,
     split_off,
     total_steps,
+    with_default_lr,
 )
 from scratchlm.model import GPT, get_preset
 from scratchlm.train.loop import TrainingError
@@ -161,7 +167,58 @@ def test_prepare_out_refuses_a_used_folder_unless_forced(tmp_path):
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_peak_memory_is_reported_in_megabytes():
-    resident = peak_memory_mb(torch.device("cpu"))
-    assert 10 < resident < 1e6  # a Python process with torch loaded holds tens of MB at least
+def test_peak_memory_counts_from_the_reset_not_from_loading():
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MB, like a model loaded and then released
+    loaded = peak_memory_mb(cpu)
+    del big
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("resetting the peak resident set needs Linux's /proc/self/clear_refs")
+    reset_peak_memory(cpu)
+    assert 10 < peak_memory_mb(cpu) < loaded - 200
 
+
+def test_a_failed_run_removes_the_folder_it_created_but_not_one_it_was_given(tmp_path):
+    new = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder(new, force=False):
+            (new / "metrics.jsonl").write_text('{"step": 0}\n')
+            raise KeyboardInterrupt
+    assert not new.exists()  # the same command can run again
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        with run_folder(given, force=True):
+            raise RuntimeError("training failed")
+    assert (given / "notes.txt").read_text() == "mine"
+
+
+def test_a_split_that_leaves_nothing_names_the_file_and_its_rejected_lines(tmp_path):
+    from scratchlm.finetune.sft_data import load_instructions
+
+    data = tmp_path / "few.jsonl"
+    data.write_text('{"prompt": "Hi", "completion": "Hello."}\nnot json\n{"prompt": "Bye", "completion": ""}\n')
+    with pytest.raises(ConfigError) as error:
+        load_splits(load_instructions, data, None, 0.1, seed=0)
+    message = str(error.value)
+    assert f"{data}: 1 conversations kept, 2 malformed lines ({data}:2: not JSON" in message
+    assert "1 usable record leaves no held-out" in message
+
+
+def test_default_learning_rate_is_a_tenth_for_models_of_50m_parameters_or_more():
+    assert default_lr(5e-4, 2e-3, use_lora=False, params=400_000) == 5e-4
+    assert default_lr(5e-4, 2e-3, use_lora=True, params=400_000) == 2e-3
+    assert default_lr(5e-4, 2e-3, use_lora=True, params=135_000_000) == pytest.approx(2e-4)
+    model = tiny_gpt()
+    assert with_default_lr(FinetuneConfig(lr=None, lora=True), 5e-4, 2e-3, model).lr == 2e-3
+    assert with_default_lr(FinetuneConfig(lr=1e-5), 5e-4, 2e-3, model).lr == 1e-5  # the user's choice stands
+
+
+def test_auto_lora_targets_adapt_an_untied_head_and_are_written_back():
+    untied = tiny_gpt(tie_embeddings=False)
+    config = FinetuneConfig(lora=True)
+    lora = prepare_trainable(untied, config)
+    assert "head" in lora.targets and config.lora_targets == ",".join(lora.targets)
+    tied = tiny_gpt(tie_embeddings=True)
+    assert "head" not in prepare_trainable(tied, FinetuneConfig(lora=True)).targets

@@ -182,5 +182,6 @@ def test_cli_sft_bad_input_is_one_line_and_a_nonzero_exit(tokenizer, tmp_path):
     garbage = run_cli(str(base), "--data", str(write_jsonl(tmp_path / "bad.jsonl", [], ("{", "[1]"))), "--out", str(tmp_path / "c"))
     for done, message in ((missing, "nope.jsonl"), (too_long, "--max-length 4096"), (garbage, "bad.jsonl")):
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not any((tmp_path / name).exists() for name in "abc")  # a run that fails before training writes nothing
     with pytest.raises(InputFileError):
         finetune_sft(base, tmp_path / "nope.jsonl", tmp_path / "d", SFTConfig(), progress=False)

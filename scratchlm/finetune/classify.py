@@ -25,7 +25,7 @@ and after training, trainable parameters, wall time).
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,8 +59,10 @@ from scratchlm.finetune.trainer import (
     FinetuneConfig,
     StepOutput,
     finetune_loop,
-    prepare_out,
+    load_splits,
+    check_out,
     prepare_trainable,
+    run_folder,
     shuffled_groups,
 )
 from scratchlm.model.config import ModelConfig
@@ -276,15 +278,10 @@ def build_classifier(gpt: GPT, num_labels: int, config: ClassifyConfig) -> tuple
 
 
 def _load_splits(data: Path, eval_path: Path | None, config: ClassifyConfig):
-    train_records, train_report = load_labelled_texts(data)
-    reports = [train_report]
-    if eval_path is not None:
-        eval_records, eval_report = load_labelled_texts(eval_path)
-        reports.append(eval_report)
-        eval_name = str(eval_path)
-    else:
-        train_records, eval_records = split_held_out(train_records, config.val_fraction, config.seed)
-        eval_name = f"{data} (held-out split)"
+    # Stratified by label: a rare label must not land only in the held-out part.
+    train_records, eval_records, reports = load_splits(load_labelled_texts, data, eval_path, config.val_fraction,
+                                                       config.seed, split=split_held_out)
+    eval_name = str(eval_path) if eval_path is not None else f"{data} (held-out split)"
     labels = label_names(train_records)
     check_labels(labels, eval_records, eval_name)
     return train_records, eval_records, labels, reports
@@ -319,7 +316,8 @@ def train_classifier(model: SequenceClassifier, train: EncodedTexts, config: Cla
 
 
 def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Path, config: ClassifyConfig,
-                        eval_path: str | Path | None = None, force: bool = False, progress: bool = True) -> ClassifyResult:
+                        eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
+                        note: Callable[[str], None] | None = None) -> ClassifyResult:
     """Fine-tune the model at `model_path` (anything `load_pretrained` opens) to classify the
     texts of `data`, evaluate on `eval_path` or a held-out split before and after, and write
     the run folder `out`."""
@@ -328,9 +326,13 @@ def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pat
 
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
+    say = note or (lambda _: None)
     train_records, eval_records, labels, reports = _load_splits(data, eval_path, config)  # bad data fails before the model loads
-    prepare_out(out, force)
+    for report in reports:
+        say(report.summary())
+    check_out(out, force)
     device = parse_device(config.device)
+    say(f"loading {model_path}")
     gpt, tokenizer = load_pretrained(model_path, device)
     if config.max_length > gpt.config.block_size:
         raise ConfigError(f"--max-length {config.max_length} is longer than the model's context ({gpt.config.block_size})")
@@ -341,24 +343,27 @@ def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pat
     model, lora = build_classifier(gpt, len(labels), config)
     trainable, total = trainable_parameters(model)
     before = evaluate(model, held, labels, pad_id)
-    log = MetricsLog(out / "metrics.jsonl")
-    log.write({"step": 0, "val_loss": before["loss"], "val_accuracy": before["accuracy"]})
-    start = time.perf_counter()
-    steps = train_classifier(model, train, config, pad_id, progress=progress,
-                             on_step=lambda n, row: log.write({"step": n, **row}))
-    seconds = time.perf_counter() - start
-    after = evaluate(model, held, labels, pad_id)
-    log.write({"step": steps, "val_loss": after["loss"], "val_accuracy": after["accuracy"]})
-    if lora is not None:
-        save_adapter(out / "adapter.safetensors", model, lora)
-    save_classifier(out, model, tokenizer, labels, config.max_length)
-    plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"classification fine-tuning: {out.name}")
-    counts = {"train": len(train.ids), "eval": len(held.ids), "rejected": sum(len(r.rejected) for r in reports),
-              "truncated": train.truncated + held.truncated, "dropped": train.dropped + held.dropped}
-    result = ClassifyResult(out, labels, before, after, trainable, total, seconds, steps, counts, reports)
-    write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
-    write_text_atomic(out / "report.md", classify_report(result, config, model_path))
-    return result
+    say(f"held-out before: accuracy {before['accuracy']:.4f}, macro F1 {before['macro_f1']:.4f} ({before['examples']} examples)")
+    say(f"training {trainable:,} of {total:,} parameters ({config.method()}) at lr {config.lr:g}")
+    with run_folder(out, force):
+        log = MetricsLog(out / "metrics.jsonl")
+        log.write({"step": 0, "val_loss": before["loss"], "val_accuracy": before["accuracy"]})
+        start = time.perf_counter()
+        steps = train_classifier(model, train, config, pad_id, progress=progress,
+                                 on_step=lambda n, row: log.write({"step": n, **row}))
+        seconds = time.perf_counter() - start
+        after = evaluate(model, held, labels, pad_id)
+        log.write({"step": steps, "val_loss": after["loss"], "val_accuracy": after["accuracy"]})
+        if lora is not None:
+            save_adapter(out / "adapter.safetensors", model, lora)
+        save_classifier(out, model, tokenizer, labels, config.max_length)
+        plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"classification fine-tuning: {out.name}")
+        counts = {"train": len(train.ids), "eval": len(held.ids), "rejected": sum(len(r.rejected) for r in reports),
+                  "truncated": train.truncated + held.truncated, "dropped": train.dropped + held.dropped}
+        result = ClassifyResult(out, labels, before, after, trainable, total, seconds, steps, counts, reports)
+        write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
+        write_text_atomic(out / "report.md", classify_report(result, config, model_path))
+        return result
 
 
 def _results_dict(result: ClassifyResult, config: ClassifyConfig, model_path) -> dict:
@@ -373,8 +378,8 @@ def classify_report(result: ClassifyResult, config: ClassifyConfig, model_path) 
     b, a = result.before, result.after
     lines = [
         f"# Classification fine-tuning: {result.out.name}", "",
-        (f"Base model `{model_path}`, {method}, pooling {config.pooling}; {result.steps} steps of batch "
-         f"{config.batch_size} at lr {config.lr} in {result.train_seconds:.1f} s."), "",
+        (f"Base model `{model_path}`, {method}, pooling {config.pooling}; {result.steps} steps of "
+         f"{config.batch_text('texts')} at lr {config.lr} in {result.train_seconds:.1f} s."), "",
         (f"Trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
          f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)."), "",
         (f"Held-out set: {result.data['eval']} examples; training set: {result.data['train']}. Rejected lines: "

@@ -71,9 +71,9 @@ def check_dpo_settings(beta: float, label_smoothing: float) -> None:
     """ConfigError for a beta that is not a positive number or a label smoothing outside [0, 0.5)
     (at 0.5 every label is a coin toss and the loss has no preference left to learn)."""
     if not (math.isfinite(beta) and beta > 0):
-        raise ConfigError(f"dpo: beta must be a positive number, got {beta}")
+        raise ConfigError(f"beta must be a positive number, not {beta}")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ConfigError(f"dpo: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise ConfigError(f"label smoothing must be in [0, 0.5), not {label_smoothing}")
 
 
 def dpo_loss(

@@ -21,7 +21,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,12 +59,14 @@ from scratchlm.finetune.trainer import (
     finetune_loop,
     model_device,
     peak_memory_mb,
-    prepare_out,
+    check_out,
     prepare_trainable,
+    run_folder,
+    with_default_lr,
     reset_peak_memory,
     save_finetuned,
     shuffled_groups,
-    split_off,
+    load_splits,
     write_loss_curve,
 )
 from scratchlm.model.model import GPT
@@ -81,14 +83,15 @@ REPORT_PAIRS = 4  # held-out pairs shown in report.md with their margin after tr
 class DPOConfig(FinetuneConfig):
     """The shared fine-tuning settings (`trainer.FinetuneConfig`) with DPO's defaults, plus its own.
 
-    `lr` None picks by method: 1e-4 for full fine-tuning or a freeze, 1e-3 for LoRA, which trains
+    `lr` None picks by method and model size (`trainer.default_lr`): 1e-4 for full fine-tuning or
+    a freeze, 1e-3 for LoRA, a tenth of those for a model of 50M parameters or more. LoRA, trains
     far fewer numbers from a zero update. Tried on the quickstart model with the shipped
     preference data (held-out DPO loss from 0.693): full, 2 epochs, 1e-4 0.267 (reward accuracy
     0.89, margin 2.1), 3e-4 0.212 (0.88, 3.5), a big step for a larger model that DPO should only
     nudge; 60 steps of LoRA, 1e-4 0.660 (margin 0.07, barely moving), 1e-3 0.411 (0.84, 1.1);
     2 epochs of LoRA at 1e-3 0.272 (0.86, 2.2)."""
 
-    lr: float | None = None  # type: ignore[assignment]  # None: FULL_LR, or LORA_LR with lora
+    lr: float | None = None  # type: ignore[assignment]  # None: trainer.default_lr(FULL_LR, LORA_LR, ...) for the model
     epochs: int = 2
     batch_size: int = 8
     beta: float = 0.1  # reward scale; lower lets the policy drift further from the reference
@@ -100,8 +103,6 @@ class DPOConfig(FinetuneConfig):
     val_fraction: float = 0.1  # held-out share when no eval file is given
 
     def __post_init__(self) -> None:
-        if self.lr is None:
-            self.lr = LORA_LR if self.lora else FULL_LR
         super().__post_init__()
         check_dpo_settings(self.beta, self.label_smoothing)
         if self.max_length is not None and self.max_length < 2:
@@ -284,17 +285,6 @@ class DPOResult:
     samples: list[dict] = field(default_factory=list)  # a few held-out pairs with their margin after training
 
 
-def _load_splits(data: Path, eval_path: Path | None, config: DPOConfig):
-    train, report = load_preferences(data)
-    reports = [report]
-    if eval_path is not None:
-        held, eval_report = load_preferences(eval_path)
-        reports.append(eval_report)
-    else:
-        train, held = split_off(train, config.val_fraction, config.seed)
-    return train, held, reports
-
-
 def _references(model: GPT, tokenizer: Tokenizer, train: EncodedPairs, held: EncodedPairs, config: DPOConfig,
                 pad_id: int) -> tuple[ReferenceLogprobs | nn.Module, ReferenceLogprobs]:
     """What training compares against (the reference's log-probabilities of the training pairs,
@@ -315,7 +305,8 @@ def _references(model: GPT, tokenizer: Tokenizer, train: EncodedPairs, held: Enc
 
 
 def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, config: DPOConfig,
-                 eval_path: str | Path | None = None, force: bool = False, progress: bool = True) -> DPOResult:
+                 eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
+                 note: Callable[[str], None] | None = None) -> DPOResult:
     """Train the model at `model_path` (anything `load_pretrained` opens) by DPO on the
     preference pairs of `data`, measure it on `eval_path` or a held-out split before and after,
     and write the run folder `out`."""
@@ -324,13 +315,22 @@ def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, conf
 
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
-    train_examples, held_examples, reports = _load_splits(data, eval_path, config)  # bad data fails before a model loads
-    prepare_out(out, force)
+    say = note or (lambda _: None)
+    train_examples, held_examples, reports = load_splits(load_preferences, data, eval_path, config.val_fraction, config.seed)  # bad data fails before a model loads
+    for report in reports:
+        say(report.summary())
+    check_out(out, force)
     device = parse_device(config.device)
+    say(f"loading {model_path}")
     model, tokenizer = load_pretrained(model_path, device)
+    config = with_default_lr(config, FULL_LR, LORA_LR, model)
     block_size = config.context(model.config.block_size)
     train = encode_pairs(tokenizer, train_examples, block_size, config.truncate, str(data))
     held = encode_pairs(tokenizer, held_examples, block_size, config.truncate, str(eval_path or data))
+    stats = (train.stats, held.stats)
+    say(f"pairs: {len(train.pairs)} training, {len(held.pairs)} held-out fit {block_size} tokens; "
+        f"{sum(s.truncated for s in stats)} truncated, {sum(s.dropped for s in stats)} dropped")
+    say("scoring the pairs with the reference model")
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # any id: pads are never scored
     reference, held_ref = _references(model, tokenizer, train, held, config, pad_id)
     if device.type == "cuda":
@@ -339,26 +339,28 @@ def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, conf
     lora = prepare_trainable(model, config)
     trainable, total = trainable_parameters(model)
     before, _ = evaluate_preferences(model, held, held_ref, config, pad_id)
-    log = MetricsLog(out / "metrics.jsonl")
-    log.write(_val_row(0, before))
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    steps = train_dpo(model, train, config, pad_id, reference, progress=progress,
-                      on_step=lambda n, row: log.write({"step": n, **row}))
-    seconds = time.perf_counter() - start
-    peak = peak_memory_mb(device)
-    after, margins = evaluate_preferences(model, held, held_ref, config, pad_id)
-    log.write(_val_row(steps, after))
-    save_finetuned(out, model, tokenizer, lora)
-    write_loss_curve(out, f"DPO: {out.name}")
-    stats = (train.stats, held.stats)
-    counts = {"train": len(train.pairs), "eval": len(held.pairs), "rejected": sum(len(r.rejected) for r in reports),
-              "max_length": block_size, "truncated": sum(s.truncated for s in stats), "dropped": sum(s.dropped for s in stats)}
-    samples = [_sample(example, float(margin)) for example, margin in zip(held.examples[:REPORT_PAIRS], margins)]
-    result = DPOResult(out, before, after, trainable, total, seconds, steps, peak, counts, reports, samples)
-    write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
-    write_text_atomic(out / "report.md", dpo_report(result, config, model_path))
-    return result
+    say(f"held-out before: log-prob accuracy {before['logp_accuracy']:.4f} (DPO loss log 2, rewards 0: the policy is the reference)")
+    say(f"training {trainable:,} of {total:,} parameters ({config.method()}) at lr {config.lr:g}")
+    with run_folder(out, force):
+        log = MetricsLog(out / "metrics.jsonl")
+        log.write(_val_row(0, before))
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        steps = train_dpo(model, train, config, pad_id, reference, progress=progress,
+                          on_step=lambda n, row: log.write({"step": n, **row}))
+        seconds = time.perf_counter() - start
+        peak = peak_memory_mb(device)
+        after, margins = evaluate_preferences(model, held, held_ref, config, pad_id)
+        log.write(_val_row(steps, after))
+        save_finetuned(out, model, tokenizer, lora)
+        write_loss_curve(out, f"DPO: {out.name}")
+        counts = {"train": len(train.pairs), "eval": len(held.pairs), "rejected": sum(len(r.rejected) for r in reports),
+                  "max_length": block_size, "truncated": sum(s.truncated for s in stats), "dropped": sum(s.dropped for s in stats)}
+        samples = [_sample(example, float(margin)) for example, margin in zip(held.examples[:REPORT_PAIRS], margins)]
+        result = DPOResult(out, before, after, trainable, total, seconds, steps, peak, counts, reports, samples)
+        write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
+        write_text_atomic(out / "report.md", dpo_report(result, config, model_path))
+        return result
 
 
 def _val_row(step: int, measures: dict) -> dict:
@@ -403,7 +405,7 @@ def dpo_report(result: DPOResult, config: DPOConfig, model_path) -> str:
     lines = [
         f"# DPO: {result.out.name}", "",
         (f"Base model `{model_path}`, {config.method()}; beta {config.beta:g}, label smoothing {config.label_smoothing:g}; "
-         f"reference: {reference}, {how}. {result.steps} steps of {config.batch_size} pairs at lr {config.lr:g} "
+         f"reference: {reference}, {how}. {result.steps} steps of {config.batch_text('pairs')} at lr {config.lr:g} "
          f"in {result.train_seconds:.1f} s; peak memory {result.peak_memory_mb:,.0f} MB."), "",
         (f"Trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
          f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)."), "",

@@ -36,6 +36,11 @@ class RejectedLine(NamedTuple):
     reason: str
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 malformed line', '2 malformed lines'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 @dataclass
 class RecordReport:
     """What a loader did with each line of a file. `kept` and `rejected` hold line numbers;
@@ -54,11 +59,11 @@ class RecordReport:
         self.rejected.append(RejectedLine(line, reason))
 
     def _details(self, limit: int) -> str:
-        text = f"{len(self.rejected)} malformed lines"
+        text = counted(len(self.rejected), "malformed line")
         if self.without_pair:
-            text += f", {len(self.without_pair)} feedback records without an edited answer"
+            text += f", {counted(len(self.without_pair), 'feedback record')} without an edited answer"
         if self.superseded:
-            text += f", {len(self.superseded)} feedback records replaced by a later one"
+            text += f", {counted(len(self.superseded), 'feedback record')} replaced by a later one"
         if self.rejected:
             shown = "; ".join(f"{self.path}:{r.line}: {r.reason}" for r in self.rejected[:limit])
             more = f"; ... {len(self.rejected) - limit} more" if len(self.rejected) > limit else ""

@@ -22,7 +22,7 @@ LoRA merged), adapter.safetensors (with LoRA), metrics.jsonl, loss.png, results.
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,12 +55,14 @@ from scratchlm.finetune.trainer import (
     finetune_loop,
     model_device,
     peak_memory_mb,
-    prepare_out,
+    check_out,
     prepare_trainable,
+    run_folder,
+    with_default_lr,
     reset_peak_memory,
     save_finetuned,
     shuffled_groups,
-    split_off,
+    load_splits,
     write_loss_curve,
 )
 from scratchlm.model.model import GPT
@@ -78,12 +80,14 @@ LORA_LR = 2e-3
 class SFTConfig(FinetuneConfig):
     """The shared fine-tuning settings (`trainer.FinetuneConfig`) with SFT's defaults, plus its own.
 
-    `lr` None picks by method: 5e-4 for full fine-tuning or a freeze, 2e-3 for LoRA, which
-    trains far fewer numbers from a zero update. Measured on the quickstart model with the
+    `lr` None picks by method and model size (`trainer.default_lr`): 5e-4 for full fine-tuning or
+    a freeze, 2e-3 for LoRA (which trains far fewer numbers, from a zero update), a tenth of those
+    for a model of 50M parameters or more. Measured on the quickstart model with the
     shipped Python-docs instructions (2 epochs, held-out answer loss from 5.08): full 2e-4 3.63,
-    5e-4 3.53, 1e-3 3.57, 3e-3 3.76; LoRA 1e-3 3.90, 3e-3 3.83."""
+    5e-4 3.53, 1e-3 3.57, 3e-3 3.76; LoRA on the blocks only 1e-3 3.90, 3e-3 3.83, and with
+    the untied head adapted too (the "auto" targets) 2e-3 3.57."""
 
-    lr: float | None = None  # type: ignore[assignment]  # None: FULL_LR, or LORA_LR with lora
+    lr: float | None = None  # None: trainer.default_lr(FULL_LR, LORA_LR, ...) for the model
     epochs: int = 2
     batch_size: int = 8  # rows of max_length tokens when packing, else conversations
     max_length: int | None = None  # row width and context for truncation; None: min(512, the model's block_size)
@@ -94,8 +98,6 @@ class SFTConfig(FinetuneConfig):
     sample_tokens: int = 96  # most tokens per sample answer
 
     def __post_init__(self) -> None:
-        if self.lr is None:
-            self.lr = LORA_LR if self.lora else FULL_LR
         super().__post_init__()
         checks = [
             (self.max_length is None or self.max_length >= 2, f"max length must be at least 2, not {self.max_length}"),
@@ -202,17 +204,6 @@ class SFTResult:
         return self.out / "model"
 
 
-def _load_splits(data: Path, eval_path: Path | None, config: SFTConfig):
-    train, report = load_instructions(data)
-    reports = [report]
-    if eval_path is not None:
-        held, eval_report = load_instructions(eval_path)
-        reports.append(eval_report)
-    else:
-        train, held = split_off(train, config.val_fraction, config.seed)
-    return train, held, reports
-
-
 def _encode(tokenizer: Tokenizer, conversations, context: int, config: SFTConfig, name: str) -> tuple[list[EncodedExample], EncodeStats]:
     examples, stats = encode_conversations(tokenizer, conversations, context, config.truncate)
     if not examples:
@@ -222,7 +213,8 @@ def _encode(tokenizer: Tokenizer, conversations, context: int, config: SFTConfig
 
 
 def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, config: SFTConfig,
-                 eval_path: str | Path | None = None, force: bool = False, progress: bool = True) -> SFTResult:
+                 eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
+                 note: Callable[[str], None] | None = None) -> SFTResult:
     """Fine-tune the model at `model_path` (anything `load_pretrained` opens) on the
     conversations of `data`, measure it on `eval_path` or a held-out split before and after,
     and write the run folder `out` (see the module docstring)."""
@@ -231,48 +223,58 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
 
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
-    train_conv, held_conv, reports = _load_splits(data, eval_path, config)  # bad data fails before the model loads
-    prepare_out(out, force)
+    say = note or (lambda _: None)
+    train_conv, held_conv, reports = load_splits(load_instructions, data, eval_path, config.val_fraction, config.seed)  # bad data fails before the model loads
+    for report in reports:
+        say(report.summary())
+    check_out(out, force)
     device = parse_device(config.device)
+    say(f"loading {model_path}")
     model, tokenizer = load_pretrained(model_path, device)
+    config = with_default_lr(config, FULL_LR, LORA_LR, model)
     context = config.context(model.config.block_size)
     train, train_stats = _encode(tokenizer, train_conv, context, config, str(data))
     held, held_stats = _encode(tokenizer, held_conv, context, config, str(eval_path or f"{data} (held-out split)"))
+    say(f"conversations: {len(train)} training, {len(held)} held-out fit {context} tokens; "
+        f"{train_stats.truncated + held_stats.truncated} truncated, {train_stats.dropped + held_stats.dropped} dropped")
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # any id: pads are never scored or attended to
     prompts = [conv[:-1] for conv in held_conv[: config.samples]]  # each ends with its reference answer
     before = answer_loss(model, held, pad_id, config.batch_size)
+    say(f"held-out answer loss before: {before['loss']:.4f} (perplexity {before['perplexity']:.2f})")
     answers_before = sample_answers(model, tokenizer, prompts, config.sample_tokens)
     torch.manual_seed(config.seed)  # LoRA's A matrices
     lora = prepare_trainable(model, config)
     trainable, total = trainable_parameters(model)
     batches = sft_batches(train, config, context, pad_id, device)
-    log = MetricsLog(out / "metrics.jsonl")
-    log.write({"step": 0, "val_loss": before["loss"]})
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    steps = finetune_loop(model, batches, lambda batch: sft_step(model, batch), config, progress=progress, desc="sft",
-                          on_step=lambda n, row: log.write({"step": n, **row}))
-    seconds = time.perf_counter() - start
-    peak = peak_memory_mb(device)
-    after = answer_loss(model, held, pad_id, config.batch_size)
-    log.write({"step": steps, "val_loss": after["loss"]})
-    answers_after = sample_answers(model, tokenizer, prompts, config.sample_tokens)
-    save_finetuned(out, model, tokenizer, lora)
-    write_loss_curve(out, f"instruction SFT: {out.name}")
-    samples = [{"prompt": list(p), "reference": conv[-1]["content"], "before": b, "after": a}
-               for p, conv, b, a in zip(prompts, held_conv, answers_before, answers_after)]
-    counts = {
-        "train_conversations": len(train_conv), "eval_conversations": len(held_conv),
-        "rejected": sum(len(r.rejected) for r in reports),
-        "train_examples": len(train), "eval_examples": len(held),
-        "truncated": train_stats.truncated + held_stats.truncated, "dropped": train_stats.dropped + held_stats.dropped,
-        "train_answer_tokens": sum(sum(t != IGNORE for t in e.targets) for e in train),
-        "train_batches_per_epoch": batches.per_epoch,
-    }
-    result = SFTResult(out, before, after, samples, trainable, total, seconds, steps, peak, context, counts, reports)
-    write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
-    write_text_atomic(out / "report.md", sft_report(result, config, model_path))
-    return result
+    say(f"training {trainable:,} of {total:,} parameters ({config.method()}) at lr {config.lr:g}")
+    with run_folder(out, force):
+        log = MetricsLog(out / "metrics.jsonl")
+        log.write({"step": 0, "val_loss": before["loss"]})
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        steps = finetune_loop(model, batches, lambda batch: sft_step(model, batch), config, progress=progress, desc="sft",
+                              on_step=lambda n, row: log.write({"step": n, **row}))
+        seconds = time.perf_counter() - start
+        peak = peak_memory_mb(device)
+        after = answer_loss(model, held, pad_id, config.batch_size)
+        log.write({"step": steps, "val_loss": after["loss"]})
+        answers_after = sample_answers(model, tokenizer, prompts, config.sample_tokens)
+        save_finetuned(out, model, tokenizer, lora)
+        write_loss_curve(out, f"instruction SFT: {out.name}")
+        samples = [{"prompt": list(p), "reference": conv[-1]["content"], "before": b, "after": a}
+                   for p, conv, b, a in zip(prompts, held_conv, answers_before, answers_after)]
+        counts = {
+            "train_conversations": len(train_conv), "eval_conversations": len(held_conv),
+            "rejected": sum(len(r.rejected) for r in reports),
+            "train_examples": len(train), "eval_examples": len(held),
+            "truncated": train_stats.truncated + held_stats.truncated, "dropped": train_stats.dropped + held_stats.dropped,
+            "train_answer_tokens": sum(sum(t != IGNORE for t in e.targets) for e in train),
+            "train_batches_per_epoch": batches.per_epoch,
+        }
+        result = SFTResult(out, before, after, samples, trainable, total, seconds, steps, peak, context, counts, reports)
+        write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
+        write_text_atomic(out / "report.md", sft_report(result, config, model_path))
+        return result
 
 
 def _results_dict(result: SFTResult, config: SFTConfig, model_path) -> dict:
@@ -300,7 +302,7 @@ def sft_report(result: SFTResult, config: SFTConfig, model_path) -> str:
     batching = f"packed rows of {result.context} tokens" if config.packing else f"padded batches (context {result.context})"
     lines = [
         f"# Instruction SFT: {result.out.name}", "",
-        (f"Base model `{model_path}`, {config.method()}; {result.steps} steps of batch {config.batch_size} "
+        (f"Base model `{model_path}`, {config.method()}; {result.steps} steps of {config.batch_text('rows' if config.packing else 'conversations')} "
          f"({batching}) at lr {config.lr:g} in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB."), "",
         (f"Trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
          f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)."), "",

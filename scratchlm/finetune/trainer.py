@@ -19,11 +19,13 @@ minutes to hours over a small data set counted in epochs, on one device.
 
 import math
 import random
+import re
 import resource
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
+from scratchlm.finetune.records import RecordReport
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer import Tokenizer
@@ -40,6 +43,7 @@ from scratchlm.train.metrics import plot_loss_curve, read_metrics
 
 B = TypeVar("B")
 T = TypeVar("T")
+C = TypeVar("C", bound="FinetuneConfig")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -92,12 +96,12 @@ class FinetuneConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: str = ",".join(DEFAULT_TARGETS)
+    lora_targets: str = "auto"  # comma-separated name suffixes, or auto: `default_lora_targets`
     epochs: int = 3
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 16
     grad_accum: int = 1  # batches per optimizer step
-    lr: float = 1e-3
+    lr: float | None = 1e-3  # None: the method's default for the model (`default_lr`), set once it is loaded
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1  # of the steps, linear from 0; then cosine to min_lr_ratio
     min_lr_ratio: float = 0.1
@@ -112,7 +116,7 @@ class FinetuneConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max steps must be at least 1, not {self.max_steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),
             (self.grad_accum >= 1, f"grad accum must be at least 1, not {self.grad_accum}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, not {self.lr}"),
+            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"lr must be a positive number, not {self.lr}"),
             (0.0 <= self.warmup_fraction < 1.0, f"warmup fraction must be in [0, 1), not {self.warmup_fraction}"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min lr ratio must be in [0, 1], not {self.min_lr_ratio}"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}"),
@@ -126,25 +130,67 @@ class FinetuneConfig:
                 raise ConfigError("LoRA already freezes every base weight; use --lora or --freeze, not both")
             self.lora_config()  # a bad rank, alpha, dropout or target fails here, before any model loads
 
-    def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
+    def lora_config(self, model: nn.Module | None = None) -> LoRAConfig:
+        """The adapters' settings; "auto" targets resolved for `model` (the block defaults
+        alone when no model is given, for checking the other fields)."""
+        targets = self.lora_targets
+        if targets.strip() == "auto":
+            targets = default_lora_targets(model) if model is not None else DEFAULT_TARGETS
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
+
+    def batch_text(self, unit: str) -> str:
+        """The batch of one optimizer step in words, for reports: "8 pairs" or "2 x 8 pairs"."""
+        return f"{self.batch_size} {unit}" if self.grad_accum == 1 else f"{self.grad_accum} x {self.batch_size} {unit} (accumulated)"
 
     def method(self) -> str:
         """What trains, in words, for reports."""
         if self.lora:
-            return f"LoRA rank {self.lora_rank}, alpha {self.lora_alpha:g} on {self.lora_targets}"
+            return f"LoRA rank {self.lora_rank}, alpha {self.lora_alpha:g}, targets {self.lora_targets}"
         return "full fine-tuning" if self.freeze == "none" else f"freeze {self.freeze}"
+
+
+def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """Every block's linear layers, plus the language-model head when it is untied from the
+    token embedding. The chat template's end-of-turn token never occurs in pretraining text, so
+    its output row is untrained: with a frozen head the model cannot learn to end an answer.
+    Measured on the quickstart model (docs/benchmarks.md): adapting the head too took held-out
+    answer loss after SFT from 3.85 to 3.57, and the answers stop instead of running on. A
+    tied head is one matrix with the embedding, which LoRA cannot adapt alone (`lora.py`)."""
+    head, embed = getattr(model, "head", None), getattr(model, "embed", None)
+    untied = isinstance(head, nn.Linear) and embed is not None and head.weight is not embed.weight
+    return (*DEFAULT_TARGETS, "head") if untied else DEFAULT_TARGETS
 
 
 def prepare_trainable(model: nn.Module, config: FinetuneConfig) -> LoRAConfig | None:
     """LoRA adapters (every base weight frozen) or `config.freeze` applied to `model`, in place.
     Returns the LoRA config when adapters were added, for `save_adapter`."""
     if config.lora:
-        lora = config.lora_config()
+        lora = config.lora_config(model)
         apply_lora(model, lora)
+        config.lora_targets = ",".join(lora.targets)  # "auto" resolved, for the report and results.json
         return lora
     apply_freeze(model, parse_freeze(config.freeze))
     return None
+
+
+BIG_MODEL_PARAMS = 50e6
+
+
+def with_default_lr(config: C, full: float, lora: float, model: nn.Module) -> C:
+    """`config` with its lr set by `default_lr` for `model` when it is None (the user gave none)."""
+    if config.lr is not None:
+        return config
+    return replace(config, lr=default_lr(full, lora, config.lora, sum(p.numel() for p in model.parameters())))
+
+
+def default_lr(full: float, lora: float, use_lora: bool, params: int) -> float:
+    """A method's default peak learning rate: `lora` with adapters (they start from a zero
+    update and train few numbers), else `full`; a tenth of it for a model of 50M parameters or
+    more. The base rates are tuned on the quickstart model (a few hundred thousand parameters);
+    pretrained models of 100M+ parameters are fine-tuned with rates about ten times lower, as
+    the SmolLM2-135M runs in docs/benchmarks.md are."""
+    base = lora if use_lora else full
+    return base / 10 if params >= BIG_MODEL_PARAMS else base
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -210,6 +256,8 @@ def finetune_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
+    if config.lr is None:
+        raise ConfigError("no learning rate: set lr, or let the method's run pick its default (default_lr)")
     device = model_device(model)
     decay = [p for p in params if p.dim() >= 2]  # no decay on norms' gains and biases
     no_decay = [p for p in params if p.dim() < 2]
@@ -256,32 +304,65 @@ def finetune_loop(
 
 
 # ---- run folders ---------------------------------------------------------------------------
-def prepare_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool) -> None:
     """Refuse a folder that already holds something, unless `force` (as pretrain refuses a
-    folder holding a run): a second run would mix its metrics into the first one's."""
+    folder holding a run): a second run would mix its metrics into the first one's. Called
+    before anything is loaded, so the mistake costs no time."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; --out must be a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ConfigError(f"{out} is not empty; choose another --out or pass --force to overwrite")
-        for name in ("metrics.jsonl", "adapter.safetensors"):  # appended to, or written only with --lora
-            (out / name).unlink(missing_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} is not empty; choose another --out or pass --force to overwrite")
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """`check_out`, then create the folder (with `force`, clearing the files a run appends to or
+    writes only sometimes)."""
+    check_out(out, force)
+    for name in ("metrics.jsonl", "adapter.safetensors"):
+        (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
+@contextmanager
+def run_folder(out: Path, force: bool) -> Iterator[Path]:
+    """`prepare_out` for the body of a run. If the run fails or is interrupted and the folder
+    did not exist before, it is removed: a half-written run folder would look finished and
+    block the rerun of the same command. A folder the user already had (--force) is left."""
+    existed = out.exists()
+    prepare_out(out, force)
+    try:
+        yield out
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak from now: the GPU allocator's peak, or on Linux the process's
+    peak resident set (writing 5 to /proc/self/clear_refs resets VmHWM), so that the peak of
+    training is not the peak of loading a model (dequantising a GGUF file holds two copies)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the peak then counts from the process's start
+        pass
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """The run's peak memory in MB: allocated tensors on a GPU (since `reset_peak_memory`); on a
-    CPU the process's peak resident set, which counts everything the process ever held, the
-    loaded model included (compare runs in fresh processes)."""
+    """Peak memory in MB since `reset_peak_memory`: allocated tensors on a GPU; on a CPU the
+    process's peak resident set, which also counts the loaded model, the Python interpreter and
+    torch itself (VmHWM on Linux; elsewhere getrusage's peak since the process started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**10
+    except (OSError, AttributeError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def split_off(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
@@ -292,10 +373,29 @@ def split_off(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], 
         raise ConfigError(f"val fraction must be between 0 and 1 (exclusive), not {fraction}")
     n_held = round(len(items) * fraction)
     if n_held < 1 or n_held >= len(items):
-        raise ConfigError(f"a val fraction of {fraction} of {len(items)} records leaves no held-out or no training "
-                          "example; give more data, another --val-fraction or an --eval file")
+        raise ConfigError(f"a val fraction of {fraction} of {len(items)} usable record{'' if len(items) == 1 else 's'} leaves "
+                          "no held-out or no training example; give more data, another --val-fraction or an --eval file")
     held = set(random.Random(seed).sample(range(len(items)), n_held))
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def load_splits(load: Callable[[Path], tuple[list[T], RecordReport]], data: Path, eval_path: Path | None,
+                fraction: float, seed: int,
+                split: Callable[[list[T], float, int], tuple[list[T], list[T]]] | None = None) -> tuple[list[T], list[T], list[RecordReport]]:
+    """(train, held-out, reports): `eval_path` read with `load` when given, else a seeded
+    `fraction` of `data` held out by `split` (default `split_off`). Both files are read and
+    checked before any model loads, so bad data fails in seconds."""
+    train, report = load(data)
+    reports = [report]
+    if eval_path is not None:
+        held, eval_report = load(eval_path)
+        reports.append(eval_report)
+        return train, held, reports
+    try:
+        train, held = (split or split_off)(train, fraction, seed)
+    except ConfigError as error:
+        raise ConfigError(f"{report.summary(limit=1)}; {error}") from None
+    return train, held, reports
 
 
 def save_finetuned(out: Path, model: GPT, tokenizer: Tokenizer, lora: LoRAConfig | None) -> Path:
