@@ -56,14 +56,21 @@ def sft_row(r: dict) -> str:
     b, a = r["before"], r["after"]
     return (f"| {r['run']} | {r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.1f}%) | "
             f"{r['steps']} | {b['loss']:.3f} (ppl {b['perplexity']:.1f}) | {a['loss']:.3f} (ppl {a['perplexity']:.1f}) | "
-            f"{r['train_seconds']:.0f} s | {r['peak_memory_mb']:,.0f} MB |")
+            f"{r['train_seconds']:.0f} s | {memory(r)} |")
+
+
+def memory(r: dict) -> str:
+    """Peak memory, and how much of it training added to what the loaded model already held."""
+    start = r.get("start_memory_mb")
+    added = f" (+{r['peak_memory_mb'] - start:,.0f} MB in training)" if start else ""
+    return f"{r['peak_memory_mb']:,.0f} MB{added}"
 
 
 def dpo_row(r: dict) -> str:
     b, a = r["before"], r["after"]
     return (f"| {r['run']} | {r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.1f}%) | "
             f"{r['steps']} | {b['logp_accuracy']:.3f} | {a['logp_accuracy']:.3f} | {a['reward_accuracy']:.3f} | "
-            f"{a['margin']:.3f} | {b['loss']:.3f} / {a['loss']:.3f} | {r['train_seconds']:.0f} s | {r['peak_memory_mb']:,.0f} MB |")
+            f"{a['margin']:.3f} | {b['loss']:.3f} / {a['loss']:.3f} | {r['train_seconds']:.0f} s | {memory(r)} |")
 
 
 def tables(rows: list[dict]) -> str:

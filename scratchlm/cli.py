@@ -55,8 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake prints one line (what is wrong and where to look), like
+    every other user error, instead of the whole usage block before it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="scratchlm",
         description="Build a large language model from scratch: data, tokenizer, model, training, "
         "fine-tuning, evaluation and serving.",
@@ -114,6 +122,8 @@ def _quickstart(args: argparse.Namespace) -> int:
     print(f"next: scratchlm generate {run.run_dir} --prompt \"The \"")
     print(f"      scratchlm eval {run.run_dir}    (builtin tasks and held-out text; or compare it with SmolLM2: README)")
     print(f"      scratchlm serve {run.run_dir}   (OpenAI-compatible API at http://127.0.0.1:8000/v1, chat page at /)")
+    print(f"      scratchlm finetune sft {run.run_dir} --data builtin:instructions_train --out {result.out / 'sft'}"
+          "   (teach it to answer questions)")
     return 0
 
 

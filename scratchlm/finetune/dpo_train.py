@@ -283,6 +283,7 @@ class DPOResult:
     data: dict = field(default_factory=dict)  # counts: train, eval, rejected, truncated, dropped; max_length
     reports: list[RecordReport] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)  # a few held-out pairs with their margin after training
+    start_memory_mb: float = 0.0  # held when training began (the model, the data): peak minus this is training's own
 
 
 def _references(model: GPT, tokenizer: Tokenizer, train: EncodedPairs, held: EncodedPairs, config: DPOConfig,
@@ -344,7 +345,7 @@ def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, conf
     with run_folder(out, force):
         log = MetricsLog(out / "metrics.jsonl")
         log.write(_val_row(0, before))
-        reset_peak_memory(device)
+        start_memory = reset_peak_memory(device)
         start = time.perf_counter()
         steps = train_dpo(model, train, config, pad_id, reference, progress=progress,
                           on_step=lambda n, row: log.write({"step": n, **row}))
@@ -357,7 +358,7 @@ def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, conf
         counts = {"train": len(train.pairs), "eval": len(held.pairs), "rejected": sum(len(r.rejected) for r in reports),
                   "max_length": block_size, "truncated": sum(s.truncated for s in stats), "dropped": sum(s.dropped for s in stats)}
         samples = [_sample(example, float(margin)) for example, margin in zip(held.examples[:REPORT_PAIRS], margins)]
-        result = DPOResult(out, before, after, trainable, total, seconds, steps, peak, counts, reports, samples)
+        result = DPOResult(out, before, after, trainable, total, seconds, steps, peak, counts, reports, samples, start_memory)
         write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
         write_text_atomic(out / "report.md", dpo_report(result, config, model_path))
         return result
@@ -377,6 +378,7 @@ def _results_dict(result: DPOResult, config: DPOConfig, model_path) -> dict:
     return {"model": str(model_path), "before": result.before, "after": result.after,
             "trainable_params": result.trainable_params, "total_params": result.total_params,
             "train_seconds": result.train_seconds, "steps": result.steps, "peak_memory_mb": result.peak_memory_mb,
+            "start_memory_mb": result.start_memory_mb,
             "data": result.data, "samples": result.samples, "config": asdict(config)}
 
 
@@ -406,7 +408,7 @@ def dpo_report(result: DPOResult, config: DPOConfig, model_path) -> str:
         f"# DPO: {result.out.name}", "",
         (f"Base model `{model_path}`, {config.method()}; beta {config.beta:g}, label smoothing {config.label_smoothing:g}; "
          f"reference: {reference}, {how}. {result.steps} steps of {config.batch_text('pairs')} at lr {config.lr:g} "
-         f"in {result.train_seconds:.1f} s; peak memory {result.peak_memory_mb:,.0f} MB."), "",
+         f"in {result.train_seconds:.1f} s; peak memory {result.peak_memory_mb:,.0f} MB ({result.start_memory_mb:,.0f} MB when training began)."), "",
         (f"Trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
          f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)."), "",
         (f"Pairs: {d['train']} training, {d['eval']} held out. Rejected lines: {d['rejected']}; pairs over "

@@ -198,6 +198,7 @@ class SFTResult:
     context: int
     data: dict = field(default_factory=dict)  # counts of conversations, examples, rows
     reports: list[RecordReport] = field(default_factory=list)
+    start_memory_mb: float = 0.0  # held when training began (the model, the data): peak minus this is training's own
 
     @property
     def model_dir(self) -> Path:
@@ -250,7 +251,7 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
     with run_folder(out, force):
         log = MetricsLog(out / "metrics.jsonl")
         log.write({"step": 0, "val_loss": before["loss"]})
-        reset_peak_memory(device)
+        start_memory = reset_peak_memory(device)
         start = time.perf_counter()
         steps = finetune_loop(model, batches, lambda batch: sft_step(model, batch), config, progress=progress, desc="sft",
                               on_step=lambda n, row: log.write({"step": n, **row}))
@@ -271,7 +272,7 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
             "train_answer_tokens": sum(sum(t != IGNORE for t in e.targets) for e in train),
             "train_batches_per_epoch": batches.per_epoch,
         }
-        result = SFTResult(out, before, after, samples, trainable, total, seconds, steps, peak, context, counts, reports)
+        result = SFTResult(out, before, after, samples, trainable, total, seconds, steps, peak, context, counts, reports, start_memory)
         write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
         write_text_atomic(out / "report.md", sft_report(result, config, model_path))
         return result
@@ -281,6 +282,7 @@ def _results_dict(result: SFTResult, config: SFTConfig, model_path) -> dict:
     return {"model": str(model_path), "model_dir": str(result.model_dir), "before": result.before, "after": result.after,
             "samples": result.samples, "trainable_params": result.trainable_params, "total_params": result.total_params,
             "train_seconds": result.train_seconds, "steps": result.steps, "peak_memory_mb": result.peak_memory_mb,
+            "start_memory_mb": result.start_memory_mb,
             "context": result.context, "data": result.data,
             "rejected_lines": [{"file": r.path, "line": x.line, "reason": x.reason} for r in result.reports for x in r.rejected],
             "config": asdict(config)}
@@ -303,7 +305,7 @@ def sft_report(result: SFTResult, config: SFTConfig, model_path) -> str:
     lines = [
         f"# Instruction SFT: {result.out.name}", "",
         (f"Base model `{model_path}`, {config.method()}; {result.steps} steps of {config.batch_text('rows' if config.packing else 'conversations')} "
-         f"({batching}) at lr {config.lr:g} in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB."), "",
+         f"({batching}) at lr {config.lr:g} in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB ({result.start_memory_mb:,.0f} MB when training began)."), "",
         (f"Trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
          f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)."), "",
         (f"Data: {d['train_conversations']} training and {d['eval_conversations']} held-out conversations; "

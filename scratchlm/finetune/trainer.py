@@ -338,17 +338,29 @@ def run_folder(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start measuring the peak from now: the GPU allocator's peak, or on Linux the process's
-    peak resident set (writing 5 to /proc/self/clear_refs resets VmHWM), so that the peak of
-    training is not the peak of loading a model (dequantising a GGUF file holds two copies)."""
+def reset_peak_memory(device: torch.device) -> float:
+    """Start measuring the peak from now, and return the memory in MB held now (the loaded
+    model and what else the process holds before training): the GPU allocator's peak, or on
+    Linux the process's peak resident set (writing 5 to /proc/self/clear_refs resets VmHWM),
+    so that the peak of training is not the peak of loading a model (dequantising a GGUF file
+    holds two copies)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return torch.cuda.memory_allocated(device) / 2**20
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:  # not Linux, or not allowed: the peak then counts from the process's start
         pass
+    return _proc_status_mb("VmRSS") or peak_memory_mb(device)
+
+
+def _proc_status_mb(key: str) -> float | None:
+    """A memory figure of /proc/self/status in MB (Linux), or None."""
+    try:
+        found = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) / 2**10 if found else None
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -357,12 +369,11 @@ def peak_memory_mb(device: torch.device) -> float:
     torch itself (VmHWM on Linux; elsewhere getrusage's peak since the process started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**10
-    except (OSError, AttributeError):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def split_off(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
