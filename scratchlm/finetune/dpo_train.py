@@ -150,15 +150,10 @@ def encode_pairs(tokenizer: Tokenizer, examples: Sequence[PreferenceExample], bl
     stats = EncodeStats()
     for example in examples:
         pair = encode_preference(tokenizer, example, block_size, truncate)
-        if pair is None:
-            stats.dropped += 1
-            continue
-        kept.append(example)
-        pairs.append(pair)
-        if pair.chosen.truncated or pair.rejected.truncated:
-            stats.truncated += 1
-        else:
-            stats.kept += 1
+        stats.count(None if pair is None else pair.chosen.truncated or pair.rejected.truncated)
+        if pair is not None:
+            kept.append(example)
+            pairs.append(pair)
     if not pairs:
         hint = "" if truncate == "left" else " (--truncate left keeps pairs whose answers fit)"
         raise ConfigError(f"{name}: every pair is longer than --max-length {block_size} tokens and was dropped{hint}")

@@ -138,6 +138,15 @@ class EncodeStats:
     truncated: int = 0
     dropped: int = 0
 
+    def count(self, truncated: bool | None) -> None:
+        """One more item: dropped (None), cut to fit (True) or kept whole (False)."""
+        if truncated is None:
+            self.dropped += 1
+        elif truncated:
+            self.truncated += 1
+        else:
+            self.kept += 1
+
 
 def has_chat_template(tokenizer: Tokenizer) -> bool:
     """Whether conversations are rendered with a template (the model's own, or ChatML)."""
@@ -291,14 +300,9 @@ def encode_conversations(
     stats = EncodeStats()
     for messages in conversations:
         example = encode_conversation(tokenizer, messages, block_size, truncate)
-        if example is None:
-            stats.dropped += 1
-            continue
-        examples.append(example)
-        if example.truncated:
-            stats.truncated += 1
-        else:
-            stats.kept += 1
+        stats.count(None if example is None else example.truncated)
+        if example is not None:
+            examples.append(example)
     return examples, stats
 
 
