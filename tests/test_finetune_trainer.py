@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.lora import lora_layers
@@ -82,14 +83,36 @@ def test_epochs_count_optimizer_steps_over_accumulated_batches():
         total_steps(config, 0)
 
 
-def test_accumulating_two_half_batches_gives_the_same_step_as_one_whole_batch():
+def gradients_at_first_step(model: GPT, batches: Batches, config: FinetuneConfig) -> dict[str, torch.Tensor]:
+    """The gradients the optimizer sees at its first step (after accumulation and clipping)."""
+    seen: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def record(optimizer, _args, _kwargs):
+        if not seen:
+            seen.update({names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None})
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        finetune_loop(model, batches, lm_step(model), config)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_accumulating_two_half_batches_gives_the_same_gradient_as_one_whole_batch():
     rows = copy_task(n=8)
-    whole, halves = tiny_gpt(), tiny_gpt()
     in_order = lambda size: Batches(lambda g: (rows[i : i + size] for i in range(0, len(rows), size)), len(rows) // size)  # noqa: E731
-    finetune_loop(whole, in_order(8), lm_step(whole), FinetuneConfig(max_steps=1, batch_size=8, lr=1e-2, warmup_fraction=0.0))
-    finetune_loop(halves, in_order(4), lm_step(halves), FinetuneConfig(max_steps=1, grad_accum=2, lr=1e-2, warmup_fraction=0.0))
-    for (name, a), (_, b) in zip(whole.named_parameters(), halves.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    whole = gradients_at_first_step(tiny_gpt(), in_order(8), FinetuneConfig(max_steps=1, batch_size=8, lr=1e-2, warmup_fraction=0.0))
+    halves = gradients_at_first_step(tiny_gpt(), in_order(4), FinetuneConfig(max_steps=1, grad_accum=2, lr=1e-2, warmup_fraction=0.0))
+    assert whole.keys() == halves.keys() and whole
+    # The two sum the same per-token terms in another order, so they differ by float32 rounding
+    # of the tensor's largest terms, not of each element: a near-zero element can lose all its
+    # relative precision. (Comparing weights after the step would amplify exactly those
+    # elements: Adam's first update is lr * g / (|g| + eps), about lr * sign(g).)
+    for name, grad in whole.items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(halves[name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=name)
 
 
 def test_freeze_keeps_the_lower_blocks_and_embeddings_bit_identical():
