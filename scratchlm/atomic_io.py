@@ -1,5 +1,6 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one."""
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,30 @@ def check_writable_file(path: str | Path) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise OutputFileError(f"{target}: cannot write here ({parent} is not a writable folder)")
     return target
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file written by a writer that does not sync (safetensors, an appended log). Without
+    it a rename can reach the disk before the data does (ext4 and XFS delay allocation), and a
+    power cut leaves the new name on an empty or zero-filled file."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_folder(path: str | Path) -> None:
+    """Flush a folder's entries to disk, so that files created or renamed into it survive a power
+    cut: fsync of a file does not cover its name. A no-op where folders cannot be opened
+    (Windows, whose NTFS journals renames itself)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some network and FUSE file systems cannot sync a folder; nothing to do then
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

@@ -4,55 +4,149 @@
     RUN/checkpoints/step_000200/state.pt            optimizer, step, data position, RNG states
     RUN/checkpoints/latest                          name of the newest complete checkpoint
 
-A checkpoint is written into a temporary folder and renamed when complete, then `latest` is
-replaced atomically; a run killed mid-write leaves the previous checkpoint intact. `state.pt`
-holds only tensors and plain values and is read with `weights_only=True`.
+Writing survives a kill, a full disk and a power cut: a checkpoint is written into a temporary
+folder, its files and the folder are fsynced, it is renamed to step_N and `checkpoints/` is
+fsynced; then `latest` is replaced atomically and `checkpoints/` fsynced again. So step_N is
+complete on disk or absent, and `latest` names a complete folder. A write that fails removes the
+temporary folder and leaves the previous checkpoint as it was.
+
+Resuming loads the checkpoint `latest` names. If that one is damaged (a truncated or unreadable
+file, a garbage pointer), it falls back to the newest readable one and reports what it passed
+over. A checkpoint of a different model is a mistake, not damage: that stops the resume.
+`state.pt` holds only tensors and plain values and is read with `weights_only=True`.
 """
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from scratchlm.atomic_io import write_text_atomic
+from scratchlm.atomic_io import OutputFileError, fsync_file, fsync_folder, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError
 
 KEEP = 2  # older checkpoints are deleted once a newer one is complete
+STATE_KEYS = ("optimizer", "step", "elapsed", "rng_cpu", "rng_python", "model_config")  # what resume reads
+
+
+def checkpoint_step(name: str) -> int | None:
+    """N for a checkpoint folder named step_N; None for anything else (a temporary .step_N.tmp)."""
+    digits = name.removeprefix("step_")
+    return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """The step_N folders in `root`, oldest first. By number, not by name: names are padded to
+    six digits, so as strings step_1000000 sorts before step_999999."""
+    found = [(step, p) for p in root.glob("step_*") if p.is_dir() and (step := checkpoint_step(p.name)) is not None]
+    return [p for _, p in sorted(found)]
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict) -> Path:
     root = run_dir / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_text_atomic(root / "latest", final.name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    previous = _latest_name(root)
+    for stale in root.glob(".step_*.tmp"):  # left by a write that was killed; it may hold the space we need
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        fsync_file(tmp / "model.safetensors")
+        # Through a Python file: on a full disk torch's C++ writer then fails with the OSError as
+        # context, which names the cause; given a path it says only "unexpected pos".
+        with (tmp / "state.pt").open("wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_folder(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # a step_N left by a timeline the run abandoned on resume
+        os.replace(tmp, final)
+        fsync_folder(root)
+        set_latest(final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = _os_errno(exc)
+        if code is None:
+            raise
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint was written"
+        raise OutputFileError(f"{root}: {os.strerror(code).lower()} while writing checkpoint step {step}; {kept}") from None
+    _rotate(root, step)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
+def set_latest(checkpoint: Path) -> None:
+    """Point `latest` at `checkpoint`, durably (the pointer's rename is fsynced with its folder)."""
+    write_text_atomic(checkpoint.parent / "latest", checkpoint.name + "\n")
+    fsync_folder(checkpoint.parent)
+
+
+def _rotate(root: Path, step: int) -> None:
+    """Keep the checkpoint of `step` and the KEEP - 1 before it. Folders of later steps go too:
+    they belong to a timeline the run abandoned when it resumed from an earlier checkpoint."""
+    folders = checkpoint_folders(root)
+    older = [p for p in folders if checkpoint_step(p.name) < step]
+    newer = [p for p in folders if checkpoint_step(p.name) > step]
+    for old in older[: max(0, len(older) - (KEEP - 1))] + newer:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _os_errno(exc: BaseException | None) -> int | None:
+    """The OS error behind a failed write, if there is one. torch.save raises a RuntimeError with
+    the OSError as its context; safetensors (Rust) names it only in its text, '(os error 28)'."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        if isinstance(exc, Exception) and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+            return int(found[1])
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _latest_name(root: Path) -> str | None:
+    """The checkpoint name in `latest`, or None if it is missing or not a step_N name."""
+    try:
+        name = (root / "latest").read_bytes().decode("utf-8", "replace").strip()
+    except OSError:
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    return name if checkpoint_step(name) is not None else None
+
+
+def resume_checkpoint(run_dir: Path, model: torch.nn.Module, model_config: dict) -> tuple[Path, dict, list[str]]:
+    """Load the checkpoint to resume from into `model`: the one `latest` names, or when it is
+    damaged, the newest readable one. Returns its folder, its state, and one line for each damaged
+    checkpoint (or pointer) passed over. A ConfigError (another model) is raised, not passed over."""
+    root = run_dir / "checkpoints"
+    named = _latest_name(root)
+    candidates = ([root / named] if named else []) + [p for p in reversed(checkpoint_folders(root)) if p.name != named]
+    if not candidates:
+        raise InputFileError(f"{run_dir}: nothing to resume (no checkpoint)")
+    passed_over = [] if named else [f"{root / 'latest'}: {'not a checkpoint name' if (root / 'latest').exists() else 'missing'}"]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model, model_config), passed_over
+        except InputFileError as exc:
+            passed_over.append(str(exc))
+    raise InputFileError(f"{run_dir}: no readable checkpoint to resume from ({'; '.join(passed_over)})")
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict) -> dict:
     """Load weights into `model` and return the saved state, after checking the checkpoint was
-    made for the same architecture (`model_config`, a ModelConfig as a dict)."""
+    made for the same architecture (`model_config`, a ModelConfig as a dict). A damaged or
+    incomplete checkpoint is an InputFileError; one of another model a ConfigError."""
+    if not path.is_dir():
+        raise InputFileError(f"{path}: no such checkpoint folder")
+    for name in ("state.pt", "model.safetensors"):
+        if not (path / name).is_file():
+            raise InputFileError(f"{path}: incomplete checkpoint (no {name})")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
-        raise InputFileError(f"{path / 'state.pt'}: unreadable checkpoint state ({type(exc).__name__})") from None
+        raise InputFileError(f"{path / 'state.pt'}: unreadable checkpoint state ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        raise InputFileError(f"{path / 'state.pt'}: not a checkpoint state (expected the keys {', '.join(STATE_KEYS)})")
     saved = state.get("model_config") or {}
     if saved != model_config:
         key = next((k for k in model_config if saved.get(k) != model_config[k]), "?")
@@ -60,8 +154,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict) -> d
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except Exception as exc:  # shape mismatch or a corrupt file
-        raise InputFileError(f"{path}: checkpoint weights do not load ({str(exc).splitlines()[0]})") from None
+        raise InputFileError(f"{path}: checkpoint weights do not load ({_first_line(exc)})") from None
     if missing or unexpected:
         name = sorted(missing or unexpected)[0]
         raise InputFileError(f"{path}: checkpoint does not fit this model (tensor {name!r} {'missing' if missing else 'unexpected'})")
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an error: torch's zip errors go on with advice about other causes."""
+    return (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]

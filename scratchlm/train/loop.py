@@ -18,6 +18,7 @@ validation loss at step 0 so the report shows where it started.
 
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from scratchlm.data.shards import TokenShards
 from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
 from scratchlm.model import GPT, ModelConfig, count_params, flops_per_token, get_preset
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
-from scratchlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scratchlm.train.checkpoint import resume_checkpoint, save_checkpoint, set_latest
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.distributed import DistInfo, init_distributed, mean_across_ranks, shutdown
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
@@ -320,11 +321,15 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
     step, elapsed_before, resumed_scaler = 0, 0.0, None
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
     if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise InputFileError(f"{run_dir}: nothing to resume (no checkpoint)")
-        state = load_checkpoint(checkpoint, model, model_config.to_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoint, state, passed_over = resume_checkpoint(run_dir, model, model_config.to_dict())
+        if passed_over and info.is_main:
+            print(f"scratchlm: warning: {'; '.join(passed_over)}; resuming from {checkpoint}", file=sys.stderr, flush=True)
+            set_latest(checkpoint)  # so that `latest` never names the damaged one while it is replaced
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError:  # torch's message is about parameter groups; the cause is the optimizer setting
+            raise ConfigError(f"{checkpoint}: the saved optimizer state does not fit optimizer={config.optimizer!r}; "
+                              "resume with the optimizer the run started with") from None
         step, elapsed_before = state["step"], state["elapsed"]
         torch.set_rng_state(state["rng_cpu"])
         random.setstate(state["rng_python"])
@@ -435,6 +440,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
             metrics.write(row)
             bar.set_postfix({k: row[k] for k in ("loss", "val_bpb") if k in row} | {"tok/s": f"{tokens_per_s:,.0f}"} | ({"mfu": f"{mfu:.1%}"} if mfu else {}))
         if info.is_main and (last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+            metrics.sync()  # the log holds every row up to the checkpoint, even after a power cut
             save_checkpoint(run_dir, step, model, {
                 "optimizer": optimizer.state_dict(), "step": step, "elapsed": time.perf_counter() - start,
                 "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
