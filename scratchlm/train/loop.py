@@ -397,10 +397,10 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         if not math.isfinite(loss_value):
             nonfinite += 1
             optimizer.zero_grad(set_to_none=True)
+            step += 1  # a skipped step still counts, and its row is numbered like any other
             metrics.write({"step": step, "nonfinite": True, "lr": lr})
             if nonfinite >= config.max_nonfinite:
                 raise TrainingError(f"loss was not finite for {nonfinite} steps in a row (step {step}); lower the learning rate (lr={config.lr})")
-            step += 1
             continue
         nonfinite = 0
         scaler.unscale_(optimizer)
