@@ -1,6 +1,7 @@
 """Chat: `ChatSession` (history, system prompt, context), the `run_chat` loop and its commands,
 `scratchlm chat` with standard input from a pipe, and the chat templates it renders with."""
 
+import copy
 import io
 import subprocess
 import sys
@@ -15,7 +16,16 @@ from scratchlm.interop import load_pretrained
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.serve.chat import ChatSession, default_max_new_tokens, run_chat
-from scratchlm.serve.chat_template import CHATML_TEMPLATE, chat_stop_ids, check_messages, render_chat
+from scratchlm.serve.chat_template import (
+    CHATML_TEMPLATE,
+    ChatTemplateError,
+    ChatTemplateRefusal,
+    ChatTooLongError,
+    RenderLimits,
+    chat_stop_ids,
+    check_messages,
+    render_chat,
+)
 from scratchlm.serve.sampling import SamplingConfig
 from scratchlm.tokenizer import train_bpe
 
@@ -341,6 +351,90 @@ def test_a_template_that_fails_is_a_config_error(template, error):
         render_chat(tok, [USER])
 
 
+def with_template(tokenizer, template: str):
+    own = copy.deepcopy(tokenizer)
+    own.metadata["chat_template"] = template
+    return own
+
+
+def test_a_python_error_inside_a_template_is_a_template_error_not_a_crash(tokenizer):
+    with pytest.raises(ChatTemplateError, match="template failed: TypeError"):
+        render_chat(with_template(tokenizer, "{% for c in 5 %}{% endfor %}"), [USER])
+
+
+def test_raise_exception_is_a_refusal_of_the_conversation(tokenizer):
+    with pytest.raises(ChatTemplateRefusal, match="refused the conversation: no"):
+        render_chat(with_template(tokenizer, "{{ raise_exception('no') }}"), [USER])
+
+
+# Templates come from model files. Each of these would run for hours or fill the memory; the
+# renderer's step budget (loop iterations and calls) and size cap stop them at once.
+RUNAWAY_TEMPLATES = {
+    "range_over_the_sandbox_cap": "{% for i in range(10**9) %}x{% endfor %}",
+    "nested_silent_loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "one_range_iterated_in_nested_loops": "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+    "exponential_macro_recursion": "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+    "recursive_loop": "{% for i in [1] recursive %}{{ loop(range(100000)) }}{% endfor %}",
+    "huge_power": "{{ 9 ** 9999999 }}",
+    "padding_by_a_method": "{{ 'x'.ljust(10**12) }}",
+}
+HUGE_TEMPLATES = {
+    "huge_output": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "string_repetition": "{{ 'x' * 10**12 }}",
+    "list_repetition": "{{ ([1] * 10**12) | length }}",
+    "doubling_by_tilde": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling_by_plus": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("template", RUNAWAY_TEMPLATES.values(), ids=RUNAWAY_TEMPLATES.keys())
+def test_a_runaway_template_stops_with_a_template_error(tokenizer, template):
+    with pytest.raises(ChatTemplateError, match="chat template") as error:
+        render_chat(with_template(tokenizer, template), [USER])
+    assert not isinstance(error.value, ChatTooLongError | ChatTemplateRefusal)
+
+
+@pytest.mark.parametrize("template", HUGE_TEMPLATES.values(), ids=HUGE_TEMPLATES.keys())
+def test_a_template_building_a_text_over_the_cap_is_too_long(tokenizer, template):
+    with pytest.raises(ChatTooLongError, match="more than 1,000,000 characters"):
+        render_chat(with_template(tokenizer, template), [USER], limits=RenderLimits(max_chars=1_000_000))
+
+
+def test_a_conversation_that_renders_over_the_cap_is_too_long_and_one_under_it_renders(tokenizer):
+    text = render_chat(tokenizer, [USER])
+    assert render_chat(tokenizer, [USER], limits=RenderLimits(max_chars=len(text))) == text
+    with pytest.raises(ChatTooLongError, match=f"more than {len(text) - 1} characters"):
+        render_chat(tokenizer, [USER], limits=RenderLimits(max_chars=len(text) - 1))
+
+
+def test_the_step_budget_counts_loop_iterations(tokenizer):
+    loop = with_template(tokenizer, "{% for c in 'abcdefghij' %}{% endfor %}")  # no calls: 10 steps
+    assert render_chat(loop, [USER], limits=RenderLimits(max_steps=10)) == ""
+    with pytest.raises(ChatTemplateError, match="more than 9 steps"):
+        render_chat(loop, [USER], limits=RenderLimits(max_steps=9))
+
+
+def test_a_render_over_its_time_limit_stops(tokenizer):
+    with pytest.raises(ChatTemplateError, match="longer than 0 s"):
+        render_chat(tokenizer, [USER], limits=RenderLimits(max_seconds=0))
+
+
+def test_a_template_cannot_disarm_its_budget(tokenizer):
+    # The budget travels as a render variable; replacing it must stop the render, not lift the limits.
+    template = "{% set _render_budget = none %}{% for i in range(10) %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="chat template"):
+        render_chat(with_template(tokenizer, template), [USER])
+
+
+def test_a_long_real_conversation_renders_within_the_default_limits(tokenizer):
+    # The server's cap on messages (1024), with a template that loops and calls per message.
+    template = ("{% for m in messages %}{{ loop.index }} {{ m['role'] | upper }}: {{ m['content'].strip() }}"
+                "{{ '\\n' if not loop.last }}{% endfor %}")
+    conversation = [{"role": ("user", "assistant")[i % 2], "content": f" turn {i} "} for i in range(1024)]
+    text = render_chat(with_template(tokenizer, template), conversation)
+    assert text.startswith("1 USER: turn 0\n2 ASSISTANT: turn 1") and text.endswith("1024 ASSISTANT: turn 1023")
+
+
 # transformers renders templates with jinja2.ext.loopcontrols, its own `generation` tag, a
 # `tojson` that keeps non-ASCII and HTML characters, and `strftime_now` (Llama 3's templates).
 TRANSFORMERS_FEATURES = [
@@ -397,9 +491,9 @@ def test_chat_command_limits_the_reply_to_half_a_short_context(model_folder, mon
 
 
 @pytest.mark.parametrize(("args", "error"), [
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be"),
     (["--min-p", "2"], "min_p must be in [0, 1]"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be"),
 ])
 def test_chat_command_bad_settings_are_one_line_errors(model_folder, args, error, capsys):
     assert main(["chat", str(model_folder), *args]) == 2

@@ -148,17 +148,44 @@ def test_frequency_penalty_stops_greedy_repeating_itself(model, tokenizer):
 
 
 # ---- the scheduler ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def endless_tokenizer(tokenizer) -> Tokenizer:
+    """The tokenizer without its special tokens: no end-of-sequence token, and the ids past its
+    vocabulary are never drawn, so a generation without stop ids or strings only ends at its
+    length limit."""
+    return Tokenizer(tokenizer.ranks, {}, tokenizer.pattern)
+
+
+ENDLESS = SamplingConfig(temperature=1.0, max_new_tokens=100_000, truncate=True)  # ends only when the context is full
+
+
+@pytest.fixture
+def held_steps(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(entered, release): each decode step sets `entered`, then waits for `release`. While held,
+    the running generations cannot advance, so none can finish, and the scheduler admits nothing."""
+    entered, release = threading.Event(), threading.Event()
+    real_step = DecodeBatch.step
+
+    def held(batch: DecodeBatch):
+        entered.set()
+        release.wait()
+        return real_step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", held)
+    return entered, release
+
+
 def test_concurrent_submissions_are_batched_and_equal_generation_alone(model, tokenizer):
     scheduler = Scheduler(model, tokenizer, max_batch=4)
     try:
-        generations = [scheduler.submit(tokenizer.encode(p), GREEDY) for p in PROMPTS]
+        generations = scheduler.submit_many([(tokenizer.encode(p), GREEDY) for p in PROMPTS])
         results = [g.result() for g in generations]
     finally:
         scheduler.close()
     alone = one_by_one(model, tokenizer, PROMPTS, GREEDY)
     assert [r.token_ids for r in results] == [a.token_ids for a in alone]
     assert [r.text for r in results] == [a.text for a in alone]
-    assert scheduler.peak_active > 1
+    assert scheduler.peak_active == 4  # queued together, so the first round fills every slot
 
 
 def test_async_generation_streams_the_same_text(model, tokenizer):
@@ -177,23 +204,25 @@ def test_async_generation_streams_the_same_text(model, tokenizer):
     assert finish == "length"
 
 
-def test_cancelled_generation_frees_its_slot(model, tokenizer):
-    scheduler = Scheduler(model, tokenizer, max_batch=1)
+def test_cancelled_generation_frees_its_slot(model, endless_tokenizer, held_steps):
+    entered, release = held_steps
+    scheduler = Scheduler(model, endless_tokenizer, max_batch=1)
     try:
-        endless = scheduler.submit(tokenizer.encode("The"), SamplingConfig(temperature=1.0, max_new_tokens=100_000, truncate=True))
-        events = iter(endless)
-        next(events)
+        endless = scheduler.submit(endless_tokenizer.encode("The"), ENDLESS)
+        entered.wait()  # it holds the only slot and has drawn one token
         endless.cancel()
-        assert [e.finish_reason for e in events][-1] == "cancelled"
-        follower = scheduler.submit(tokenizer.encode("Pack"), GREEDY).result()  # the only slot is free again
+        release.set()
+        assert [e.finish_reason for e in endless][-1] == "cancelled"
+        follower = scheduler.submit(endless_tokenizer.encode("Pack"), GREEDY).result()  # the only slot is free again
         assert follower.finish_reason == "length" and scheduler.active == 0
     finally:
+        release.set()
         scheduler.close()
 
 
-def test_scheduler_refuses_bad_requests_at_submit(model, tokenizer):
-    scheduler = Scheduler(model, tokenizer, max_batch=1, max_queue=1)
-    gate = threading.Event()
+def test_scheduler_refuses_bad_requests_at_submit(model, endless_tokenizer, held_steps):
+    entered, release = held_steps
+    scheduler = Scheduler(model, endless_tokenizer, max_batch=1, max_queue=1)
     try:
         with pytest.raises(ContextTooLongError):
             scheduler.submit([1] * (model.config.block_size + 1), GREEDY)
@@ -201,26 +230,116 @@ def test_scheduler_refuses_bad_requests_at_submit(model, tokenizer):
             scheduler.submit([1, 2], SamplingConfig(num_samples=2))
         with pytest.raises(ConfigError, match="no tokens"):
             scheduler.submit([], GREEDY)
-        running = scheduler.submit([1], SamplingConfig(temperature=1.0, max_new_tokens=100_000, truncate=True))
-        next(iter(running))  # it holds the only slot
+        running = scheduler.submit([1], ENDLESS)
+        entered.wait()  # it holds the only slot
         waiting = scheduler.submit([1], GREEDY)  # fills the queue
         with pytest.raises(ServerBusyError, match="waiting"):
             scheduler.submit([1], GREEDY)
+        with pytest.raises(ConfigError, match="max_queue"):
+            scheduler.submit_many([([1], GREEDY)] * 2)  # can never fit: a bad request, not a busy server
         running.cancel()
         waiting.cancel()
-        gate.set()
+    finally:
+        release.set()
+        scheduler.close()
+
+
+def test_close_ends_unfinished_generations_as_cancelled(model, endless_tokenizer, monkeypatch):
+    monkeypatch.setattr(DecodeBatch, "step", lambda batch: [])  # nothing advances, so nothing finishes on its own
+    scheduler = Scheduler(model, endless_tokenizer, max_batch=1)
+    endless, queued = scheduler.submit_many([([1], ENDLESS), ([2], GREEDY)])
+    scheduler.close()
+    assert [e.finish_reason for e in endless][-1] == "cancelled"
+    assert [e.finish_reason for e in queued][-1] == "cancelled"
+
+
+def test_a_cancelled_waiting_generation_leaves_the_queue_at_once(model, endless_tokenizer, held_steps):
+    entered, release = held_steps
+    scheduler = Scheduler(model, endless_tokenizer, max_batch=1, max_queue=2)
+    try:
+        running = scheduler.submit([1], ENDLESS)
+        entered.wait()  # the scheduler is held inside a step: only `cancel` can take a generation off the queue
+        first, second = scheduler.submit_many([([2], GREEDY), ([3], GREEDY)])
+        first.cancel()
+        assert scheduler.waiting == 1
+        assert [(e.text, e.finish_reason) for e in first] == [("", "cancelled")]  # already there: `cancel` sent it
+        third = scheduler.submit([4], GREEDY)  # the cancelled one no longer takes a place
+        assert scheduler.waiting == 2
+        running.cancel()
+        release.set()
+        assert [g.result().finish_reason for g in (running, second, third)] == ["cancelled", "length", "length"]
+    finally:
+        release.set()
+        scheduler.close()
+
+
+def test_submit_many_queues_every_generation_or_none(model, endless_tokenizer, held_steps):
+    entered, release = held_steps
+    scheduler = Scheduler(model, endless_tokenizer, max_batch=1, max_queue=3)
+    try:
+        running = scheduler.submit([1], ENDLESS)
+        entered.wait()
+        scheduler.submit_many([([2], GREEDY)] * 2)
+        with pytest.raises(ServerBusyError, match="waiting"):
+            scheduler.submit_many([([3], GREEDY)] * 2)  # one place left for two
+        assert scheduler.waiting == 2  # nothing of the refused request stays queued
+        with pytest.raises(ContextTooLongError):  # checked whole before anything is queued
+            scheduler.submit_many([([3], GREEDY), ([1] * (model.config.block_size + 1), GREEDY)])
+        assert scheduler.waiting == 2
+        last = scheduler.submit([3], GREEDY)
+        running.cancel()
+        release.set()
+        assert last.result().finish_reason == "length"
+    finally:
+        release.set()
+        scheduler.close()
+
+
+def test_a_failing_admission_ends_only_its_generation_and_the_scheduler_keeps_serving(model, tokenizer, monkeypatch):
+    real_add = DecodeBatch.add
+
+    def add(batch, prompt_ids, *args, **kwargs):
+        if list(prompt_ids) == [7, 7, 7]:
+            raise RuntimeError("boom")  # not a ScratchLMError: a bug, or a failure of the device
+        return real_add(batch, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeBatch, "add", add)
+    scheduler = Scheduler(model, tokenizer, max_batch=2)
+    try:
+        prompt = tokenizer.encode(PROMPTS[1])
+        # The good prompts on both sides of the bad one, all admitted in the same round.
+        before, bad, after = scheduler.submit_many([(prompt, GREEDY), ([7, 7, 7], GREEDY), (prompt, GREEDY)])
+        alone = one_by_one(model, tokenizer, [PROMPTS[1]], GREEDY)[0]
+        assert before.result().token_ids == alone.token_ids and before.finish_reason == alone.finish_reason
+        events = list(bad)
+        assert events[-1].finish_reason == "error" and "RuntimeError: boom" in events[-1].error
+        assert after.result().token_ids == alone.token_ids
+        assert scheduler.submit(prompt, GREEDY).result().token_ids == alone.token_ids
     finally:
         scheduler.close()
 
 
-def test_close_ends_unfinished_generations_as_cancelled(model, tokenizer):
-    scheduler = Scheduler(model, tokenizer, max_batch=1)
-    endless = scheduler.submit([1], SamplingConfig(temperature=1.0, max_new_tokens=100_000, truncate=True))
-    queued = scheduler.submit([2], GREEDY)
-    next(iter(endless))
-    scheduler.close()
-    assert [e.finish_reason for e in endless][-1] == "cancelled"
-    assert [e.finish_reason for e in queued][-1] == "cancelled"
+def test_a_failing_step_ends_every_running_generation_with_an_error_and_the_scheduler_keeps_serving(model, tokenizer, monkeypatch):
+    real_step = DecodeBatch.step
+    failed = threading.Event()
+
+    def step(batch):
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("device lost")
+        return real_step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", step)
+    scheduler = Scheduler(model, tokenizer, max_batch=2)
+    try:
+        first, second = scheduler.submit_many([(tokenizer.encode(p), GREEDY) for p in PROMPTS[:2]])
+        for generation in (first, second):
+            events = list(generation)
+            assert events[-1].finish_reason == "error" and "RuntimeError: device lost" in events[-1].error
+        later = scheduler.submit(tokenizer.encode(PROMPTS[0]), GREEDY).result()
+        assert later.token_ids == one_by_one(model, tokenizer, PROMPTS[:1], GREEDY)[0].token_ids
+    finally:
+        scheduler.close()
 
 
 # ---- the real model ------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from scratchlm.serve import (
     fit_context,
     generate_text,
     generate_tokens,
+    sample_next,
 )
+from scratchlm.serve.sampling import MAX_NUM_SAMPLES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_TEMPERATURE, new_generator
 from scratchlm.tokenizer import train_bpe
 
 TRAIN_TEXT = (
@@ -157,6 +159,17 @@ def test_generation_stops_when_the_cache_is_full(model, tokenizer):
     assert len(truncated) == block + 1 - block // 2  # the prompt keeps half the context
 
 
+def test_ids_past_the_vocab_limit_are_never_drawn_by_samples_sharing_a_prompt():
+    # A model whose embedding table is padded past its tokenizer's vocabulary (pretraining pads
+    # to a multiple of 64); the samples of one prompt share its prefill logits.
+    torch.manual_seed(0)
+    padded = GPT(get_preset("cpu-tiny").replace(vocab_size=320)).eval()
+    config = SamplingConfig(temperature=MAX_TEMPERATURE, max_new_tokens=30, seed=0, num_samples=3)
+    steps = list(generate_tokens(padded, [1, 2, 3], config, vocab_limit=260))
+    drawn = [token for step in steps for token in step]
+    assert len(drawn) == 3 * 30 and max(drawn) < 260
+
+
 def test_empty_token_prompt_raises_config_error(model):
     with pytest.raises(ConfigError, match="prompt"):
         generate_tokens(model, [], GREEDY)
@@ -215,15 +228,59 @@ def test_repetition_penalty_steers_greedy_away_from_repeats(tokenizer):
     assert column(steps_of(scripted, [1], config)) == [5, 6, 5]
 
 
+def test_a_row_with_non_finite_logits_falls_back_to_its_most_likely_token_and_leaves_the_others_alone():
+    torch.manual_seed(0)
+    good = torch.randn(1, 50)
+    bad = torch.full((4, 50), float("nan"))
+    bad[1] = float("-inf")  # every token ruled out
+    bad[2, 7] = float("inf")  # one logit overflowed: softmax gives nan
+    bad[3, :10] = torch.arange(10.0)  # nan beyond the first ten: their best is 9
+    logits = torch.cat([good, bad, good])
+    configs = [SamplingConfig(temperature=1.0, top_k=10, top_p=0.9)] * 5 + [SamplingConfig(temperature=0.5)]
+    configs[4] = SamplingConfig(temperature=0.0)  # a greedy row with nan logits: argmax must skip the nan
+    together = [new_generator(torch.device("cpu"), seed) for seed in range(6)]
+    alone = {row: new_generator(torch.device("cpu"), row) for row in (0, 5)}
+    for _ in range(20):
+        tokens = sample_next(logits, configs, together).tolist()
+        assert tokens[1:5] == [0, 0, 7, 9]
+        for row in (0, 5):  # draws exactly as if the bad rows were not there
+            assert tokens[row] == int(sample_next(logits[row : row + 1], configs[row : row + 1], [alone[row]])[0])
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    logits = torch.randn(2, 30)
+    assert torch.equal(filter_logits(logits, 1.0, top_k=10**30), logits)  # more than an int64 holds
+    config = SamplingConfig(temperature=1.0, top_k=2**31 - 1, seed=3)
+    reference = SamplingConfig(temperature=1.0, seed=3)
+    draws = [sample_next(logits, [c] * 2, [new_generator(torch.device("cpu"), 3)] * 2).tolist() for c in (config, reference)]
+    assert draws[0] == draws[1]
+
+
 # ---- config ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value",
-    [("temperature", -0.1), ("temperature", math.nan), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-     ("repetition_penalty", 0.0), ("max_new_tokens", 0), ("num_samples", 0), ("stop", ("",))],
+    [("temperature", -0.1), ("temperature", math.nan), ("temperature", 1e-40), ("temperature", MAX_TEMPERATURE * 2),
+     ("top_k", -1), ("top_k", 10**30), ("top_k", True), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5),
+     ("min_p", math.nan), ("repetition_penalty", 0.0), ("repetition_penalty", 1e-300), ("repetition_penalty", 1e300),
+     ("frequency_penalty", math.nan), ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("num_samples", 0),
+     ("num_samples", MAX_NUM_SAMPLES + 1), ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1.5), ("stop", ("",)),
+     ("stop", ("x",) * (MAX_STOP_STRINGS + 1)), ("stop", ("x" * (MAX_STOP_LENGTH + 1),)), ("stop_token_ids", (True,))],
 )
 def test_invalid_sampling_config_raises_config_error_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         SamplingConfig(**{field: value})
+
+
+def test_sampling_config_accepts_the_ends_of_every_range():
+    SamplingConfig(temperature=MIN_TEMPERATURE, top_k=2**31 - 1, repetition_penalty=0.01, seed=2**64 - 1,
+                   num_samples=MAX_NUM_SAMPLES, stop=("x" * MAX_STOP_LENGTH,) * MAX_STOP_STRINGS)
+    SamplingConfig(temperature=MAX_TEMPERATURE, top_k=0, repetition_penalty=100.0, seed=-(2**63))
+
+
+def test_logits_divided_by_the_smallest_temperature_stay_finite():
+    # float32 logits as large as a model could produce without having diverged.
+    logits = torch.tensor([[1e30, -1e30, 0.0]])
+    assert torch.isfinite(filter_logits(logits, MIN_TEMPERATURE)).all()
 
 
 def test_a_single_stop_string_is_not_split_into_characters():

@@ -5,6 +5,9 @@ concurrency, disconnects and the command line go through a real uvicorn server o
 A tiny random model serves every test but one real chat round trip with SmolLM2.
 """
 
+import asyncio
+import contextlib
+import copy
 import json
 import signal
 import socket
@@ -23,7 +26,9 @@ from scratchlm.cli import main
 from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
-from scratchlm.serve.server import ServerThread, _sampling_error, create_app
+from scratchlm.serve import server as server_module
+from scratchlm.serve.engine import Generation
+from scratchlm.serve.server import ServerThread, _sampling_error, create_app, uvicorn_config
 from scratchlm.tokenizer import train_bpe
 
 TRAIN_TEXT = (
@@ -211,7 +216,8 @@ def test_bad_request_messages_say_what_is_wrong_in_json_terms(client, path, body
 @pytest.mark.parametrize(
     ("raw", "words"),
     [(b"", "the request body is empty"), (b"[1, 2]", "must be a JSON object, not a list"),
-     (b'{"model": "tiny", "prompt": "caf\xe9"}', "not UTF-8 (byte 0xe9 at offset 32)")],
+     (b'{"model": "tiny", "prompt": "caf\xe9"}', "not UTF-8 (byte 0xe9 at offset 32)"),
+     (b'{"model": "tiny", "prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", "an integer of more than 4300 digits")],
 )
 def test_malformed_body_messages_say_what_is_wrong(client, raw, words):
     response = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
@@ -248,7 +254,7 @@ def test_non_finite_numbers_are_refused(client):
 def test_megabytes_of_prompt_are_refused_without_tokenizing(client, monkeypatch):
     tokenizer = client.app.state.served.tokenizer
     monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a text that cannot fit"))
-    huge = "x" * 5_000_000
+    huge = "x" * 500_000  # under the body cap, far over what the context holds
     assert_openai_error(client.post("/v1/completions", json=completion(prompt=huge)), 400, "prompt")
     messages = [{"role": "user", "content": huge}]
     assert_openai_error(client.post("/v1/chat/completions", json=chat(messages=messages)), 400, "messages")
@@ -493,7 +499,7 @@ def test_client_leaving_a_whole_reply_request_frees_its_slot(slow_server):
     payload = json.dumps(chat(max_tokens=60, temperature=1.0)).encode()  # 2.4 s to the end
     host, port = slow_server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as raw:
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
         assert wait_until(lambda: scheduler.active == 1, timeout=5)
     left = time.monotonic()
@@ -537,8 +543,19 @@ def test_serve_help_lists_its_options(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--api-key", "--max-batch", "--device", "--feedback", "--model-name"):
+    for option in ("--host", "--port", "--api-key", "--max-batch", "--max-queue", "--max-body", "--allowed-host",
+                   "--device", "--feedback", "--feedback-max-size", "--model-name"):
         assert option in out
+
+
+@pytest.mark.parametrize(("args", "words"), [(["--max-body", "lots"], "'lots' is not a size"),
+                                             (["--max-body", "0"], "max_body must be >= 1"),
+                                             (["--max-queue", "0"], "max_queue must be >= 1"),
+                                             (["--feedback-max-size", "1TB?"], "is not a size")])
+def test_serve_bad_limits_are_one_line_errors_before_the_model_loads(tmp_path, capsys, args, words):
+    assert main(["serve", str(tmp_path / "no-model-here"), "--port", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scratchlm: error: ") and words in err and err.count("\n") == 1
 
 
 def test_serve_port_in_use_is_a_one_line_error(tmp_path, capsys):
@@ -569,3 +586,230 @@ def test_serve_command_answers_and_stops_on_ctrl_c(model, tokenizer, tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+# ---- limits: what one request may ask for ------------------------------------------------------
+class GatedGPT(GPT):
+    """The tiny model whose forward passes wait for `gate`: while it is closed, the first
+    generation admitted holds the only slot (max_batch=1) and every later one stays in the queue,
+    for as long as the test needs, whatever the machine's speed."""
+
+    def __init__(self, config, gate: threading.Event) -> None:
+        super().__init__(config)
+        self.gate = gate
+
+    def forward(self, *args, **kwargs):
+        self.gate.wait()
+        return super().forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def gated_server(model, tokenizer, tmp_path, max_queue: int):
+    """(server, scheduler, http client) with one slot, held by a first streaming request that
+    waits at the gate; the gate opens at the end so the scheduler can stop."""
+    gate = threading.Event()
+    app = create_app(GatedGPT(model.config, gate).eval(), tokenizer, NAME, max_batch=1, max_queue=max_queue,
+                     feedback_path=tmp_path / "fb.jsonl")
+    with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        try:  # opened before anything closes, so that the scheduler can stop even after a failure
+            scheduler = scheduler_of(app)
+            with http.stream("POST", "/v1/completions", json=completion(stream=True)) as first:
+                assert first.status_code == 200
+                assert wait_until(lambda: scheduler.waiting == 0)  # admitted: its prefill waits at the gate
+                yield running, scheduler, http
+        finally:
+            gate.set()
+
+
+def test_a_refused_request_leaves_nothing_in_the_queue(model, tokenizer, tmp_path):
+    with gated_server(model, tokenizer, tmp_path, max_queue=2) as (_server, scheduler, http):
+        with http.stream("POST", "/v1/completions", json=completion(stream=True)) as second:
+            assert second.status_code == 200 and wait_until(lambda: scheduler.waiting == 1)
+            # n=2 needs two places and one is left: refused whole, so nothing of it stays queued
+            assert_openai_error(http.post("/v1/chat/completions", json=chat(n=2)), 503)
+            assert scheduler.waiting == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole_reply", "stream"])
+def test_a_client_leaving_while_its_request_waits_cancels_every_generation_of_it(model, tokenizer, tmp_path,
+                                                                                 monkeypatch, stream):
+    cancelled: list[Generation] = []
+    cancel = Generation.cancel
+    monkeypatch.setattr(Generation, "cancel", lambda self: (cancelled.append(self), cancel(self))[1])
+    with gated_server(model, tokenizer, tmp_path, max_queue=4) as (server, scheduler, _http):
+        payload = json.dumps(chat(n=3, stream=stream)).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            assert wait_until(lambda: scheduler.waiting == 3)
+        # the first request is still streaming: every generation cancelled is one of the three that left
+        assert wait_until(lambda: len(set(cancelled)) == 3)
+        assert all(not generation.token_ids for generation in cancelled)
+
+
+def test_n_is_capped_below_the_queue_size(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, max_queue=2, feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app) as client:
+        error = assert_openai_error(client.post("/v1/chat/completions", json=chat(n=3)), 400, "n")
+        assert "at most 2" in error["message"]
+        # two prompts x n=2: four generations, more than the queue could ever hold
+        error = assert_openai_error(client.post("/v1/completions", json=completion(prompt=["a", "b"], n=2)), 400, "n")
+        assert "4 generations" in error["message"]
+        assert client.post("/v1/chat/completions", json=chat(n=2)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "words"),
+    [
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "hi"}] * 1025), "messages", "at most 1024"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}] * 257}]),
+         "messages.0.content", "at most 256"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "hi", "name": "n" * 257}]),
+         "messages.0.name", "at most 256"),
+        ("/v1/completions", completion(model="m" * 257), "model", "at most 256"),
+        ("/v1/completions", completion(user="u" * 257), "user", "at most 256"),
+    ],
+)
+def test_field_limits_are_400s_naming_the_field_and_the_limit(client, path, body, param, words):
+    error = assert_openai_error(client.post(path, json=body), 400, param)
+    assert words in error["message"], error
+    assert "m" * 257 not in error["message"]  # a long value is not echoed back
+
+
+def test_token_id_prompts_are_checked_before_any_decoding(client, monkeypatch):
+    served = client.app.state.served
+    monkeypatch.setattr(served.tokenizer, "decode", lambda *a, **k: pytest.fail("decoded a prompt it then refused"))
+    too_long = [1] * (served.context + 1)
+    for prompt in (too_long, [too_long], [[1, 2], too_long]):
+        error = assert_openai_error(client.post("/v1/completions", json=completion(prompt=prompt)), 400, "prompt")
+        assert f"{served.context + 1} tokens" in error["message"]
+    for prompt in ([1, 2, 10**30], [[1], [-1]]):
+        assert_openai_error(client.post("/v1/completions", json=completion(prompt=prompt)), 400, "prompt")
+
+
+# ---- limits: the request body ------------------------------------------------------------------
+def test_a_body_over_the_cap_is_a_413_with_an_openai_error_body(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, max_body=2000, feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app) as client:
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/feedback"):
+            error = assert_openai_error(client.post(path, json=completion(prompt="x" * 3000)), 413, None)
+            assert "2,000 bytes" in error["message"] and "--max-body" in error["message"]
+        assert client.post("/v1/completions", json=completion(prompt="x" * 10)).status_code == 200
+    assert not (tmp_path / "fb.jsonl").exists()
+
+
+def test_default_body_cap_refuses_megabytes_of_feedback(client):
+    body = {"model": NAME, "messages": CHAT, "completion": "x" * 3_000_000, "rating": "up"}
+    assert_openai_error(client.post("/v1/feedback", json=body), 413, None)
+
+
+def drive_asgi(app, headers: list[tuple[bytes, bytes]], chunks: int, chunk: bytes) -> tuple[int, int]:
+    """Send `chunks` body chunks (the last with more_body false) to `app` directly; (the
+    response status, how many chunks the app asked for)."""
+    asked = 0
+    statuses = []
+
+    async def receive() -> dict:
+        nonlocal asked
+        asked += 1
+        return {"type": "http.request", "body": chunk, "more_body": asked < chunks}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json"), *headers],
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
+    asyncio.run(app(scope, receive, send))
+    return statuses[0], asked
+
+
+def test_body_cap_stops_reading_as_soon_as_the_bytes_received_pass_it(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, max_body=2500, feedback_path=tmp_path / "fb.jsonl")
+    # no Content-Length (chunked): 100 chunks of 1000 bytes; the third passes the cap
+    assert drive_asgi(app, [], chunks=100, chunk=b"x" * 1000) == (413, 3)
+    # a Content-Length over the cap: refused before a byte of the body is read
+    assert drive_asgi(app, [(b"content-length", b"100000")], chunks=100, chunk=b"x" * 1000) == (413, 0)
+    assert drive_asgi(app, [], chunks=2, chunk=b"x" * 1000)[0] == 400  # under the cap: the app reads it (not JSON)
+
+
+# ---- limits: who may ask ------------------------------------------------------------------------
+ROUTES = [("GET", "/"), ("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/feedback"),
+          ("POST", "/v1/chat/completions")]
+
+
+def test_a_loopback_server_answers_only_to_loopback_host_names(model, tokenizer, tmp_path):
+    # DNS rebinding: a page from evil.example whose name now resolves to 127.0.0.1 reaches the
+    # server with `Host: evil.example`; a loopback server answers to loopback names only.
+    app = create_app(model, tokenizer, NAME, feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app, base_url="http://127.0.0.1:8000") as local:
+        for host in ("127.0.0.1:8000", "localhost:8000", "LocalHost", "[::1]:8000", "127.0.0.2", "localhost:9000"):
+            assert local.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example", "[::2]"):
+            for method, path in ROUTES:
+                error = assert_openai_error(local.request(method, path, headers={"Host": host}, json=chat()), 421, None)
+                assert "--allowed-host" in error["message"]
+    assert not (tmp_path / "fb.jsonl").exists()
+
+
+def test_allowed_hosts_let_a_proxys_name_through(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, allowed_hosts=["chat.example.org"], feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app, base_url="http://127.0.0.1:8000") as local:
+        assert local.get("/v1/models", headers={"Host": "chat.example.org"}).status_code == 200
+        assert local.get("/v1/models", headers={"Host": "localhost:8000"}).status_code == 200
+        assert_openai_error(local.get("/v1/models", headers={"Host": "evil.example"}), 421)
+
+
+def test_a_server_on_a_network_address_leaves_the_host_to_its_api_key(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app, base_url="http://192.0.2.7:8000") as remote:
+        assert remote.get("/health", headers={"Host": "chat.example.org"}).status_code == 200
+
+
+def test_uvicorn_runs_with_connection_keep_alive_and_header_limits(model, tokenizer, tmp_path):
+    app = create_app(model, tokenizer, NAME, max_batch=4, max_queue=16, feedback_path=tmp_path / "fb.jsonl")
+    config = uvicorn_config(app)
+    # enough connections for a full queue and a full batch, and not unbounded
+    assert 16 + 4 <= config.limit_concurrency <= 16 + 4 + 64
+    assert config.timeout_keep_alive <= 5 and config.h11_max_incomplete_event_size <= 16 * 1024
+    assert config.http == "h11"  # the header limit above is h11's
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_its_details_in_the_log(model, tokenizer, tmp_path, monkeypatch):
+    def broken(*args):
+        raise OSError(13, "Permission denied", "/home/someone/secret/file")
+
+    monkeypatch.setattr(server_module, "_chat_prompt", broken)
+    app = create_app(model, tokenizer, NAME, feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        error = assert_openai_error(client.post("/v1/chat/completions", json=chat()), 500, None)
+    assert error["type"] == "server_error" and "/home/someone" not in error["message"]
+
+
+# ---- chat templates that fail -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("template", "status", "words"),
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", 500, "steps"),
+        ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", 500, "RecursionError"),
+        ("{% for m in messages %}", 500, "not valid Jinja"),
+        ("{{ raise_exception('no system messages') }}", 400, "refused the conversation: no system messages"),
+        ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", 400, "render to more than"),
+    ],
+    ids=["runaway", "recursion", "invalid", "refusal", "huge_output"],
+)
+def test_a_chat_template_failure_is_a_clear_error(model, tokenizer, tmp_path, template, status, words):
+    # The template comes with the model: a broken one is the server's fault (500), one that
+    # refuses the conversation or renders it too long for the context is the request's (400).
+    own = copy.deepcopy(tokenizer)
+    own.metadata["chat_template"] = template
+    app = create_app(model, own, NAME, feedback_path=tmp_path / "fb.jsonl")
+    with TestClient(app) as client:
+        error = assert_openai_error(client.post("/v1/chat/completions", json=chat()), status)
+        assert words in error["message"], error
+        assert error["type"] == ("server_error" if status == 500 else "invalid_request_error")
+        assert (error["param"] == "messages") == (status == 400)
+        assert scheduler_of(app).waiting == 0 and scheduler_of(app).active == 0

@@ -19,6 +19,8 @@ from fastapi.testclient import TestClient
 
 from scratchlm.atomic_io import OutputFileError
 from scratchlm.serve.web import (
+    FEEDBACK_FILE_MODE,
+    FeedbackFileFullError,
     FeedbackRequest,
     PreferenceRecord,
     append_feedback,
@@ -93,7 +95,7 @@ def test_rating_appends_one_record_without_a_pair(tmp_path):
     response = client_for(path).post("/v1/feedback", json=feedback_body())
     assert response.status_code == 200
     (record,) = lines_of(path)
-    assert response.json() == {"id": record["id"], "saved": str(path)}
+    assert response.json() == {"id": record["id"]}
     assert record["messages"] == CONVERSATION and record["completion"] == "Nine."
     assert record["rating"] == "down" and record["edited"] is None
     assert "chosen" not in record and "rejected" not in record
@@ -204,7 +206,8 @@ def test_feedback_that_is_not_json_is_a_400(tmp_path, raw):
 
 def test_infinite_sampling_values_are_refused(tmp_path):
     raw = json.dumps(feedback_body(sampling={"temperature": float("inf")}))  # Python writes Infinity
-    response = client_for(tmp_path / "fb.jsonl").post("/v1/feedback", content=raw)
+    response = client_for(tmp_path / "fb.jsonl").post("/v1/feedback", content=raw,
+                                                      headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "sampling.temperature"
 
 
@@ -237,6 +240,96 @@ def test_read_feedback_names_the_bad_line(tmp_path):
 
     with pytest.raises(InputFileError, match=r"fb.jsonl:2: not a feedback record"):
         read_feedback(path)
+
+
+# ---- who may write, and how much -------------------------------------------------------------
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_feedback_must_be_sent_as_json(tmp_path, content_type):
+    # A page of another site can POST text/plain or a form without asking the server first; it
+    # cannot send application/json without a CORS preflight, which this server never allows.
+    path = tmp_path / "fb.jsonl"
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client_for(path).post("/v1/feedback", content=json.dumps(feedback_body()), headers=headers)
+    assert response.status_code == 415 and "application/json" in response.json()["error"]["message"]
+    assert not path.exists()
+    ok = client_for(path).post("/v1/feedback", content=json.dumps(feedback_body()),
+                               headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("headers", [
+    {"sec-fetch-site": "cross-site"},
+    {"sec-fetch-site": "same-site"},  # another port or subdomain of the same site is another origin
+    {"sec-fetch-site": "cross-site", "origin": "http://testserver"},
+    {"origin": "http://evil.example"},
+    {"origin": "http://testserver.evil.example"},
+    {"origin": "null"},  # a sandboxed frame or a file: page
+])
+def test_feedback_from_a_page_of_another_site_is_refused(tmp_path, headers):
+    path = tmp_path / "fb.jsonl"
+    response = client_for(path).post("/v1/feedback", json=feedback_body(), headers=headers)
+    assert response.status_code == 403 and response.json()["error"]["code"] == "cross_site_request"
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("headers", [
+    {"sec-fetch-site": "same-origin", "origin": "http://testserver"},  # the chat page's own fetch
+    {"sec-fetch-site": "same-origin", "origin": "https://chat.example.org"},  # behind a proxy that sets Host
+    {"origin": "http://testserver"},  # an older browser: no Sec-Fetch-Site
+    {},  # not a browser: curl, a script
+])
+def test_feedback_from_the_page_itself_or_a_non_browser_client_is_taken(tmp_path, headers):
+    response = client_for(tmp_path / "fb.jsonl").post("/v1/feedback", json=feedback_body(), headers=headers)
+    assert response.status_code == 200, response.text
+
+
+def test_a_feedback_record_over_the_cap_is_a_413_and_not_written(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    client = client_for(path, max_record_bytes=2000)
+    response = client.post("/v1/feedback", json=feedback_body(rating=None, completion="x" * 600, edited="y" * 600))
+    assert response.status_code == 413  # 2 x 1200 characters: the reply twice, as completion and rejected
+    assert "2,000" in response.json()["error"]["message"] and not path.exists()
+    assert client.post("/v1/feedback", json=feedback_body(completion="x" * 600)).status_code == 200
+
+
+def test_a_full_feedback_file_refuses_more_with_a_clear_error_and_keeps_its_lines(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    path.write_bytes(b"x" * 1000 + b"\n")
+    client = client_for(path, max_file_bytes=2000)
+    assert client.post("/v1/feedback", json=feedback_body()).status_code == 200  # about 300 bytes: fits
+    before = path.read_bytes()
+    response = client.post("/v1/feedback", json=feedback_body(completion="z" * 1000))
+    assert response.status_code == 507
+    error = response.json()["error"]
+    assert error["code"] == "feedback_file_full" and "full" in error["message"] and str(tmp_path) not in error["message"]
+    assert path.read_bytes() == before
+    with pytest.raises(FeedbackFileFullError, match="the feedback file is full"):
+        append_feedback(path, PreferenceRecord.from_feedback(FeedbackRequest.model_validate(feedback_body())),
+                        max_file_bytes=len(before))
+
+
+def test_a_new_feedback_file_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "fb.jsonl"
+    umask = os.umask(0)  # even with a umask that would let everyone read it
+    try:
+        assert client_for(path).post("/v1/feedback", json=feedback_body()).status_code == 200
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == FEEDBACK_FILE_MODE == 0o600
+
+
+def test_feedback_responses_never_show_the_files_path(tmp_path):
+    folder = tmp_path / "private-folder"
+    client = client_for(folder / "fb.jsonl")
+    ok = client.post("/v1/feedback", json=feedback_body())
+    assert ok.status_code == 200 and "private-folder" not in ok.text
+    (folder / "fb.jsonl").unlink()
+    folder.rmdir()
+    folder.write_text("now a file: the folder cannot be made")
+    failed = client.post("/v1/feedback", json=feedback_body())
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    assert "private-folder" not in failed.text and str(tmp_path) not in failed.text
 
 
 # ---- in a browser --------------------------------------------------------------------------

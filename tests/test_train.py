@@ -156,7 +156,7 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(shards, tmp_path, monkeyp
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
         pretrain(shards, tmp_path / "run", config, progress=False)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["nonfinite"] for r in rows] == [True, True, True]
+    assert [(r["step"], r["nonfinite"]) for r in rows] == [(1, True), (2, True), (3, True)]  # numbered as steps done
 
 
 @pytest.mark.parametrize(
@@ -168,6 +168,9 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(shards, tmp_path, monkeyp
         (["--recipe", "nope"], "recipe 'nope' is neither a file nor a built-in recipe"),
         (["--set", "model_config.n_layers=3"], "model config: unknown key 'n_layers'; did you mean 'n_layer'?"),
         (["--val-text", "VALTEXT"], "fewer than one context window"),
+        (["--set", "samples=100000"], "num_samples must be"),  # refused before training, not at its end
+        (["--set", "sample_tokens=0"], "max_new_tokens must be"),
+        (["--set", "samples=-1"], "samples must be >= 0"),
     ],
 )
 def test_pretrain_user_errors_are_one_line(shards, tmp_path, extra, message):
@@ -298,3 +301,19 @@ def test_trained_model_exports_to_transformers_with_the_same_logits(shards, tmp_
     with torch.no_grad():
         difference = (ours(ids)[0] - theirs(ids).logits).abs().max().item()
     assert type(theirs).__name__ == "Qwen3ForCausalLM" and difference < 1e-4
+
+
+@pytest.mark.parametrize("vocab_size", [260, 1000])
+def test_pretraining_with_a_vocabulary_that_is_not_a_multiple_of_64_writes_its_report_and_samples(embedded_sample, tmp_path, vocab_size):
+    # The model's embedding table is padded to a multiple of 64, past the tokenizer's last id:
+    # the end-of-run samples must draw only the tokenizer's ids, several samples at once.
+    text = embedded_sample[:30_000]
+    (tmp_path / "corpus.txt").write_text(text)
+    tokenizer = train_bpe([text], vocab_size, workers=1)
+    tokenize_files([tmp_path / "corpus.txt"], tokenizer, tmp_path / "shards")
+    config = load_train_config(None, TINY + ["max_steps=2", "samples=2", "sample_tokens=20"])
+    summary = pretrain(tmp_path / "shards", tmp_path / "run", config, progress=False)
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "loss.png").is_file()
+    assert len(summary.samples) == 2 and "Sample 2" in (tmp_path / "run" / "report.md").read_text()
+    model, loaded = load_model(tmp_path / "run")
+    assert loaded.vocab_size == vocab_size and model.config.vocab_size % 64 == 0 and model.config.vocab_size > vocab_size

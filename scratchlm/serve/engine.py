@@ -1,22 +1,28 @@
 """The serving engine: concurrent requests run as one batch on a background thread.
 
-`Scheduler.submit` queues a prompt and returns a `Generation` at once. The scheduler's thread
-loops: free the slots of cancelled generations, move waiting prompts into free slots of a
-`DecodeBatch` (each prompt's prefill draws its first token), then one decode step for every
-running generation. A request that arrives while others decode joins at the next step instead
-of waiting for the batch to drain (continuous batching, Yu et al. 2022, "Orca"), and a
-generation whose client went away gives up its slot within one step.
+`Scheduler.submit` queues a prompt and returns a `Generation` at once; `submit_many` queues
+several (a request's samples or prompts) all together or none. The scheduler's thread loops:
+free the slots of cancelled generations, move waiting prompts into free slots of a `DecodeBatch`
+(each prompt's prefill draws its first token), then one decode step for every running
+generation. A request that arrives while others decode joins at the next step instead of
+waiting for the batch to drain (continuous batching, Yu et al. 2022, "Orca"). A generation whose
+client went away leaves the queue at once if it was waiting, and gives up its slot within one
+step if it was running.
 
 Each generation's text arrives as `TextEvent`s, through a thread-safe queue for plain threads or
-an asyncio queue for an event loop (the HTTP server). All model work happens on the one thread,
-so the model is never run by two threads at once.
+an asyncio queue for an event loop (the HTTP server). Every generation gets a last event with a
+finish reason, whatever happens: one whose admission fails ends with "error" alone; a decode step
+that fails ends every running generation with "error" and the scheduler starts a fresh batch and
+goes on serving. All model work happens on the one thread, so the model is never run by two
+threads at once.
 """
 
 import asyncio
 import queue
 import threading
+import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -52,7 +58,8 @@ class Generation:
     """One prompt's completion as it is produced. Iterate it (`for`, or `async for` when it was
     submitted with an event loop) for `TextEvent`s; the last has a finish_reason."""
 
-    def __init__(self, prompt_ids: list[int], config: SamplingConfig, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(self, prompt_ids: list[int], config: SamplingConfig, loop: asyncio.AbstractEventLoop | None,
+                 on_cancel: Callable[["Generation"], None] | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.config = config
         self.prompt_tokens = len(prompt_ids)
@@ -61,6 +68,7 @@ class Generation:
         self._loop = loop
         self._events: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._on_cancel = on_cancel
         self.finish_reason: str | None = None
 
     @property
@@ -68,8 +76,11 @@ class Generation:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """Stop generating (the client went away); the slot is freed at the scheduler's next step."""
+        """Stop generating (the client went away). A waiting generation leaves the queue now and
+        ends with "cancelled"; a running one frees its slot at the scheduler's next step."""
         self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     def _emit(self, text: str, finish_reason: str | None = None, error: str | None = None) -> None:
         if finish_reason is not None:
@@ -111,7 +122,10 @@ class Generation:
 
 
 class Scheduler:
-    """Runs generations for many callers on one model, batched. Thread-safe; `close` when done."""
+    """Runs generations for many callers on one model, batched. Thread-safe; `close` when done.
+
+    At most `max_queue` generations wait for a slot; a request for more than that at once can
+    never be queued (cap the samples per request below it)."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 256) -> None:
         check_vocabularies(model, tokenizer)
@@ -142,18 +156,29 @@ class Scheduler:
         """Queue a prompt; its generation starts when a slot is free. Bad requests fail here,
         before they wait: a prompt that does not fit (ContextTooLongError), `num_samples` > 1
         (submit several generations instead), a full queue (ServerBusyError)."""
-        if config.num_samples != 1:
-            raise ConfigError("engine: submit one generation per sample (num_samples must be 1)")
-        prompt = fit_prompt(prompt_ids, config, self.model.config.block_size)
-        generation = Generation(prompt, config, loop)
+        return self.submit_many([(prompt_ids, config)], loop)[0]
+
+    def submit_many(self, jobs: Sequence[tuple[Sequence[int], SamplingConfig]],
+                    loop: asyncio.AbstractEventLoop | None = None) -> list[Generation]:
+        """Queue several (prompt ids, config) jobs, all or none: each is checked as `submit`
+        checks it, then all go in the queue at once, or ServerBusyError when they do not all fit
+        (nothing is queued). More jobs than `max_queue` can never fit: a ConfigError."""
+        if len(jobs) > self.max_queue:
+            raise ConfigError(f"engine: {len(jobs)} generations at once is more than the queue holds (max_queue {self.max_queue})")
+        for _, config in jobs:
+            if config.num_samples != 1:
+                raise ConfigError("engine: submit one generation per sample (num_samples must be 1)")
+        block_size = self.model.config.block_size
+        generations = [Generation(fit_prompt(ids, config, block_size), config, loop, self._withdraw) for ids, config in jobs]
         with self._wake:
             if self._closed:
                 raise ServerBusyError("engine: the scheduler is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise ServerBusyError(f"engine: {len(self._waiting)} requests are already waiting; try again later")
-            self._waiting.append(generation)
+            if len(self._waiting) + len(generations) > self.max_queue:
+                raise ServerBusyError(f"engine: {len(self._waiting)} requests are already waiting, room for "
+                                      f"{self.max_queue - len(self._waiting)} of {len(generations)}; try again later")
+            self._waiting.extend(generations)
             self._wake.notify()
-        return generation
+        return generations
 
     def close(self) -> None:
         """Stop the thread; unfinished generations end with finish_reason "cancelled"."""
@@ -161,6 +186,16 @@ class Scheduler:
             self._closed = True
             self._wake.notify()
         self._thread.join()
+
+    def _withdraw(self, generation: Generation) -> None:
+        """A cancelled generation that still waits leaves the queue and ends now; one already
+        taken by the scheduler's thread ends there."""
+        with self._wake:
+            try:
+                self._waiting.remove(generation)
+            except ValueError:
+                return
+        generation._emit("", "cancelled")
 
     # ---- the scheduler's thread --------------------------------------------------------------
     def _loop(self) -> None:
@@ -182,11 +217,14 @@ class Scheduler:
                     self.peak_active = max(self.peak_active, len(self._running))
                     for step in batch.step():
                         self._deliver(batch, step)
-            except Exception as error:  # a failed step leaves the cache unknown: end everything running, start afresh
-                for generation in self._running.values():
-                    generation._emit("", "error", f"{type(error).__name__}: {error}")
+            except Exception as error:  # a failed step leaves the running sequences unknown: end them all
+                unfinished = [g for g in [*self._running.values(), *admitted] if g.finish_reason is None]
+                self._fail(unfinished, error)  # those admitted this round too, if the failure came first
                 self._running.clear()
-                batch = DecodeBatch(self.model, self.max_batch, vocab_limit=self.tokenizer.vocab_size)
+                # Freeing the slots is enough to start afresh (a new sequence starts its cache
+                # row at length 0), and allocates nothing that could fail again here.
+                for slot in batch.active:
+                    batch.remove(slot)
         with self._wake:
             leftovers = [*self._running.values(), *self._waiting]
             self._running.clear()
@@ -202,17 +240,29 @@ class Scheduler:
                 generation._emit("", "cancelled")
 
     def _admit(self, batch: DecodeBatch, generation: Generation) -> None:
+        """Start a generation, or end it with "error" if that fails; the others are not touched
+        (a failed `DecodeBatch.add` leaves the batch as it was)."""
         if generation.cancelled:
             generation._emit("", "cancelled")
             return
-        generator = new_generator(batch.device, generation.config.seed)
         try:
+            generator = new_generator(batch.device, generation.config.seed)
             steps = batch.add(generation.prompt_ids, generation.config, self._eos, generator=generator)
-        except ScratchLMError as error:
-            generation._emit("", "error", str(error))
+        except Exception as error:
+            self._fail([generation], error)
             return
         self._running[steps[0].slot] = generation
         self._deliver(batch, steps[0])
+
+    @staticmethod
+    def _fail(generations: list[Generation], error: Exception) -> None:
+        """End the generations with finish_reason "error" and what went wrong."""
+        message = str(error)
+        if not isinstance(error, ScratchLMError):  # a bug or a device failure, not bad input: the log keeps its traceback
+            traceback.print_exception(error)
+            message = f"{type(error).__name__}: {error}"
+        for generation in generations:
+            generation._emit("", "error", message)
 
     def _deliver(self, batch: DecodeBatch, step: TokenStep) -> None:
         generation = self._running[step.slot]

@@ -5,6 +5,10 @@ Each step the logits of each sequence's last position go through, in this order 
     repetition penalty -> frequency and presence penalties -> temperature -> top-k -> top-p
     -> min-p -> draw (or argmax when temperature is 0)
 
+`SamplingConfig` bounds every setting (the MIN_/MAX_ constants), so no request can make these
+numbers overflow; and should a row's probabilities still not be numbers (a diverged model), that
+row takes its most likely token, and the other rows of the batch draw as if it were not there.
+
 The token layer is `DecodeBatch`: up to `max_batch` sequences, each in a row (slot) of one
 preallocated `KVCache`, each at its own length and with its own sampling settings. `add` runs a
 prompt once (prefill) and draws its first token; `step` feeds every running sequence its last
@@ -23,7 +27,7 @@ streams is exactly what it returns.
 """
 
 import codecs
-import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -36,16 +40,41 @@ from scratchlm.tokenizer import Tokenizer
 FINISHED = -1  # a sample's slot in the steps after it drew a stop token (generate_tokens)
 
 
+# Bounds of the sampling settings. Each keeps every number the sampler computes finite and
+# every allocation bounded, whatever a request asks (the HTTP server passes these through).
+MIN_TEMPERATURE = 1e-6  # below it, besides 0: logits up to 1e30 divided by it stay finite in float32 (max 3.4e38)
+MAX_TEMPERATURE = 100.0  # above it a typical logit spread (tens) is flattened to near-uniform noise
+MAX_TOP_K = 2**31 - 1  # any larger k keeps the whole vocabulary anyway; torch.topk takes int64
+# A penalty of 100 already turns a seen logit of 20 into 0.2, past what any sampler in use
+# applies (1.1 to 1.5 typical); the range is symmetric in log scale so that 1 / p is allowed for p.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_NUM_SAMPLES = 256  # samples of one prompt run together: each takes a cache row and (V,) penalty rows
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_STOP_STRINGS = 16  # each token's text is checked against every one
+MAX_STOP_LENGTH = 1000  # characters; text that could start a stop string is held back, up to this much
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is an int, not a count
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.8  # 0: greedy (argmax), deterministic
+    """How to draw tokens. Every field is checked here, so a config that exists cannot make the
+    sampler overflow or allocate without bound: a bad value is a ConfigError naming the field."""
+
+    temperature: float = 0.8  # 0: greedy (argmax), deterministic; else in [MIN_TEMPERATURE, MAX_TEMPERATURE]
     top_k: int | None = None  # keep the k most likely tokens; None or 0: off
     top_p: float = 1.0  # nucleus sampling (Holtzman et al. 2019); 1.0: off
     min_p: float = 0.0  # drop tokens less likely than min_p x the top token's probability; 0: off
     repetition_penalty: float = 1.0  # CTRL's penalty (Keskar et al. 2019) on prompt and generated tokens; 1.0: off
     frequency_penalty: float = 0.0  # OpenAI's: logit -= penalty x times generated so far; 0: off
     presence_penalty: float = 0.0  # OpenAI's: logit -= penalty once a token has been generated; 0: off
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # no upper bound: the context ends every sequence anyway
     stop: tuple[str, ...] = ()  # a completion ends before the first of these strings
     stop_token_ids: tuple[int, ...] = ()  # ... or at one of these tokens (besides the model's end of sequence)
     seed: int | None = None  # None: a fresh random seed each call
@@ -57,20 +86,33 @@ class SamplingConfig:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+        def within(value: object, low: float, high: float) -> bool:  # False for nan, inf and non-numbers
+            return _is_number(value) and low <= value <= high
+
         checks = [
-            (math.isfinite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, not {self.temperature}"),
-            (self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 (0 or None: off), not {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0 (1.0: off), not {self.repetition_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, not {self.max_new_tokens}"),
-            (all(isinstance(s, str) and s for s in stop), f"stop must be non-empty strings, not {stop!r}"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-             f"stop_token_ids must be token ids (ints >= 0), not {self.stop_token_ids!r}"),
-            (self.num_samples >= 1, f"num_samples must be >= 1, not {self.num_samples}"),
+            (self.temperature == 0 or within(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
+             f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], not {self.temperature}"),
+            (self.top_k is None or (_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K),
+             f"top_k must be an integer in [0, {MAX_TOP_K}] (0 or None: off), not {self.top_k!r}"),
+            (within(self.top_p, 0, 1) and self.top_p > 0, f"top_p must be in (0, 1], not {self.top_p}"),
+            (within(self.min_p, 0, 1), f"min_p must be in [0, 1], not {self.min_p}"),
+            (within(self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
+             f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1.0: off), "
+             f"not {self.repetition_penalty}"),
+            (within(self.frequency_penalty, -2, 2), f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty}"),
+            (within(self.presence_penalty, -2, 2), f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}"),
+            (len(stop) <= MAX_STOP_STRINGS, f"stop must hold at most {MAX_STOP_STRINGS} strings, not {len(stop)}"),
+            (all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop),
+             f"stop must be non-empty strings of at most {MAX_STOP_LENGTH} characters, not {_abridged(stop)}"),
+            (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must be token ids (ints >= 0), not {_abridged(self.stop_token_ids)}"),
+            (self.seed is None or (_is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED),
+             f"seed must be an integer in [-2**63, 2**64 - 1], not {self.seed!r}"),
+            (_is_int(self.num_samples) and 1 <= self.num_samples <= MAX_NUM_SAMPLES,
+             f"num_samples must be an integer in [1, {MAX_NUM_SAMPLES}], not {self.num_samples!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,6 +121,12 @@ class SamplingConfig:
     @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def _abridged(values: tuple, limit: int = 80) -> str:
+    """repr of a value a request sent, cut so that an error message stays one short line."""
+    text = repr(values)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- logits -> next token ------------------------------------------------------------------
@@ -121,6 +169,8 @@ def filter_logits(
     temperature = _column(temperature, logits)
     greedy = temperature == 0
     logits = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
+    if isinstance(top_k, int):  # a k past the vocabulary keeps it all, and may not fit an int64
+        top_k = min(top_k, vocab)
     ks = torch.as_tensor(0 if top_k is None else top_k, device=logits.device).reshape(-1).expand(logits.size(0))
     ks = torch.where((ks <= 0) | (ks >= vocab), vocab, ks)
     if bool((ks < vocab).any()):
@@ -146,11 +196,21 @@ def filter_logits(
     return logits
 
 
+def most_likely(logits: Tensor) -> Tensor:
+    """The argmax of each row of logits (B, V), never a nan: torch's argmax takes nan for the
+    largest value. A row with no number at all gives token 0."""
+    return logits.nan_to_num(nan=float("-inf")).argmax(-1)
+
+
 def sample_next(logits: Tensor, configs: Sequence[SamplingConfig], generators: Sequence[torch.Generator],
                 seen: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
     """One token id per row of logits (B, V), row b drawn as configs[b] says with generators[b].
     `seen` (B, V) marks prompt and generated tokens (repetition penalty); `counts` (B, V) counts
-    generated tokens (frequency and presence penalties); both may be None when no row uses them."""
+    generated tokens (frequency and presence penalties); both may be None when no row uses them.
+
+    Rows are independent: a row whose probabilities are not numbers (a diverged model, logits
+    that overflow) takes its most likely token instead of a draw, and cannot make the batch
+    fail, nor change what the other rows draw."""
     def per_row(name: str) -> Tensor:
         return torch.tensor([getattr(c, name) for c in configs], dtype=logits.dtype, device=logits.device)
 
@@ -158,17 +218,21 @@ def sample_next(logits: Tensor, configs: Sequence[SamplingConfig], generators: S
         logits = apply_repetition_penalty(logits, seen, per_row("repetition_penalty"))
     if any(c.frequency_penalty or c.presence_penalty for c in configs):
         logits = apply_frequency_penalties(logits, counts, per_row("frequency_penalty"), per_row("presence_penalty"))
-    tokens = logits.argmax(-1)  # greedy rows: no draw, so their output never depends on a generator
+    tokens = most_likely(logits)  # greedy rows: no draw, so their output never depends on a generator
     drawn = [row for row, c in enumerate(configs) if c.temperature > 0]
     if drawn:
         sub = [configs[row] for row in drawn]
+        vocab = logits.size(-1)
         probs = filter_logits(
             logits[drawn], per_row("temperature")[drawn],
-            torch.tensor([c.top_k or 0 for c in sub], device=logits.device),
+            torch.tensor([min(c.top_k or 0, vocab) for c in sub], device=logits.device),
             per_row("top_p")[drawn], per_row("min_p")[drawn],
         ).softmax(-1)
+        # torch.multinomial refuses a nan, an inf or an all-zero row; softmax gives nan for both.
+        drawable = torch.isfinite(probs).all(-1).tolist()
         for n, row in enumerate(drawn):  # each row its own generator: a seeded request draws the same whatever its batch
-            tokens[row] = torch.multinomial(probs[n], 1, generator=generators[row])[0]
+            if drawable[n]:
+                tokens[row] = torch.multinomial(probs[n], 1, generator=generators[row])[0]
     return tokens
 
 
@@ -270,13 +334,22 @@ class DecodeBatch:
     ) -> list[TokenStep]:
         """Start `copies` sequences from one prompt (run once, its cache copied) and return
         their first tokens. Stop tokens: `stop_ids` and `config.stop_token_ids`. The copies
-        share one generator (the config's seed, or `generator`)."""
+        share one generator (the config's seed, or `generator`). If it raises, the slots it
+        took are free again and the running sequences are untouched."""
         prompt = fit_prompt(prompt_ids, config, self.max_len)
         slots = [slot for slot, seq in enumerate(self.slots) if seq is None][:copies]
         if len(slots) < copies:
             raise ConfigError(f"sampling: {copies} sequences do not fit the {self.free} free slots of the batch")
         generator = generator or new_generator(self.device, config.seed)
-        stops = frozenset([*stop_ids, *config.stop_token_ids])
+        try:
+            return self._start(prompt, config, frozenset([*stop_ids, *config.stop_token_ids]), slots, generator)
+        except BaseException:
+            for slot in slots:
+                self.slots[slot] = None
+            raise
+
+    def _start(self, prompt: list[int], config: SamplingConfig, stops: frozenset[int], slots: list[int],
+               generator: torch.Generator) -> list[TokenStep]:
         first = slots[0]
         with torch.inference_mode():
             self._reserve(len(prompt))
@@ -319,13 +392,14 @@ class DecodeBatch:
         self.slots[slot] = None
 
     def _draw(self, slots: list[int], logits: Tensor) -> list[TokenStep]:
-        if self.vocab_limit is not None and self.vocab_limit < logits.size(-1):
-            logits[:, self.vocab_limit :] = float("-inf")
+        # The ids past the tokenizer's vocabulary are cut off, not written over with -inf:
+        # `logits` is a view of the model's output, expanded across copies of one prompt.
+        vocab = logits.size(-1) if self.vocab_limit is None else min(self.vocab_limit, logits.size(-1))
         seqs = [self.slots[slot] for slot in slots]
         penalties = any(s.config.uses_penalties for s in seqs)
         tokens = sample_next(
-            logits, [s.config for s in seqs], [s.generator for s in seqs],
-            self.seen[slots] if penalties else None, self.counts[slots] if penalties else None,
+            logits[:, :vocab], [s.config for s in seqs], [s.generator for s in seqs],
+            self.seen[slots, :vocab] if penalties else None, self.counts[slots, :vocab] if penalties else None,
         ).tolist()
         steps = []
         for slot, seq, token in zip(slots, seqs, tokens):
@@ -516,7 +590,7 @@ def generate(
     of completion `index` as soon as it is safe to show. A completion ends at the end-of-sequence
     token (`Tokenizer.eos_id`) or a stop token (neither part of its text), before its first stop
     string, or when `max_new_tokens` or the context run out. With a seed, prompt n draws with
-    seed + n, so a prompt's samples do not depend on the others in the batch."""
+    seed + n (modulo 2**64), so a prompt's samples do not depend on the others in the batch."""
     check_vocabularies(model, tokenizer)
     encoded = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
     prompt_lengths = []
@@ -556,7 +630,7 @@ def generate(
                 take(step, batch)
             while pending and batch.free >= samples:
                 n = pending.pop()
-                seed = None if config.seed is None else config.seed + n
+                seed = None if config.seed is None else (config.seed + n) % 2**64  # as manual_seed wraps a negative seed
                 started = batch.add(encoded[n], config, eos, copies=samples, generator=new_generator(batch.device, seed))
                 for k, step in enumerate(started):
                     owner[step.slot] = n * samples + k

@@ -10,11 +10,19 @@ the scheduler frees at its next step.
 
 Requests and responses follow OpenAI's API reference field for field, so the official `openai`
 client works unchanged; `top_k`, `min_p` and `repetition_penalty` are extensions (vLLM's names).
+
+What one client can cost is bounded before any work: the body size (read no further than the
+cap), the length of every list and name, the generations one request may queue, and the chat
+template's render (`RenderLimits`). A server on a loopback address answers only to loopback host
+names, which defeats DNS rebinding; uvicorn's connection, keep-alive and header limits are set by
+`uvicorn_config`. docs/serving.md lists every limit.
 """
 
 import asyncio
 import contextlib
+import ipaddress
 import json
+import logging
 import secrets
 import socket
 import sys
@@ -37,18 +45,38 @@ from starlette.types import Receive, Scope, Send
 from torch import nn
 
 from scratchlm.errors import ConfigError, ContextTooLongError, ScratchLMError
-from scratchlm.serve.chat_template import chat_stop_ids, render_chat
+from scratchlm.serve.chat_template import (
+    ChatTemplateError,
+    ChatTemplateRefusal,
+    ChatTooLongError,
+    RenderLimits,
+    chat_stop_ids,
+    render_chat,
+)
 from scratchlm.serve.engine import Generation, Scheduler, ServerBusyError, TextEvent
 from scratchlm.serve.sampling import SamplingConfig, encode_prompt
-from scratchlm.serve.web import openai_error, web_routes
+from scratchlm.serve.web import DEFAULT_FEEDBACK_MAX_BYTES, MAX_MESSAGES, abridged, openai_error, web_routes
 from scratchlm.tokenizer import Tokenizer
 
+log = logging.getLogger("scratchlm.serve")
+
 DEFAULT_MAX_TOKENS = 256  # when a request gives none: OpenAI's 16 cuts most chat replies short
-MAX_N = 8  # choices per prompt
+MAX_N = 8  # choices per prompt (fewer when the queue is shorter: a request must fit in it)
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_STOP = 4  # stop strings, OpenAI's limit
+MAX_CONTENT_PARTS = 256  # text parts in one message
+MAX_NAME_CHARS = 256  # `model`, `user`, a message's `name`
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 DEFAULT_FEEDBACK_PATH = Path("feedback.jsonl")
+# The request body cap, unless given: 1 MiB, or 32 bytes per token of context if that is more.
+# A token of English is about 4 bytes of JSON, one of escaped CJK or emoji (\uXXXX) up to 12:
+# a chat that fills the context fits with room to spare, and 100 clients sending the cap at once
+# hold 100 MiB, not the gigabytes unbounded bodies reached.
+MIN_DEFAULT_MAX_BODY = 2**20
+BODY_BYTES_PER_TOKEN = 32
+EXTRA_CONNECTIONS = 32  # beyond a full queue and batch: /health, the page, requests refused as busy
+KEEP_ALIVE_S = 5  # an idle connection is closed after this (uvicorn's default, stated)
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers still incomplete (h11's default, stated)
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
 ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer name for system
@@ -111,14 +139,22 @@ def _json_value(value: Any) -> str:
 
 
 def _plain_message(error: dict[str, Any]) -> str:
-    if bound := _BOUNDS.get(error.get("type", "")):
+    kind, ctx = error.get("type", ""), error.get("ctx", {})
+    if bound := _BOUNDS.get(kind):
         key, op = bound
-        return f"must be {op} {error.get('ctx', {}).get(key)}, not {_json_value(error.get('input'))}"
+        return f"must be {op} {ctx.get(key)}, not {_json_value(error.get('input'))}"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} items, not {ctx.get('actual_length')}"
+    if kind == "string_too_long":  # the value itself is not repeated: it may be megabytes
+        return f"must be at most {ctx.get('max_length')} characters long"
     return error["msg"].removeprefix("Value error, ")
 
 
 def _union_message(param: str, errors: Sequence[dict[str, Any]]) -> str:
     """What `param` must be, from its errors (one per union member that failed)."""
+    if meant := [e for e in errors if e.get("type") not in _WANTED_TYPE]:
+        # a member of the right JSON type that failed (a list too long) is what the client meant
+        errors = meant
     wanted = dict.fromkeys(_WANTED_TYPE.get(e.get("type", ""), "") for e in errors)
     if "" not in wanted:  # only wrong JSON types: one sentence naming every accepted one
         return f"{param} must be {' or '.join(wanted)}, not {_json_value(errors[0].get('input'))}"
@@ -167,6 +203,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         bad = exc.__cause__
         message = (f"the request body is not UTF-8 (byte 0x{bad.object[bad.start]:02x} at offset {bad.start}); "
                    "send JSON encoded as UTF-8")
+    elif isinstance(exc.__cause__, ValueError) and "integer string conversion" in str(exc.__cause__):
+        message = f"the request body has an integer of more than {sys.get_int_max_str_digits()} digits"
     else:
         message = str(exc.detail)
     return APIError(exc.status_code, message, type_="invalid_request_error").response()
@@ -174,6 +212,99 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
+
+
+def _request_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit:,} bytes "
+                    "(scratchlm serve --max-body)", code="request_too_large")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is a 413 as soon as its Content-Length
+    or the bytes received so far pass the limit, so no more than `max_bytes` of it is ever held.
+    A body within the limit reaches the app whole, as if it had just arrived."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _request_too_large(self.max_bytes).response()(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its request: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _request_too_large(self.max_bytes).response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            # The body once, then the real channel: the app still hears the client disconnect.
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (an address or a Host header's name, brackets and port removed) is this
+    machine's loopback: `localhost` or a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _host_name(header: str) -> str:
+    """The name of a Host header: `[::1]:8000` -> `::1`, `LocalHost:80` -> `localhost`."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0].lower() if header.count(":") == 1 else header.lower()
+
+
+class LoopbackHosts:
+    """ASGI middleware: a request that reached the server on a loopback address must name a
+    loopback host (`localhost`, `127.0.0.1`, `[::1]`, any port) or one of `allowed_hosts`,
+    else 421. This is what stops DNS rebinding: a page from evil.example whose name is made to
+    resolve to 127.0.0.1 can reach a loopback server, but its requests say `Host: evil.example`.
+    A request to a network address is left to the API key."""
+
+    def __init__(self, app: Any, allowed_hosts: Sequence[str] = ()) -> None:
+        self.app, self.allowed = app, frozenset(h.lower() for h in allowed_hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if scope["type"] in ("http", "websocket") and server and is_loopback_host(str(server[0])):
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = _host_name(header)
+            if header and not (is_loopback_host(name) or name in self.allowed):
+                error = APIError(421, f"this server does not answer to the host {abridged(header)}: on a loopback "
+                                 "address it answers only to localhost, 127.0.0.1 and [::1], which stops DNS "
+                                 "rebinding; behind a proxy that passes its own host name, start it with "
+                                 "--allowed-host NAME", code="host_not_allowed")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BearerAuth:
@@ -198,8 +329,10 @@ class BearerAuth:
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
-    # A bug, not bad input: still answered in the shape clients parse; the traceback goes to the log.
-    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", type_="server_error").response()
+    # A bug, not bad input: still answered in the shape clients parse. The traceback goes to the
+    # log (uvicorn's); the client gets the exception's type only, as its text may name files.
+    return APIError(500, f"internal server error ({type(exc).__name__}); the server's log has the details",
+                    type_="server_error").response()
 
 
 # ---- request bodies ------------------------------------------------------------------------
@@ -216,7 +349,7 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """The fields both endpoints share; ranges are OpenAI's (extensions: vLLM's)."""
 
-    model: str
+    model: str = Field(max_length=MAX_NAME_CHARS)
     # None (JSON null) means the default, as in OpenAI's API: some clients send every field.
     max_tokens: int | None = Field(None, ge=1)
     temperature: Float | None = Field(None, ge=0, le=2)  # default 1, OpenAI's
@@ -231,7 +364,7 @@ class SamplingFields(_Request):
     n: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted for compatibility; not used
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS)  # accepted for compatibility; not used
 
     @model_validator(mode="before")
     @classmethod
@@ -274,8 +407,8 @@ class TextPart(_Request):
 
 class ChatMessage(_Request):
     role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None  # accepted for compatibility; templates do not use it
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)  # accepted for compatibility; templates do not use it
     # Present as null when a client sends back a reply it received; anything else is unsupported.
     refusal: None = None
     tool_calls: list | None = None
@@ -311,7 +444,7 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -346,11 +479,20 @@ def _unsupported(value: Any, name: str, what: str) -> None:
 
 
 def _check_length(text: str, served: "_Served", param: str) -> None:
-    """Refuse a text that cannot fit the context before the tokenizer spends seconds on it: no
-    token covers more than `max_token_chars` characters, so a longer text has too many tokens."""
-    if len(text) > served.context * served.max_token_chars:
+    """Refuse a text that cannot fit the context before the tokenizer spends seconds on it."""
+    if len(text) > served.max_text_chars:
         raise APIError(400, f"the {param} has {len(text):,} characters, more than this model's context of "
                        f"{served.context} tokens can hold; shorten it", param)
+
+
+def _check_samples(n: int, served: "_Served", prompts: int = 1) -> None:
+    """A request whose generations could never all be queued at once is a 400, not a 503 that
+    retrying cannot cure."""
+    if n > served.max_samples:
+        raise APIError(400, f"n must be at most {served.max_samples} on this server, not {n}", "n")
+    if n * prompts > served.max_queue:
+        raise APIError(400, f"this request asks for {n * prompts} generations ({prompts} prompts x n={n}); this "
+                       f"server queues at most {served.max_queue} at once", "n")
 
 
 def _completion_prompts(request: CompletionRequest, served: "_Served") -> list[_Prompt]:
@@ -370,23 +512,35 @@ def _completion_prompts(request: CompletionRequest, served: "_Served") -> list[_
         raise APIError(400, shape, "prompt")
     if len(items) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request, not {len(items)}", "prompt")
+    for item in items:  # all checked before any is encoded or decoded
+        _check_prompt(item, served, shape)
     tokenizer = served.tokenizer
     prompts = []
     for item in items:
-        if isinstance(item, str):
-            _check_length(item, served, "prompt")
-            try:
-                prompts.append(_Prompt(encode_prompt(tokenizer, item), item))
-            except ConfigError as exc:  # an empty prompt and no <|endoftext|> to start from
-                raise APIError(400, str(exc), "prompt") from None
+        if isinstance(item, list):
+            prompts.append(_Prompt(list(item), tokenizer.decode(item)))
             continue
-        if not item or not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            raise APIError(400, shape, "prompt")
-        if bad := [t for t in item if not 0 <= t < tokenizer.vocab_size]:
-            raise APIError(400, f"prompt has token id {bad[0]}, outside this model's vocabulary (0 to "
-                           f"{tokenizer.vocab_size - 1})", "prompt")
-        prompts.append(_Prompt(list(item), tokenizer.decode(item)))
+        try:
+            prompts.append(_Prompt(encode_prompt(tokenizer, item), item))
+        except ConfigError as exc:  # an empty prompt and no <|endoftext|> to start from
+            raise APIError(400, str(exc), "prompt") from None
     return prompts
+
+
+def _check_prompt(item: str | list, served: "_Served", shape: str) -> None:
+    """The cheap checks of one prompt, so that a million characters or token ids are refused
+    before the tokenizer touches them."""
+    if isinstance(item, str):
+        _check_length(item, served, "prompt")
+        return
+    if not item or not all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+        raise APIError(400, shape, "prompt")
+    if len(item) > served.context:
+        raise APIError(400, f"prompt has {len(item):,} tokens, more than this model's context of "
+                       f"{served.context} tokens", "prompt")
+    if (bad := next((t for t in item if not 0 <= t < served.tokenizer.vocab_size), None)) is not None:
+        raise APIError(400, f"prompt has token id {bad}, outside this model's vocabulary (0 to "
+                       f"{served.tokenizer.vocab_size - 1})", "prompt")
 
 
 def _max_new_tokens(asked: int | None, prompt_tokens: int, context: int, param: str, what: str,
@@ -442,23 +596,16 @@ def _sampling_configs(request: SamplingFields, max_new_tokens: int, stop_token_i
 
 
 def _submit(scheduler: Scheduler, jobs: Sequence[tuple[list[int], SamplingConfig]], param: str) -> list[Generation]:
-    """Submit every generation of a request, or none: a refused one cancels those before it."""
-    loop = asyncio.get_running_loop()
-    generations: list[Generation] = []
+    """Queue every generation of a request, or none: a request refused as busy leaves nothing
+    behind in the queue."""
     try:
-        for ids, config in jobs:
-            generations.append(scheduler.submit(ids, config, loop=loop))
-    except BaseException as exc:
-        for generation in generations:
-            generation.cancel()
-        if isinstance(exc, ServerBusyError):
-            raise APIError(503, f"the server is busy: {exc}; retry later", type_="server_error") from None
-        if isinstance(exc, ContextTooLongError):
-            raise APIError(400, str(exc), param) from None
-        if isinstance(exc, ScratchLMError):
-            raise APIError(400, str(exc)) from None
-        raise
-    return generations
+        return scheduler.submit_many(jobs, loop=asyncio.get_running_loop())
+    except ServerBusyError as exc:
+        raise APIError(503, f"the server is busy: {exc}", type_="server_error") from None
+    except ContextTooLongError as exc:
+        raise APIError(400, str(exc), param) from None
+    except ScratchLMError as exc:
+        raise APIError(400, str(exc)) from None
 
 
 async def _events(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, TextEvent]]:
@@ -586,16 +733,41 @@ class _Served:
     name: str
     created: int
     max_token_chars: int  # the most characters one token stands for
+    max_queue: int
     scheduler: Scheduler | None = None
 
     @property
     def context(self) -> int:
         return self.model.config.block_size
 
+    @property
+    def max_samples(self) -> int:
+        """`n` at most: a request must fit in the queue, all its generations at once."""
+        return min(MAX_N, self.max_queue)
+
+    @property
+    def max_text_chars(self) -> int:
+        """No token stands for more than `max_token_chars` characters, so a longer text has
+        more tokens than the context holds."""
+        return self.context * self.max_token_chars
+
     def running_scheduler(self) -> Scheduler:
         if self.scheduler is None:
             raise APIError(503, "the server is not started (run the app with its lifespan)", type_="server_error")
         return self.scheduler
+
+
+def check_limits(max_batch: int, max_queue: int, max_body: int | None, feedback_max_bytes: int) -> None:
+    """A one-line ConfigError for a limit that leaves the server nothing to serve."""
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body", max_body),
+                        ("feedback_max_bytes", feedback_max_bytes)):
+        if value is not None and value < 1:
+            raise ConfigError(f"serve: {name} must be >= 1, not {value}")
+
+
+def default_max_body(context: int) -> int:
+    """The request body cap for a model with `context` positions (see MIN_DEFAULT_MAX_BODY)."""
+    return max(MIN_DEFAULT_MAX_BODY, BODY_BYTES_PER_TOKEN * context)
 
 
 def create_app(
@@ -607,17 +779,23 @@ def create_app(
     max_queue: int = 256,
     api_key: str | None = None,
     feedback_path: str | Path | None = None,
+    max_body: int | None = None,
+    allowed_hosts: Sequence[str] = (),
+    feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES,
 ) -> FastAPI:
     """The API for `model` under the name `model_name`. Its scheduler starts with the app's
     lifespan and stops with it (a `TestClient` must be used as a context manager). With
     `api_key`, every `/v1/` route needs `Authorization: Bearer <api_key>`; `/` and `/health` stay
-    open. The web page's feedback goes to `feedback_path` (default: feedback.jsonl here)."""
-    if max_batch < 1 or max_queue < 1:
-        raise ConfigError(f"serve: max_batch and max_queue must be >= 1, not {max_batch} and {max_queue}")
+    open. The web page's feedback goes to `feedback_path` (default: feedback.jsonl here), a file
+    of at most `feedback_max_bytes`. Request bodies are capped at `max_body` bytes (default:
+    `default_max_body` of the model's context). On a loopback address the server answers only
+    to loopback host names and `allowed_hosts` (the names a reverse proxy passes)."""
+    check_limits(max_batch, max_queue, max_body, feedback_max_bytes)
     if api_key is not None and not api_key:
         raise ConfigError("serve: the API key is empty; give a key or none")
     longest_token = max([*map(len, tokenizer.ranks), *map(len, tokenizer.special_tokens), 1])
-    served = _Served(model, tokenizer, model_name, int(time.time()), longest_token)
+    served = _Served(model, tokenizer, model_name, int(time.time()), longest_token, max_queue)
+    body_limit = default_max_body(served.context) if max_body is None else max_body
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -629,9 +807,13 @@ def create_app(
             await run_in_threadpool(scheduler.close)
 
     app = FastAPI(title="scratchlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # Added innermost first: the host is checked, then the key, and only then is the body read.
+    app.add_middleware(BodyLimit, max_bytes=body_limit)
     if api_key is not None:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(LoopbackHosts, allowed_hosts=allowed_hosts)
     app.state.served = served
+    app.state.max_connections = max_queue + max_batch + EXTRA_CONNECTIONS
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, _api_error)
@@ -665,7 +847,10 @@ def create_app(
         return await _chat(served, body, request)
 
     feedback = Path(feedback_path) if feedback_path is not None else DEFAULT_FEEDBACK_PATH
-    app.include_router(web_routes(feedback, api_key=api_key))
+    # A record holds a chat request's conversation and the reply twice (as completion and as
+    # rejected, or edited and chosen): twice the body cap.
+    app.include_router(web_routes(feedback, api_key=api_key, max_record_bytes=2 * body_limit,
+                                  max_file_bytes=feedback_max_bytes))
     return app
 
 
@@ -680,7 +865,9 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request):
     _unsupported(body.logprobs, "logprobs", "token log-probabilities are not returned")
     _unsupported(body.suffix, "suffix", "no fill-in-the-middle")
     include_usage = _check_stream_options(body)
+    _check_samples(body.choices, served)
     prompts = await run_in_threadpool(_completion_prompts, body, served)
+    _check_samples(body.choices, served, len(prompts))
     jobs = []
     for prompt in prompts:
         max_new = _max_new_tokens(body.max_tokens, len(prompt.ids), served.context, "prompt", "prompt")
@@ -719,11 +906,21 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request):
 
 
 def _chat_prompt(served: "_Served", messages: list[ChatMessage]) -> list[int]:
+    # The render may make no more text than the context could hold (see `max_text_chars`).
+    limits = RenderLimits(max_chars=served.max_text_chars)
     try:
-        text = render_chat(served.tokenizer, [m.as_template_message() for m in messages])
-    except ConfigError as exc:
+        text = render_chat(served.tokenizer, [m.as_template_message() for m in messages], limits=limits)
+    except ChatTooLongError:
+        raise APIError(400, f"the messages render to more than {limits.max_chars:,} characters, more than this "
+                       f"model's context of {served.context} tokens can hold; shorten them", "messages") from None
+    except ChatTemplateRefusal as exc:  # the template's own check of the conversation
         raise APIError(400, str(exc), "messages") from None
-    _check_length(text, served, "messages")
+    except ChatTemplateError as exc:  # broken or runaway: the served model's fault, not the request's
+        log.error("%s", exc)
+        raise APIError(500, f"{exc} (a fault of the served model's template, which the server's operator must fix)",
+                       type_="server_error") from None
+    except ConfigError as exc:  # no template at all, or messages it cannot take
+        raise APIError(400, str(exc), "messages") from None
     return served.tokenizer.encode(text, allowed_special="all")
 
 
@@ -734,6 +931,7 @@ async def _chat(served: _Served, body: ChatCompletionRequest, request: Request):
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
     include_usage = _check_stream_options(body)
+    _check_samples(body.choices, served)
     prompt_ids = await run_in_threadpool(_chat_prompt, served, body.messages)
     asked_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -793,6 +991,17 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def uvicorn_config(app: FastAPI, log_level: str = "info") -> uvicorn.Config:
+    """How uvicorn runs an app of `create_app`: at most a full queue and batch of connections (and
+    EXTRA_CONNECTIONS more; past that uvicorn answers 503), idle connections closed after
+    KEEP_ALIVE_S, request lines and headers of at most MAX_HEADER_BYTES. h11 is named because that
+    header limit is its own. Uvicorn has no timeout for a client that sends its request slowly:
+    in front of a public server, a reverse proxy must (docs/serving.md)."""
+    return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http="h11",
+                          limit_concurrency=getattr(app.state, "max_connections", None),
+                          timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
 class ServerThread:
     """`app` served by uvicorn on a background thread, for tests and benchmarks:
     `with ServerThread(app) as server: openai.OpenAI(base_url=server.url + "/v1", ...)`."""
@@ -800,7 +1009,7 @@ class ServerThread:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         self.sock = listen_socket(host, port)
         self.url = _url(self.sock)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> Self:
@@ -832,12 +1041,16 @@ def run_server(
     feedback_path: str | Path | None = None,
     model_name: str | None = None,
     log_level: str = "info",
+    max_body: int | None = None,
+    allowed_hosts: Sequence[str] = (),
+    feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES,
 ) -> None:
     """Load the model at `model_path` (in `dtype`, `quantize`d: see `scratchlm.serve.quantize`)
-    and serve it until Ctrl-C (or SIGTERM). Prints the URL."""
+    and serve it until Ctrl-C (or SIGTERM). Prints the URL. The limits are `create_app`'s."""
     from scratchlm.interop import load_pretrained
     from scratchlm.serve.quantize import prepare_for_inference
 
+    check_limits(max_batch, max_queue, max_body, feedback_max_bytes)  # before the seconds a model takes to load
     sock = listen_socket(host, port)
     try:
         model, tokenizer = load_pretrained(model_path, device)
@@ -845,13 +1058,14 @@ def run_server(
         path = Path(model_path)
         name = model_name or (path.stem if path.is_file() else path.resolve().name)
         app = create_app(model, tokenizer, name, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
-                         feedback_path=feedback_path)
+                         feedback_path=feedback_path, max_body=max_body, allowed_hosts=allowed_hosts,
+                         feedback_max_bytes=feedback_max_bytes)
         url = _url(sock)
         print(f"serving {name} at {url}/v1 (OpenAI API) and {url}/ (chat page); Ctrl-C stops", flush=True)
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
                   "model", file=sys.stderr, flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn_config(app, log_level))
         server.run(sockets=[sock])
     finally:
         sock.close()

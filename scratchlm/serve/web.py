@@ -8,6 +8,13 @@ OpenAI-compatible API. It serves
 - `POST /v1/feedback`: a thumbs up or down, or an edited answer, for one assistant reply. Each
   call appends one `PreferenceRecord` as one JSON line to `feedback_path`.
 
+Feedback writes to the server's disk, so only the page itself may send it: the body must be
+`application/json` (a cross-site form or `text/plain` fetch cannot send that without the
+browser asking the server first, which it never allows), and a request the browser marks as
+cross-site (`Sec-Fetch-Site`, else an `Origin` that is not this host) is refused. A record and
+the file have size caps; the file is created readable by its owner only, and no response
+names its path.
+
 The file is a log, never rewritten: a second rating or a second edit of the same reply appends a
 new record with the same `reply_id`, and a reader keeps the last record per `reply_id`
 (`latest_per_reply`). An edit makes a preference pair for DPO (`chosen` = the edit, `rejected` =
@@ -20,15 +27,17 @@ records leaves whole lines only. A write cut short (a full disk) is reported, no
 """
 
 import json
+import logging
 import os
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -43,8 +52,11 @@ from pydantic import (
     model_validator,
 )
 
-from scratchlm.atomic_io import OutputFileError, check_writable_file, default_mode
+from scratchlm.atomic_io import OutputFileError, check_writable_file
 from scratchlm.errors import InputFileError
+from scratchlm.serve.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+
+log = logging.getLogger("scratchlm.serve")
 
 # The page's own files: served by name from this table only, so no request path reaches the disk.
 STATIC_FILES = {
@@ -60,6 +72,14 @@ CONTENT_SECURITY_POLICY = (
 )
 
 Text = Annotated[str, Field(max_length=1_000_000)]  # one record stays one sane line
+MAX_MESSAGES = 1024  # in one conversation: far more turns than any context holds
+DEFAULT_MAX_RECORD_BYTES = 2 * 2**20  # one line of the feedback file
+DEFAULT_FEEDBACK_MAX_BYTES = 256 * 2**20  # the whole file: thousands of long conversations
+FEEDBACK_FILE_MODE = 0o600  # preference data may be private: readable by the server's user only
+
+
+class FeedbackFileFullError(OutputFileError):
+    """The feedback file has reached its size cap."""
 
 
 class _Strict(BaseModel):
@@ -84,7 +104,8 @@ class SamplingSettings(_Strict):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
-    stop: list[str] | None = None
+    stop: Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LENGTH)]],
+                    Field(max_length=MAX_STOP_STRINGS)] | None = None
 
 
 class FeedbackRequest(_Strict):
@@ -92,7 +113,8 @@ class FeedbackRequest(_Strict):
 
     reply_id: Annotated[str, Field(min_length=1, max_length=200)] | None = None  # the completion's `id`
     model: Annotated[str, Field(min_length=1, max_length=500)]
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]  # the conversation before the reply
+    # the conversation before the reply
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     completion: Text  # the reply as the model wrote it
     rating: Literal["up", "down"] | None = None
     edited: Annotated[str, Field(min_length=1, max_length=1_000_000)] | None = None
@@ -162,16 +184,23 @@ class PreferenceRecord(BaseModel):
 _append_lock = threading.Lock()
 
 
-def append_feedback(path: str | Path, record: PreferenceRecord) -> Path:
+def append_feedback(path: str | Path, record: PreferenceRecord,
+                    max_file_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES) -> Path:
     """Append `record` as one line to the JSONL file `path` (parent folders created); earlier
-    lines are never touched."""
+    lines are never touched. A new file is created readable by its owner only. A record that
+    would take the file past `max_file_bytes` is refused (FeedbackFileFullError)."""
     target = check_writable_file(path)
     data = record.to_json_line().encode("utf-8")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with _append_lock:
-            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, default_mode())
+            # The mode at creation, not a chmod after: no moment when others could open it.
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FEEDBACK_FILE_MODE)
             try:
+                size = os.fstat(fd).st_size
+                if size + len(data) > max_file_bytes:
+                    raise FeedbackFileFullError(f"{target}: the feedback file is full ({size:,} bytes; the cap is "
+                                                f"{max_file_bytes:,}); move it away to collect more")
                 written = os.write(fd, data)
             finally:
                 os.close(fd)
@@ -232,10 +261,35 @@ def _static_files() -> dict[str, bytes]:
     return {name: folder.joinpath(name).read_bytes() for name in STATIC_FILES}
 
 
-def web_routes(feedback_path: Path, api_key: str | None = None) -> APIRouter:
-    """The chat page at `/` and `POST /v1/feedback`, which appends to `feedback_path`. With
-    `api_key`, feedback needs `Authorization: Bearer <api_key>` like the rest of the API; the page
-    itself stays open, since the key is typed into it."""
+def abridged(text: str, limit: int = 100) -> str:
+    """`text` as an error message may repeat it: a header can be kilobytes."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+def cross_site_reason(headers: Mapping[str, str]) -> str | None:
+    """Why a request's headers show it was sent by a page of another site, or None. Browsers
+    send `Sec-Fetch-Site` with every request (same-origin for the chat page's own fetch); older
+    ones send `Origin`, which must then name this host. Clients that are not browsers send
+    neither, and are the API key's business."""
+    fetch_site = headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return None if fetch_site in ("same-origin", "none") else f"Sec-Fetch-Site is {abridged(fetch_site)}"
+    origin = headers.get("origin")
+    if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+        return f"Origin {abridged(origin)} is not this server"
+    return None
+
+
+def web_routes(feedback_path: Path, api_key: str | None = None, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+               max_file_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES) -> APIRouter:
+    """The chat page at `/` and `POST /v1/feedback`, which appends to `feedback_path` records of
+    at most `max_record_bytes`, up to a file of `max_file_bytes`. With `api_key`, feedback needs
+    `Authorization: Bearer <api_key>` like the rest of the API; the page itself stays open, since
+    the key is typed into it."""
     feedback_path = check_writable_file(feedback_path)  # a bad path fails at start, not at the first click
     files = _static_files()  # read once: a few kB, and no disk access per request
     headers = {"Cache-Control": "no-cache", "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -256,20 +310,37 @@ def web_routes(feedback_path: Path, api_key: str | None = None) -> APIRouter:
     async def feedback(request: Request) -> JSONResponse:
         # The body is validated here rather than by FastAPI so that errors keep OpenAI's shape and
         # status 400 whatever exception handlers the app installs.
+        if reason := cross_site_reason(request.headers):
+            return openai_error(403, f"feedback is taken from this server's own chat page only; {reason}",
+                                code="cross_site_request")
         sent = request.headers.get("authorization", "").encode()
         if api_key is not None and not secrets.compare_digest(sent, f"Bearer {api_key}".encode()):
             return openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                 code="invalid_api_key")
+        if not _is_json(request.headers.get("content-type", "")):
+            return openai_error(415, "send feedback as JSON, with Content-Type: application/json",
+                                code="unsupported_media_type")
         try:
             request_body = FeedbackRequest.model_validate_json(await request.body())
         except ValidationError as exc:
             message, param = _first_error(exc)
             return openai_error(400, message, param)
         record = PreferenceRecord.from_feedback(request_body)
+        if (size := len(record.to_json_line().encode("utf-8"))) > max_record_bytes:
+            return openai_error(413, f"the feedback record would be {size:,} bytes; this server takes at most "
+                                f"{max_record_bytes:,}", code="request_too_large")
+        # The file's path stays in the server's log: a client has no business knowing it.
         try:  # in a worker thread: a slow disk must not hold up the replies streaming meanwhile
-            saved = await run_in_threadpool(append_feedback, feedback_path, record)
+            await run_in_threadpool(append_feedback, feedback_path, record, max_file_bytes)
+        except FeedbackFileFullError as exc:
+            log.error("%s", exc)
+            return openai_error(507, f"the server's feedback file is full (at its cap of {max_file_bytes:,} bytes); "
+                                "the server's operator must move it away", type_="server_error",
+                                code="feedback_file_full")
         except OutputFileError as exc:
-            return openai_error(500, str(exc), type_="server_error")
-        return JSONResponse({"id": record.id, "saved": str(saved)})
+            log.error("%s", exc)
+            return openai_error(500, "the server cannot save feedback: its feedback file is not writable (the "
+                                "server's log says why)", type_="server_error")
+        return JSONResponse({"id": record.id})
 
     return router

@@ -73,6 +73,18 @@ class TrainConfig:
             raise ConfigError(f"model={self.model!r} conflicts with init_from: the architecture comes from {self.init_from}; leave model as \"auto\"")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        if self.samples < 0:
+            raise ConfigError(f"samples must be >= 0, not {self.samples}")
+        self.sampling()  # a bad samples or sample_tokens fails now, not after hours of training
+
+    def sampling(self):
+        """The sampling settings of the samples written at the end of the run (None: no samples)."""
+        if self.samples == 0:
+            return None
+        from scratchlm.serve.sampling import SamplingConfig
+
+        return SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=self.sample_tokens, seed=self.seed,
+                              num_samples=self.samples)
 
     @property
     def max_seconds(self) -> float | None:

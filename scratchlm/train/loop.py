@@ -531,9 +531,9 @@ def _write_run_config(run_dir: Path, config: TrainConfig, model_config: ModelCon
 
 
 def _samples(model: GPT, tokenizer: Tokenizer, config: TrainConfig) -> list[str]:
-    if config.samples <= 0:
+    sampling = config.sampling()
+    if sampling is None:
         return []
-    from scratchlm.serve.sampling import SamplingConfig, generate_text
+    from scratchlm.serve.sampling import generate_text
 
-    sampling = SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=config.sample_tokens, seed=config.seed, num_samples=config.samples)
     return [config.sample_prompt + text for text in generate_text(model, tokenizer, config.sample_prompt, sampling)]
