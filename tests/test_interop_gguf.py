@@ -383,6 +383,27 @@ def test_unsupported_files_are_refused_naming_the_problem(case, llama_file, tmp_
     assert one_line(exc).startswith(f"{path}: ")
 
 
+# Every integer key we read is a size. Out of range, each once escaped as another exception: a
+# negative width as torch's RuntimeError, a block_count of 2^32 - 1 as a hang building 4 billion
+# layers. (context_length 2^32 - 1 asks for a terabyte of rope tables: tested under a memory
+# limit in test_fuzz_files.)
+SIZE_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+             "attention.head_count_kv", "attention.key_length", "rope.dimension_count")
+SIZE_VALUES = {"0": (0, GGUFValueType.UINT32), "-1": (-1, GGUFValueType.INT32), "2^32 - 1": (2**32 - 1, GGUFValueType.UINT32)}
+
+
+SIZE_CASES = [(key, value) for key in SIZE_KEYS for value in SIZE_VALUES if (key, value) != ("context_length", "2^32 - 1")]
+
+
+@pytest.mark.parametrize(("key", "value"), SIZE_CASES, ids=[f"{k}={v}" for k, v in SIZE_CASES])
+def test_sizes_out_of_range_are_refused_in_one_line(key, value, llama_file, tmp_path):
+    path = tmp_path / "x.gguf"
+    rewrite_gguf(llama_file, path, keys={f"llama.{key}": SIZE_VALUES[value]})
+    with pytest.raises(ModelFormatError) as exc:
+        import_gguf(path)
+    assert one_line(exc).startswith(f"{path}: ")
+
+
 def test_the_unchanged_copy_imports(llama_file, tmp_path):
     """The refusals above come from their change, not from `rewrite_gguf`."""
     rewrite_gguf(llama_file, tmp_path / "x.gguf")

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scratchlm.errors import InputFileError
 from scratchlm.tokenizer import (
     Tokenizer,
     TokenizerFormatError,
@@ -216,5 +217,124 @@ def test_non_gguf_file_is_a_clear_error(tmp_path):
     pytest.importorskip("gguf")
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"GGUF" + b"\x00" * 10)
-    with pytest.raises(TokenizerFormatError, match="fake.gguf: not a readable GGUF file"):
+    with pytest.raises(InputFileError, match="fake.gguf: truncated or corrupt GGUF file: it ends inside its header"):
         load_tokenizer(fake)
+
+
+# ---- hostile files: a one-line TokenizerFormatError naming the file, nothing else ---------------
+def _vocab_with(**changes) -> dict:
+    """A valid tokenizer.json of 256 bytes and two merges, with `changes` applied by `edit`."""
+    data = _minimal_hf()
+    data["model"]["vocab"].update({"ab": 256, "abc": 257})
+    data["model"]["merges"] = ["a b", "ab c"]
+    data["added_tokens"] = [{"id": 258, "content": "<|endoftext|>", "special": True}]
+    return data
+
+
+def _set_id(token: str, value: object):
+    return lambda data: data["model"]["vocab"].__setitem__(token, value)
+
+
+HOSTILE_JSON = {
+    # Each of these escaped as another exception, or named no file, before.
+    "id of 1e400 (infinity)": (_set_id("a", "<raw>1e400"), r"vocabulary token 'a' has id inf; expected an integer"),
+    "id of 5000 digits": (_set_id("a", "<raw>" + "9" * 5000), r"not a JSON file \(Exceeds the limit"),
+    "nested 100000 deep": (_set_id("a", "<raw>" + "[" * 100_000 + "]" * 100_000), r"nested too deeply"),
+    "id of 2^64": (_set_id("a", 2**64), r"vocabulary token 'a' has id 18446744073709551616"),
+    "id that is a string": (_set_id("a", "97"), r"vocabulary token 'a' has id '97'"),
+    "id that is a float": (_set_id("a", 97.0), r"vocabulary token 'a' has id 97.0"),
+    "id that is true": (_set_id("a", True), r"vocabulary token 'a' has id True"),
+    "negative id": (_set_id("a", -1), r"vocabulary token 'a' has id -1"),
+    "duplicate id": (_set_id("a", 98), r"two tokens share one id"),
+    "merge of an unknown token": (lambda d: d["model"]["merges"].append("x yz"), r"merge 2 uses token 'xyz', which is not in the vocabulary"),
+    "merge of numbers": (lambda d: d["model"]["merges"].append([1, 2]), r"model.merges is not a list"),
+    "merges that are a string": (lambda d: d["model"].__setitem__("merges", "a b"), r"model.merges is not a list"),
+    "added token without id": (lambda d: d["added_tokens"][0].pop("id"), r"added_tokens is not a list"),
+    "added token with a huge id": (lambda d: d["added_tokens"][0].__setitem__("id", 2**40), r"added_tokens is not a list"),
+    "added tokens that are a dict": (lambda d: d.__setitem__("added_tokens", {"a": 1}), r"added_tokens is not a list"),
+    "pre-tokenizer regex that does not compile": (
+        lambda d: d.__setitem__("pre_tokenizer", {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}),
+        r"pre-tokenizer regex: pattern '\(unclosed' is neither"),
+    "vocabulary that is a list": (lambda d: d["model"].__setitem__("vocab", [["a", 1]]), r"the BPE model has no vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_JSON)
+def test_hostile_tokenizer_json_is_refused_in_one_line_naming_the_file(case, tmp_path):
+    edit, message = HOSTILE_JSON[case]
+    data = _vocab_with()
+    edit(data)
+    text = json.dumps(data, ensure_ascii=False)
+    # Values that json.dumps cannot write (or writes as a legal number) go in as raw text.
+    vocab = data["model"]["vocab"]
+    raw = next((v for v in vocab.values() if isinstance(v, str) and v.startswith("<raw>")), None) if isinstance(vocab, dict) else None
+    if raw is not None:
+        text = text.replace(json.dumps(raw), raw[len("<raw>"):])
+    path = tmp_path / "tokenizer.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(TokenizerFormatError, match=message) as exc:
+        load_tokenizer(path)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(f"{path}: ")
+
+
+def test_the_unedited_tokenizer_json_of_the_hostile_cases_loads(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(_vocab_with()), encoding="utf-8")
+    assert load_tokenizer(path).encode("abc abc") == [257, 32, 257]
+
+
+def _write_gguf_tokenizer(path, tokens=None, types=None, merges=None, changes: dict | None = None, drop: tuple = ()):
+    """A GGUF file holding only a tokenizer (256 byte tokens, "ab", "abc", <|endoftext|>), with
+    metadata keys set to other values ({key: (value, GGUFValueType)}) or dropped."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    tokens = tokens or [bytes_to_token_string(bytes([b])) for b in range(256)] + ["ab", "abc", "<|endoftext|>"]
+    keys = {
+        "tokenizer.ggml.model": ("gpt2", GGUFValueType.STRING),
+        "tokenizer.ggml.pre": ("gpt2", GGUFValueType.STRING),
+        "tokenizer.ggml.tokens": (tokens, GGUFValueType.ARRAY),
+        "tokenizer.ggml.token_type": (types or [1] * 258 + [3], GGUFValueType.ARRAY),
+        "tokenizer.ggml.merges": (merges or ["a b", "ab c"], GGUFValueType.ARRAY),
+        "tokenizer.ggml.eos_token_id": (258, GGUFValueType.UINT32),
+    } | (changes or {})
+    writer = GGUFWriter(path, "llama")
+    for key, (value, vtype) in keys.items():
+        if key not in drop:
+            writer.add_key_value(key, value, vtype, sub_type=GGUFValueType.INT32 if key == "tokenizer.ggml.token_type" else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
+HOSTILE_GGUF_TOKENIZERS = {
+    # Each of these escaped as KeyError, AttributeError or UnicodeDecodeError, or loaded a wrong
+    # tokenizer without a word, before.
+    "no token list": (dict(drop=("tokenizer.ggml.tokens",)), r"metadata key tokenizer.ggml.tokens is missing"),
+    "token list that is a string": (dict(changes={"tokenizer.ggml.tokens": ("abc", 8)}), r"tokenizer.ggml.tokens is 'abc'; expected a list of str"),
+    "token that is not UTF-8": (dict(tokens=[b"\xff"] * 3), r"metadata key tokenizer.ggml.tokens holds text that is not UTF-8"),
+    "fewer types than tokens": (dict(types=[1] * 100), r"259 tokens but 100 token types"),
+    "merges that are numbers": (dict(changes={"tokenizer.ggml.merges": ([1, 2], 9)}), r"tokenizer.ggml.merges is \[1, 2\]; expected a list of str"),
+    "end-of-sequence id past the tokens": (dict(changes={"tokenizer.ggml.eos_token_id": (259, 4)}), r"tokenizer.ggml.eos_token_id is 259; the ids are 0 to 258"),
+    "negative end-of-sequence id": (dict(changes={"tokenizer.ggml.eos_token_id": (-1, 5)}), r"tokenizer.ggml.eos_token_id is -1"),
+    "chat template that is a number": (dict(changes={"tokenizer.chat_template": (7, 4)}), r"tokenizer.chat_template is 7; expected str"),
+    "a token twice": (dict(tokens=[bytes_to_token_string(bytes([b])) for b in range(256)] + ["ab", "ab", "<|endoftext|>"]),
+                      r"token 'ab' appears twice"),
+    "pre-tokenizer that is a number": (dict(changes={"tokenizer.ggml.pre": (3, 4)}), r"tokenizer.ggml.pre is 3; expected str"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_GGUF_TOKENIZERS)
+def test_hostile_gguf_tokenizer_is_refused_in_one_line_naming_the_file(case, tmp_path):
+    changes, message = HOSTILE_GGUF_TOKENIZERS[case]
+    path = _write_gguf_tokenizer(tmp_path / "tok.gguf", **changes)
+    with pytest.raises(InputFileError, match=message) as exc:  # TokenizerFormatError, or the GGUF reader's own
+        load_tokenizer(path)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(f"{path}: ")
+
+
+def test_the_unedited_gguf_tokenizer_of_the_hostile_cases_loads(tmp_path):
+    tokenizer = load_tokenizer(_write_gguf_tokenizer(tmp_path / "tok.gguf"))
+    assert tokenizer.encode("abc abc") == [257, 32, 257] and tokenizer.eos_id == 258

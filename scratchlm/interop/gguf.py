@@ -36,6 +36,7 @@ nothing would report it. GPT-4's pattern (the project's default) is written as `
 because it splits every text exactly as Llama 3's pattern does (see `llama_cpp_pre_name`).
 """
 
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,9 @@ from gguf import GGUFReader, GGUFWriter, LlamaFileType, TokenType
 from tqdm import tqdm
 
 from scratchlm.atomic_io import check_writable_file, written_atomically
-from scratchlm.errors import ConfigError, InputFileError, ModelFormatError
-from scratchlm.model import GPT, ModelConfig
+from scratchlm.errors import ConfigError, ModelFormatError
+from scratchlm.gguf_file import gguf_value, open_gguf
+from scratchlm.model import GPT, ModelConfig, count_params
 from scratchlm.model.model import allocate_on_cpu
 from scratchlm.tokenizer import Tokenizer, import_gguf_tokenizer
 from scratchlm.tokenizer.bytelevel import bytes_to_token_string
@@ -184,58 +186,48 @@ def import_gguf(path: str | Path, pattern: str | None = None, progress: bool = F
         found, expected = _gguf_shape(_numpy_shape(tensors[slot.gguf_name])), _gguf_shape(_slot_shape(model, slot))
         if found != expected:
             raise ModelFormatError(f"{where}: tensor {slot.gguf_name} has shape {found}; expected {expected} for {arch} with this config")
-    model = allocate_on_cpu(model)
+    try:
+        model = allocate_on_cpu(model)
+    except (RuntimeError, MemoryError):  # torch's CPU allocator raises RuntimeError
+        # Every size but the context is bounded by a tensor in the file; the context is only a
+        # number, and the rope tables take context_length x head size x 4 bytes.
+        need = 4 * (count_params(config) + config.block_size * config.head_dim)
+        raise ModelFormatError(f"{where}: not enough memory to build this model: {count_params(config):,} parameters and "
+                               f"context_length {config.block_size:,} need {need / 2**30:.1f} GiB") from None
     with torch.no_grad():
         for slot in tqdm(slots, desc="import", unit="tensor", disable=not progress):
             _load_slot(model, slot, tensors[slot.gguf_name], where)
     return model.eval(), tokenizer
 
 
-def open_gguf(path: Path) -> GGUFReader:
-    """A reader over a GGUF file (memory-mapped: tensors are read when touched)."""
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
-    with path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
-        raise InputFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        return GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, KeyError, struct and numpy errors alike
-        first_line = (str(exc).splitlines() or [""])[0]
-        raise InputFileError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(exc).__name__}: {first_line})") from None
-
-
-def _field(reader: GGUFReader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def _architecture(reader: GGUFReader, where: str) -> str:
-    arch = _field(reader, "general.architecture")
+    arch = gguf_value(reader, "general.architecture", where)
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelFormatError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ModelFormatError(f"{where}: architecture {reprlib.repr(arch)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
 
 
 def _value(reader: GGUFReader, key: str, where: str, default):
-    value = _field(reader, key)
+    value = gguf_value(reader, key, where)
     if value is None and default is None:
         raise ModelFormatError(f"{where}: metadata key {key} is missing")
     return default if value is None else value
 
 
 def _int(reader: GGUFReader, key: str, where: str, default: int | None = None) -> int:
+    """A size: every integer key we read counts something (layers, heads, widths, positions)."""
     value = _value(reader, key, where, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ModelFormatError(f"{where}: metadata key {key} is {value!r}; supported: one integer (the same for every layer)")
+        raise ModelFormatError(f"{where}: metadata key {key} is {reprlib.repr(value)}; supported: one integer (the same for every layer)")
+    if value < 1:
+        raise ModelFormatError(f"{where}: metadata key {key} is {value}; expected a positive integer")
     return value
 
 
 def _float(reader: GGUFReader, key: str, where: str, default: float | None = None) -> float:
     value = _value(reader, key, where, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ModelFormatError(f"{where}: metadata key {key} is {value!r}; expected a number")
+        raise ModelFormatError(f"{where}: metadata key {key} is {reprlib.repr(value)}; expected a number")
     return float(value)
 
 
@@ -265,13 +257,16 @@ def config_from_gguf(reader: GGUFReader, arch: str, where: str) -> ModelConfig:
         raise ModelFormatError(f"{where}: tensor token_embd.weight is missing")
     if len(embed.shape) != 2:
         raise ModelFormatError(f"{where}: tensor token_embd.weight has shape {_gguf_shape(_numpy_shape(embed))}; expected 2 dimensions")
+    n_layer = _int(reader, key("block_count"), where)
+    if n_layer > len(reader.tensors):  # before anything builds a list of n_layer blocks
+        raise ModelFormatError(f"{where}: {key('block_count')} is {n_layer} but the file holds only {len(reader.tensors)} tensors")
     eps_key = "attention.layer_norm_epsilon" if arch == "gpt2" else "attention.layer_norm_rms_epsilon"
     features = ARCHITECTURE_FEATURES[arch]
     try:
         return ModelConfig(
             vocab_size=_numpy_shape(embed)[0],
             block_size=_int(reader, key("context_length"), where),
-            n_layer=_int(reader, key("block_count"), where),
+            n_layer=n_layer,
             n_head=n_head,
             n_kv_head=n_kv_head if n_kv_head != n_head else None,
             n_embd=n_embd,
@@ -288,11 +283,11 @@ def config_from_gguf(reader: GGUFReader, arch: str, where: str) -> ModelConfig:
 def _check_rope_scaling(reader: GGUFReader, arch: str, where: str) -> None:
     """Context-extension schemes (linear, YaRN, Llama 3's rope_freqs) change the rotation
     angles; our rope has none, so only unscaled rope is accepted."""
-    kind = _field(reader, f"{arch}.rope.scaling.type") or "none"
+    kind = gguf_value(reader, f"{arch}.rope.scaling.type", where) or "none"
     factor = _float(reader, f"{arch}.rope.scaling.factor", where, default=1.0)
     legacy = _float(reader, f"{arch}.rope.scale_linear", where, default=1.0)
     if kind not in ("none", "linear") or (kind == "linear" and factor != 1.0) or legacy != 1.0:
-        shown = f"{kind!r} with factor {factor if legacy == 1.0 else legacy}"
+        shown = f"{reprlib.repr(kind)} with factor {factor if legacy == 1.0 else legacy}"
         raise ModelFormatError(f"{where}: rope scaling {shown} is not supported; supported: none (or linear with factor 1)")
 
 

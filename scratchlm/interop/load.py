@@ -9,6 +9,7 @@ import torch
 
 from scratchlm.devices import parse_device
 from scratchlm.errors import InputFileError
+from scratchlm.gguf_file import is_gguf_file
 from scratchlm.model import GPT
 from scratchlm.tokenizer import Tokenizer
 
@@ -19,9 +20,8 @@ def model_kind(path: str | Path) -> ModelKind:
     """What `path` holds, judged by content (GGUF magic, Hugging Face `model_type`), not name."""
     p = Path(path)
     if p.is_file():
-        with p.open("rb") as handle:
-            if handle.read(4) == b"GGUF":
-                return "gguf"
+        if is_gguf_file(p):
+            return "gguf"
         raise InputFileError(f"{p}: not a GGUF file, and not a folder (give a run folder, a model folder, "
                              "a GGUF file or a Hugging Face checkpoint folder)")
     if not p.is_dir():
@@ -32,6 +32,8 @@ def model_kind(path: str | Path) -> ModelKind:
             data = json.loads(config.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputFileError(f"{config}: not a JSON file ({exc})") from None
+        except OSError as exc:
+            raise InputFileError(f"{config}: cannot read ({exc.strerror or exc})") from None
         if isinstance(data, dict) and "model_type" in data:
             return "hf"
     return "scratchlm"

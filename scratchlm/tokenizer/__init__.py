@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from scratchlm.errors import InputFileError
+from scratchlm.gguf_file import is_gguf_file
 from scratchlm.tokenizer.formats import (
     hf_tokenizer_from_dict,
     import_gguf_tokenizer,
@@ -29,9 +30,7 @@ def load_tokenizer(path: str | Path, pattern: str | None = None) -> Tokenizer:
         raise InputFileError(f"{p}: folder holds no tokenizer.json")
     if not p.is_file():
         raise InputFileError(f"{p}: no such tokenizer file")
-    with p.open("rb") as handle:
-        magic = handle.read(4)
-    if magic == b"GGUF":
+    if is_gguf_file(p):
         return import_gguf_tokenizer(p, pattern)
     data = read_json(p)
     if isinstance(data, dict) and data.get("format") == FORMAT_NAME:

@@ -8,10 +8,12 @@ follow the merge order (then rank-based and merge-based BPE agree) and refuses a
 """
 
 import json
+import reprlib
+from collections import Counter
 from pathlib import Path
 
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.errors import InputFileError
+from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.tokenizer.bytelevel import bytes_to_token_string, token_string_to_bytes
 from scratchlm.tokenizer.pretokenize import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN, resolve_pattern
 from scratchlm.tokenizer.tokenizer import Tokenizer, TokenizerFormatError
@@ -95,8 +97,12 @@ def read_json(path: Path) -> object:
         raise InputFileError(f"{path}: no such file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or a number of more than 4300 digits
         raise TokenizerFormatError(f"{path}: not a JSON file ({exc})") from None
+    except RecursionError:
+        raise TokenizerFormatError(f"{path}: not a JSON file we can read (nested too deeply)") from None
 
 
 def hf_tokenizer_from_dict(data: object, where: str, pattern: str | None = None, name: str = "imported") -> Tokenizer:
@@ -105,24 +111,56 @@ def hf_tokenizer_from_dict(data: object, where: str, pattern: str | None = None,
     try:
         return _hf_tokenizer(data, where, pattern, name)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        # The net under the checks below, for the rarer corners of the pre-tokenizer tree.
         raise TokenizerFormatError(f"{where}: malformed tokenizer.json ({type(exc).__name__}: {exc})") from None
+
+
+# Token ids index an embedding table, and tiktoken stores them as 32-bit ranks.
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_ID
 
 
 def _hf_tokenizer(data: dict, where: str, pattern: str | None, name: str) -> Tokenizer:
     model = data["model"]
     if model.get("type") != "BPE":
-        raise TokenizerFormatError(f"{where}: model type {model.get('type')!r} is not supported; only byte-level BPE is")
+        raise TokenizerFormatError(f"{where}: model type {reprlib.repr(model.get('type'))} is not supported; only byte-level BPE is")
     if model.get("byte_fallback"):
         raise TokenizerFormatError(f"{where}: BPE with byte_fallback (SentencePiece style) is not byte-level BPE; not supported")
     if data.get("normalizer") is not None:
         kind = data["normalizer"].get("type") if isinstance(data["normalizer"], dict) else data["normalizer"]
-        raise TokenizerFormatError(f"{where}: normalizer {kind!r} is not supported")
-    if not isinstance(model.get("vocab"), dict) or not model["vocab"]:
+        raise TokenizerFormatError(f"{where}: normalizer {reprlib.repr(kind)} is not supported")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
         raise TokenizerFormatError(f"{where}: the BPE model has no vocabulary")
-    resolved = resolve_pattern(pattern) if pattern else _pattern_from_hf(data.get("pre_tokenizer"), where)
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    added = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
-    return _tokenizer_from_token_strings(model.get("vocab", {}), merges, added, resolved, where, name=name)
+    bad = next((item for item in vocab.items() if not _is_token_id(item[1])), None)
+    if bad is not None:
+        raise TokenizerFormatError(f"{where}: vocabulary token {reprlib.repr(bad[0])} has id {reprlib.repr(bad[1])}; "
+                                   f"expected an integer from 0 to {MAX_TOKEN_ID}")
+    merges = model.get("merges", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) or _is_pair_of_strings(m) for m in merges):
+        raise TokenizerFormatError(f"{where}: model.merges is not a list of \"left right\" strings or [left, right] pairs")
+    added_tokens = data.get("added_tokens") or []
+    if not isinstance(added_tokens, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and _is_token_id(t.get("id")) for t in added_tokens
+    ):
+        raise TokenizerFormatError(f"{where}: added_tokens is not a list of {{\"content\": text, \"id\": integer}} entries")
+    if pattern:
+        resolved = resolve_pattern(pattern)
+    else:
+        try:
+            resolved = _pattern_from_hf(data.get("pre_tokenizer"), where)
+        except ConfigError as exc:  # the file's regex is refused in words that do not name the file
+            raise TokenizerFormatError(f"{where}: pre-tokenizer regex: {exc}") from None
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    added = {t["content"]: t["id"] for t in added_tokens}
+    return _tokenizer_from_token_strings(vocab, pairs, added, resolved, where, name=name)
+
+
+def _is_pair_of_strings(merge: object) -> bool:
+    return isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge)
 
 
 def _pattern_from_hf(pre: dict | None, where: str) -> str:
@@ -156,20 +194,30 @@ def read_gguf_metadata(path: str | Path, prefix: str = "", reader=None) -> dict:
     """The key/value metadata of a GGUF file whose keys start with `prefix`, as Python values.
     `reader`: a GGUFReader already open on `path` (parsing the metadata of a 49k vocabulary
     takes seconds; a model import needs it once, not twice)."""
-    p = Path(path)
-    if reader is not None:
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
-    if not p.is_file():
-        raise InputFileError(f"{p}: no such file")
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise InputFileError("reading GGUF files needs the `gguf` package: pip install gguf") from None
-    try:
-        reader = GGUFReader(p)
-    except Exception as exc:  # the reader raises ValueError, struct and numpy errors alike
-        raise TokenizerFormatError(f"{p}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-    return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
+    from scratchlm.gguf_file import gguf_metadata, open_gguf  # imports gguf-py (0.2 s): only when needed
+
+    return gguf_metadata(reader if reader is not None else open_gguf(path), str(path), prefix)
+
+
+_REQUIRED = object()
+
+
+def _gguf_typed(meta: dict, key: str, kind: type, where: str, default: object = _REQUIRED, of: type | None = None) -> object:
+    """`meta[key]` checked to be a `kind` (of `of` elements for a list), or `default` if absent.
+    The value types in a GGUF file are the file's claim; a corrupt one must not reach the code
+    below as, say, a string where a list of tokens was expected."""
+    value = meta.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise TokenizerFormatError(f"{where}: metadata key {key} is missing")
+        return default
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if ok and of is not None:
+        ok = all(isinstance(v, of) and not (of is int and isinstance(v, bool)) for v in value)
+    if not ok:
+        expected = f"a list of {of.__name__}" if of is not None else kind.__name__
+        raise TokenizerFormatError(f"{where}: metadata key {key} is {reprlib.repr(value)}; expected {expected}")
+    return value
 
 
 def import_gguf_tokenizer(path: str | Path, pattern: str | None = None, reader=None) -> Tokenizer:
@@ -185,31 +233,39 @@ def import_gguf_tokenizer(path: str | Path, pattern: str | None = None, reader=N
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise TokenizerFormatError(
-            f"{where}: tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') is"
+            f"{where}: tokenizer model {reprlib.repr(model)} is not supported; only byte-level BPE ('gpt2') is"
         )
     if pattern is None:
-        pre = meta.get("tokenizer.ggml.pre", "default")
+        pre = _gguf_typed(meta, "tokenizer.ggml.pre", str, where, default="default")
         if pre not in GGUF_PRE_PATTERNS:
             raise TokenizerFormatError(
-                f"{where}: pre-tokenizer {pre!r} is not known (known: {', '.join(GGUF_PRE_PATTERNS)}); pass a pattern"
+                f"{where}: pre-tokenizer {reprlib.repr(pre)} is not known (known: {', '.join(GGUF_PRE_PATTERNS)}); pass a pattern"
             )
         resolved = GGUF_PRE_PATTERNS[pre]
     else:
         resolved = resolve_pattern(pattern)
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    tokens: list[str] = _gguf_typed(meta, "tokenizer.ggml.tokens", list, where, of=str)
+    types: list[int] = _gguf_typed(meta, "tokenizer.ggml.token_type", list, where, default=[1] * len(tokens), of=int)
+    if len(types) != len(tokens):
+        raise TokenizerFormatError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
     # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
     added = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}
     vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind == 1}
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    metadata = {
-        "source": p.name,
-        "chat_template": meta.get("tokenizer.chat_template"),
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "add_bos_token": meta.get("tokenizer.ggml.add_bos_token"),
-    }
-    metadata = {k: v for k, v in metadata.items() if v is not None}
+    if len(vocab) + len(added) != sum(kind in (1, 3, 4) for kind in types):
+        counts = Counter(tok for tok, kind in zip(tokens, types) if kind in (1, 3, 4))
+        twice = next(tok for tok, n in counts.items() if n > 1)
+        raise TokenizerFormatError(f"{where}: token {reprlib.repr(twice)} appears twice in tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_typed(meta, "tokenizer.ggml.merges", list, where, default=[], of=str)]
+    metadata: dict[str, object] = {"source": p.name}
+    optional = (("chat_template", "tokenizer.chat_template", str), ("bos_token_id", "tokenizer.ggml.bos_token_id", int),
+                ("eos_token_id", "tokenizer.ggml.eos_token_id", int), ("add_bos_token", "tokenizer.ggml.add_bos_token", bool))
+    for name, key, kind in optional:
+        value = _gguf_typed(meta, key, kind, where, default=None)
+        if value is not None:
+            metadata[name] = value
+    for name in ("bos_token_id", "eos_token_id"):
+        if not 0 <= metadata.get(name, 0) < len(tokens):
+            raise TokenizerFormatError(f"{where}: tokenizer.ggml.{name} is {metadata[name]}; the ids are 0 to {len(tokens) - 1}")
     return _tokenizer_from_token_strings(vocab, merges, added, resolved, where, name=p.stem, metadata=metadata)
 
 
@@ -227,7 +283,7 @@ def _tokenizer_from_token_strings(
         raise TokenizerFormatError(f"{where}: the vocabulary is empty")
     added_ids = set(added.values())
     try:
-        ranks = {token_string_to_bytes(t): int(i) for t, i in vocab.items() if int(i) not in added_ids}
+        ranks = {token_string_to_bytes(t): i for t, i in vocab.items() if i not in added_ids}
     except KeyError as exc:
         raise TokenizerFormatError(f"{where}: token with character {exc.args[0]!r} outside the byte-level alphabet") from None
     _check_merge_order(ranks, merges, vocab, where)
@@ -235,7 +291,10 @@ def _tokenizer_from_token_strings(
     absent = [b for b in range(256) if bytes([b]) not in ranks]
     for n, byte in enumerate(absent):
         ranks[bytes([byte])] = declared_size + n
-    return Tokenizer(ranks, added, pattern, name=name, metadata=metadata, vocab_size=declared_size)
+    try:
+        return Tokenizer(ranks, added, pattern, name=name, metadata=metadata, vocab_size=declared_size)
+    except TokenizerFormatError as exc:  # its own checks (shared ids, empty special token) name no file
+        raise TokenizerFormatError(f"{where}: {exc}") from None
 
 
 def _check_merge_order(ranks: dict[bytes, int], merges: list[tuple[str, ...]], vocab: dict[str, int], where: str) -> None:
