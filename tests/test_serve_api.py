@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Iterator, Sequence
 
 import httpx
 import openai
@@ -27,9 +27,11 @@ from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.serve import server as server_module
+from scratchlm.serve.chat_template import chat_stop_ids
 from scratchlm.serve.engine import Generation
 from scratchlm.serve.server import ServerThread, _sampling_error, create_app, uvicorn_config
 from scratchlm.tokenizer import train_bpe
+from serve_helpers import submitted_generations, wait_until
 
 TRAIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
@@ -67,15 +69,6 @@ def server(model, tokenizer, tmp_path_factory):
 
 def scheduler_of(app):
     return app.state.served.scheduler
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def completion(**changes) -> dict:
@@ -265,7 +258,10 @@ def test_null_fields_mean_the_defaults(client):
                            "repetition_penalty", "stop", "seed", "n", "stream", "stream_options", "user", "echo",
                            "logprobs", "suffix"])
     body = client.post("/v1/completions", json=completion(**nulls)).json()
-    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] >= 1
+    # temperature 1 and no seed: the draw may be the end token at once, so the count may be 0
+    [choice] = body["choices"]
+    assert (choice["finish_reason"] == "length") == (body["usage"]["completion_tokens"] == 5)
+    assert choice["finish_reason"] in ("stop", "length")
 
 
 def test_unknown_model_is_a_404_like_openai(client):
@@ -432,95 +428,118 @@ def test_openai_client_needs_the_key(model, tokenizer, tmp_path):
         assert client.completions.create(model=NAME, prompt="hi", max_tokens=2).choices
 
 
-def test_concurrent_streams_all_complete_and_are_batched(server):
-    scheduler = scheduler_of(server.server.config.app)
-    most_active = 0
-    stop_watching = threading.Event()
+class GatedGPT(GPT):
+    """The tiny model held by a gate: after its first `free_passes` forward passes, each waits for
+    `gate`, so nothing the model does next happens before the test (or what it set up to open the
+    gate) allows it, whatever the machine's speed. The logits of the ids in `never` are -inf: with
+    the stop tokens there, no generation can end before its max_tokens, whatever it draws."""
 
-    def watch() -> None:
-        nonlocal most_active
-        while not stop_watching.is_set():
-            most_active = max(most_active, scheduler.active)
-            time.sleep(0.001)
+    def __init__(self, config, gate: threading.Event, free_passes: int = 0, never: Sequence[int] = ()) -> None:
+        super().__init__(config)
+        self.gate, self.free_passes, self.never = gate, free_passes, list(never)
+        self.passes = 0  # only the scheduler's thread runs the model
 
-    def one_stream(i: int, results: list) -> None:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        stream = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=1.0, seed=i,
+    def forward(self, *args, **kwargs):
+        self.passes += 1
+        if self.passes > self.free_passes:
+            self.gate.wait()
+        logits, loss = super().forward(*args, **kwargs)
+        if self.never:
+            logits[..., self.never] = float("-inf")
+        return logits, loss
+
+
+def gated_model(model: GPT, gate: threading.Event, free_passes: int = 0, never: Sequence[int] = ()) -> GatedGPT:
+    """A GatedGPT with the weights of `model`."""
+    gated = GatedGPT(model.config, gate, free_passes, never)
+    gated.load_state_dict(model.state_dict())
+    return gated.eval()
+
+
+@contextlib.contextmanager
+def raw_request(server, path: str, body: dict) -> Iterator[socket.socket]:
+    """POST `body` on a plain socket; the client leaves (closes it) when the block ends, without
+    reading a byte of the answer."""
+    payload = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
+        yield raw
+
+
+def test_concurrent_streams_all_complete_and_are_batched(model, tokenizer, tmp_path, monkeypatch):
+    # The first request's prefill waits at the gate until all six requests are queued, so the
+    # next round admits the others at once; as none can end before its 8 tokens, the step after
+    # decodes all six together.
+    gate = threading.Event()
+    endless = gated_model(model, gate, never=chat_stop_ids(tokenizer))
+    app = create_app(endless, tokenizer, NAME, max_batch=8, feedback_path=tmp_path / "fb.jsonl")
+    results: list = [None] * 6
+
+    def one_stream(i: int) -> None:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=8, temperature=1.0, seed=i,
                                                 stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
         results[i] = (chunks[-2].choices[0].finish_reason, chunks[-1].usage.completion_tokens)
 
-    results: list = [None] * 6
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    threads = [threading.Thread(target=one_stream, args=(i, results)) for i in range(len(results))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    stop_watching.set()
-    watcher.join()
-    assert all(r is not None and r[0] in ("stop", "length") and r[1] >= 1 for r in results), results
-    assert most_active > 1  # batched together, not one after another
-    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0)
-
-
-class SlowGPT(GPT):
-    """The tiny model at 40 ms a forward pass: a generation lasts seconds, so a slot that frees
-    sooner was freed by the disconnect, not by the generation's end."""
-
-    def forward(self, *args, **kwargs):
-        time.sleep(0.04)
-        return super().forward(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def slow_server(model, tokenizer, tmp_path_factory):
-    app = create_app(SlowGPT(model.config).eval(), tokenizer, NAME, feedback_path=tmp_path_factory.mktemp("fb") / "f.jsonl")
     with ServerThread(app) as running:
-        yield running
+        scheduler = scheduler_of(app)
+        queued = submitted_generations(app, monkeypatch)
+        threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(len(results))]
+        try:
+            for thread in threads:
+                thread.start()
+            assert wait_until(lambda: len(queued) == len(results), timeout=30)
+        finally:
+            gate.set()  # also on failure, so that the streams and the scheduler can end
+            for thread in threads:
+                thread.join(timeout=60)
+    assert results == [("length", 8)] * len(results)
+    assert scheduler.peak_active == len(results)  # batched together, not one after another
 
 
-def test_client_leaving_a_stream_frees_its_slot(slow_server):
-    scheduler = scheduler_of(slow_server.server.config.app)
-    body = completion(prompt="The", max_tokens=100, stream=True, temperature=1.0)  # 4 s to the end
-    with httpx.Client(base_url=slow_server.url) as http:
-        with http.stream("POST", "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            next(response.iter_lines())  # generation has started
-            assert scheduler.active == 1
-        left = time.monotonic()
-    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0, timeout=5)
-    assert time.monotonic() - left < 1.5
+@pytest.mark.parametrize("stream", [False, True], ids=["whole_reply", "stream"])
+def test_a_client_leaving_a_running_request_cancels_it_within_one_step(model, tokenizer, tmp_path, monkeypatch,
+                                                                       stream):
+    # After the prefill, each forward pass waits for a gate that only a cancel opens, and no stop
+    # token can be drawn: the generation cannot end unless the client's leaving cancels it.
+    gate = threading.Event()
+    cancelled: list[Generation] = []
+    cancel = Generation.cancel
 
+    def cancel_and_open(generation: Generation) -> None:
+        cancel(generation)
+        cancelled.append(generation)
+        gate.set()
 
-def test_client_leaving_a_whole_reply_request_frees_its_slot(slow_server):
-    scheduler = scheduler_of(slow_server.server.config.app)
-    payload = json.dumps(chat(max_tokens=60, temperature=1.0)).encode()  # 2.4 s to the end
-    host, port = slow_server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as raw:
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        assert wait_until(lambda: scheduler.active == 1, timeout=5)
-    left = time.monotonic()
-    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0, timeout=5)
-    assert time.monotonic() - left < 1.5
+    monkeypatch.setattr(Generation, "cancel", cancel_and_open)
+    endless = gated_model(model, gate, free_passes=1, never=chat_stop_ids(tokenizer))
+    app = create_app(endless, tokenizer, NAME, feedback_path=tmp_path / "fb.jsonl")
+    with ServerThread(app) as server:
+        try:
+            scheduler = scheduler_of(app)
+            with raw_request(server, "/v1/chat/completions", chat(max_tokens=60, temperature=1.0, stream=stream)):
+                assert wait_until(lambda: scheduler.active == 1, timeout=30), "never admitted"  # its next pass waits
+                assert not cancelled
+            assert wait_until(lambda: cancelled and cancelled[0].finish_reason is not None, timeout=30)
+            [generation] = set(cancelled)
+            # Two tokens, the prefill's and that of the pass the gate held: the slot was freed at
+            # the step after the cancel, out of the 60 the request asked for.
+            assert (generation.finish_reason, len(generation.token_ids)) == ("cancelled", 2)
+            assert scheduler.active == 0 and scheduler.waiting == 0
+        finally:
+            gate.set()
 
 
 def test_full_queue_is_a_503(model, tokenizer, tmp_path):
-    slow = SlowGPT(model.config).eval()
-    app = create_app(slow, tokenizer, NAME, max_batch=1, max_queue=1, feedback_path=tmp_path / "fb.jsonl")
-    scheduler = None
-    with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
-        scheduler = scheduler_of(app)
-        body = completion(max_tokens=100, stream=True)
-        with http.stream("POST", "/v1/completions", json=body) as first:
-            next(first.iter_lines())
-            with http.stream("POST", "/v1/completions", json=body) as second:
-                assert second.status_code == 200 and wait_until(lambda: scheduler.waiting == 1)
-                error = assert_openai_error(http.post("/v1/completions", json=completion()), 503)
-                assert error["type"] == "server_error"
-    assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0, timeout=5)
+    with gated_server(model, tokenizer, tmp_path, max_queue=1) as (_server, scheduler, http):
+        with http.stream("POST", "/v1/completions", json=completion(stream=True)) as second:
+            assert second.status_code == 200 and wait_until(lambda: scheduler.waiting == 1)
+            error = assert_openai_error(http.post("/v1/completions", json=completion()), 503)
+            assert error["type"] == "server_error"
+            assert scheduler.waiting == 1 and scheduler.active == 0  # the first is in its prefill, at the gate
 
 
 @pytest.mark.slow
@@ -589,26 +608,12 @@ def test_serve_command_answers_and_stops_on_ctrl_c(model, tokenizer, tmp_path):
 
 
 # ---- limits: what one request may ask for ------------------------------------------------------
-class GatedGPT(GPT):
-    """The tiny model whose forward passes wait for `gate`: while it is closed, the first
-    generation admitted holds the only slot (max_batch=1) and every later one stays in the queue,
-    for as long as the test needs, whatever the machine's speed."""
-
-    def __init__(self, config, gate: threading.Event) -> None:
-        super().__init__(config)
-        self.gate = gate
-
-    def forward(self, *args, **kwargs):
-        self.gate.wait()
-        return super().forward(*args, **kwargs)
-
-
 @contextlib.contextmanager
 def gated_server(model, tokenizer, tmp_path, max_queue: int):
     """(server, scheduler, http client) with one slot, held by a first streaming request that
     waits at the gate; the gate opens at the end so the scheduler can stop."""
     gate = threading.Event()
-    app = create_app(GatedGPT(model.config, gate).eval(), tokenizer, NAME, max_batch=1, max_queue=max_queue,
+    app = create_app(gated_model(model, gate), tokenizer, NAME, max_batch=1, max_queue=max_queue,
                      feedback_path=tmp_path / "fb.jsonl")
     with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
         try:  # opened before anything closes, so that the scheduler can stop even after a failure
@@ -637,11 +642,7 @@ def test_a_client_leaving_while_its_request_waits_cancels_every_generation_of_it
     cancel = Generation.cancel
     monkeypatch.setattr(Generation, "cancel", lambda self: (cancelled.append(self), cancel(self))[1])
     with gated_server(model, tokenizer, tmp_path, max_queue=4) as (server, scheduler, _http):
-        payload = json.dumps(chat(n=3, stream=stream)).encode()
-        host, port = server.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as raw:
-            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        with raw_request(server, "/v1/chat/completions", chat(n=3, stream=stream)):
             assert wait_until(lambda: scheduler.waiting == 3)
         # the first request is still streaming: every generation cancelled is one of the three that left
         assert wait_until(lambda: len(set(cancelled)) == 3)

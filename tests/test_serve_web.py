@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from scratchlm.atomic_io import OutputFileError
+from scratchlm.model import GPT, get_preset
+from scratchlm.serve.chat_template import chat_stop_ids
+from scratchlm.serve.engine import Generation
 from scratchlm.serve.web import (
     FEEDBACK_FILE_MODE,
     FeedbackFileFullError,
@@ -28,6 +32,8 @@ from scratchlm.serve.web import (
     read_feedback,
     web_routes,
 )
+from scratchlm.tokenizer import train_bpe
+from serve_helpers import submitted_generations, wait_until
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -92,7 +98,9 @@ def test_page_script_sets_model_text_as_text_only():
 # ---- records -------------------------------------------------------------------------------
 def test_rating_appends_one_record_without_a_pair(tmp_path):
     path = tmp_path / "fb.jsonl"
+    before = int(time.time())
     response = client_for(path).post("/v1/feedback", json=feedback_body())
+    after = time.time()
     assert response.status_code == 200
     (record,) = lines_of(path)
     assert response.json() == {"id": record["id"]}
@@ -101,7 +109,7 @@ def test_rating_appends_one_record_without_a_pair(tmp_path):
     assert "chosen" not in record and "rejected" not in record
     assert record["model"] == "tiny" and record["reply_id"] == "chatcmpl-1"
     assert record["sampling"] == {"temperature": 0.7, "top_p": 0.95, "max_tokens": 64}
-    assert abs(record["created"] - time.time()) < 60 and isinstance(record["created"], int)
+    assert isinstance(record["created"], int) and before <= record["created"] <= after  # unix seconds, when it was made
 
 
 def test_edit_makes_a_preference_pair_chosen_edit_rejected_original(tmp_path):
@@ -378,22 +386,49 @@ def browser():
         chromium.close()
 
 
+class HeldGPT(GPT):
+    """The tiny random model for the browser. It never draws a stop token, so every reply has
+    text and runs to its max tokens; and a forward pass waits at `gate` while `hold()` says so,
+    which holds a reply part-way for as long as a test needs, whatever the machine's speed."""
+
+    def __init__(self, config, never: Sequence[int]) -> None:
+        super().__init__(config)
+        self.never = list(never)
+        self.gate = threading.Event()
+        self.hold: Callable[[], bool] = lambda: False
+        self.holding = threading.Event()  # a pass waits at the gate
+
+    def forward(self, *args, **kwargs):
+        if not self.gate.is_set() and self.hold():
+            self.holding.set()
+            self.gate.wait()
+        logits, loss = super().forward(*args, **kwargs)
+        logits[..., self.never] = float("-inf")
+        return logits, loss
+
+
 @pytest.fixture(scope="module")
-def tiny_chat_model():
-    """(model, tokenizer): the tiny random model, 20 ms slower per forward pass. Each token then
-    reaches the browser in its own network read, so a page that waited for the whole reply
-    could not pass the streaming check."""
-    from scratchlm.model import GPT, get_preset
-    from scratchlm.tokenizer import train_bpe
-
-    class PacedGPT(GPT):
-        def forward(self, *args, **kwargs):
-            time.sleep(0.02)
-            return super().forward(*args, **kwargs)
-
+def tiny_weights():
     tokenizer = train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
     torch.manual_seed(0)
-    return PacedGPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval(), tokenizer  # 128 positions
+    model = GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size))  # 128 positions
+    return model.config, model.state_dict(), tokenizer
+
+
+@pytest.fixture
+def tiny_chat_model(tiny_weights):
+    """(model, tokenizer): a HeldGPT of its own for each test, holding nothing until told to."""
+    config, weights, tokenizer = tiny_weights
+    model = HeldGPT(config, chat_stop_ids(tokenizer))
+    model.load_state_dict(weights)
+    return model.eval(), tokenizer
+
+
+# The text of the (last) reply on the page is `expected`.
+REPLY_SHOWS = """(expected) => {
+    const texts = document.querySelectorAll("[data-role=assistant] [data-testid=message-text]");
+    return texts.length > 0 && texts[texts.length - 1].textContent === expected;
+}"""
 
 
 def open_page(browser, url: str, script_errors: list[str]):
@@ -403,26 +438,17 @@ def open_page(browser, url: str, script_errors: list[str]):
     return page
 
 
-# Records the reply's length at every DOM change, with the time: the trace of a streamed reply.
-WATCH_REPLY = """() => {
-    window.replyTrace = [];
-    const list = document.getElementById("messages");
-    new MutationObserver(() => {
-        const texts = list.querySelectorAll("[data-role=assistant] [data-testid=message-text]");
-        if (texts.length) window.replyTrace.push([texts[texts.length - 1].textContent.length, performance.now()]);
-    }).observe(list, { subtree: true, childList: true, characterData: true });
-}"""
-
-
 @pytest.mark.slow
-def test_chat_page_streams_a_reply_and_saves_rating_and_edit_in_chromium(browser, tiny_chat_model, tmp_path):
+def test_chat_page_streams_a_reply_and_saves_rating_and_edit_in_chromium(browser, tiny_chat_model, tmp_path,
+                                                                          monkeypatch):
     import httpx
     from playwright.sync_api import expect
 
     from scratchlm.serve.server import ServerThread, create_app
 
+    model, tokenizer = tiny_chat_model
     feedback = tmp_path / "feedback" / "chat.jsonl"
-    app = create_app(*tiny_chat_model, "tiny", feedback_path=feedback)
+    app = create_app(model, tokenizer, "tiny", feedback_path=feedback)
     script_errors: list[str] = []
     with ServerThread(app) as server:
         page = open_page(browser, server.url, script_errors)
@@ -432,19 +458,23 @@ def test_chat_page_streams_a_reply_and_saves_rating_and_edit_in_chromium(browser
             page.get_by_label("Temperature").fill("0")  # greedy: the reply can be checked against the API's
             page.get_by_label("Max tokens").fill("20")
             expect(page.locator("#max-tokens-value")).to_have_text("20")
-            page.evaluate(WATCH_REPLY)
 
-            # A message, and the reply streaming in.
+            # A message, and the reply streaming in: the server holds it once it has sent some
+            # text, and the page must show that text while the rest does not exist yet.
+            generations = submitted_generations(app, monkeypatch)
+            model.hold = lambda: any(generation.stream.text for generation in generations)
             page.get_by_label("Message").fill("Hello there")
             page.get_by_label("Message").press("Enter")
-            expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)  # tools come when it ends
+            assert model.holding.wait(WAIT_MS / 1000), "the reply never had any text"
+            [generation] = generations
+            held = generation.stream.text  # all sent: no stop strings, so nothing is held back
+            assert generation.finish_reason is None
+            page.wait_for_function(REPLY_SHOWS, arg=held, timeout=WAIT_MS)
+            expect(page.get_by_test_id("thumbs-up")).to_have_count(0)  # tools come when it ends
+            model.gate.set()
+            expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)
             reply = page.get_by_test_id("message-text").nth(1).text_content()
-            trace = page.evaluate("window.replyTrace")
-            lengths = sorted({length for length, _ in trace if length})
-            assert len(lengths) >= 3, f"the reply appeared in {len(lengths)} step(s): {trace}"
-            grow_times = [t for length, t in trace if length]
-            assert grow_times[-1] - grow_times[0] > 40, "every piece arrived at once: not streamed"
-            assert lengths[-1] == len(reply) > 0
+            assert reply.startswith(held) and len(reply) > len(held)
 
             # Thumbs up, then an edit of the same reply.
             page.get_by_test_id("thumbs-up").click()
@@ -481,6 +511,7 @@ def test_chat_page_streams_a_reply_and_saves_rating_and_edit_in_chromium(browser
                 "model": "tiny", "temperature": 0, "top_p": 0.95, "max_tokens": 20, "messages": messages})
             assert direct.json()["choices"][0]["message"]["content"] == reply
         finally:
+            model.gate.set()  # so that the server can stop, whatever failed
             page.close()
     assert script_errors == []
 
@@ -542,12 +573,13 @@ def test_chat_page_sends_the_api_key_to_chat_and_feedback_in_chromium(browser, t
 
 @pytest.mark.slow
 def test_chat_page_fits_max_tokens_to_a_small_context_and_marks_a_stopped_reply_in_chromium(
-        browser, tiny_chat_model, tmp_path):
+        browser, tiny_chat_model, tmp_path, monkeypatch):
     from playwright.sync_api import expect
 
     from scratchlm.serve.server import ServerThread, create_app
 
-    app = create_app(*tiny_chat_model, "tiny", feedback_path=tmp_path / "feedback.jsonl")
+    model, tokenizer = tiny_chat_model
+    app = create_app(model, tokenizer, "tiny", feedback_path=tmp_path / "feedback.jsonl")
     script_errors: list[str] = []
     with ServerThread(app) as server:
         page = open_page(browser, server.url, script_errors)
@@ -570,18 +602,34 @@ def test_chat_page_fits_max_tokens_to_a_small_context_and_marks_a_stopped_reply_
             expect(page.get_by_test_id("error")).to_be_hidden()
             assert page.get_by_test_id("message-text").nth(1).text_content()
 
-            # Stop while a reply streams: what arrived stays, marked as stopped.
+            # Stop while a reply streams: what arrived stays, marked as stopped. The server holds
+            # the reply once it has sent some text, until the stop cancels it: it cannot end first.
+            generations = submitted_generations(app, monkeypatch)
+            cancel = Generation.cancel
+
+            def cancel_and_open(generation: Generation) -> None:
+                cancel(generation)
+                if generation in generations:
+                    model.gate.set()
+
+            monkeypatch.setattr(Generation, "cancel", cancel_and_open)
+            model.hold = lambda: any(generation.stream.text for generation in generations)
             page.get_by_test_id("new-chat").click()
             slider.fill("100")
             page.get_by_label("Message").fill("The quick brown fox")
             page.get_by_test_id("send").click()
-            page.wait_for_function(  # textContent: the greedy reply may be only white space
-                "() => document.querySelector('[data-role=assistant] [data-testid=message-text]')?.textContent",
-                timeout=WAIT_MS)
+            assert model.holding.wait(WAIT_MS / 1000), "the reply never had any text"
+            [generation] = generations
+            held_tokens = len(generation.token_ids)
+            page.wait_for_function(REPLY_SHOWS, arg=generation.stream.text, timeout=WAIT_MS)
             page.get_by_test_id("stop").click()
             expect(page.get_by_test_id("thumbs-up")).to_have_count(1, timeout=WAIT_MS)
             expect(page.get_by_test_id("reply-cut")).to_have_text("(stopped)")
             expect(page.get_by_test_id("error")).to_be_hidden()
+            # The stop reached the server: the pass it held was the generation's last.
+            assert wait_until(lambda: generation.finish_reason is not None)
+            assert (generation.finish_reason, len(generation.token_ids)) == ("cancelled", held_tokens + 1)
         finally:
+            model.gate.set()  # so that the server can stop, whatever failed
             page.close()
     assert script_errors == []
