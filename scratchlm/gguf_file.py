@@ -19,6 +19,7 @@ type u32, offset u64 into the data section, which starts at the next multiple of
 """
 
 import mmap
+import reprlib
 import struct
 from pathlib import Path
 
@@ -76,11 +77,6 @@ class _Walk:
             raise self.fail(f"{what} (at byte {start}) is not UTF-8") from None
 
 
-def _shown(name: str) -> str:
-    """A name from the file as a message shows it: one line, not a megabyte."""
-    return repr(name)[1:-1][:80]
-
-
 def is_gguf_file(path: str | Path) -> bool:
     """Whether the file at `path` starts with GGUF's magic (judged by content, not name)."""
     try:
@@ -132,9 +128,9 @@ def _check_layout(data, where: str) -> None:
     for i in range(n_kv):
         key = walk.text(f"metadata key {i}")
         if key in seen:
-            raise walk.fail(f"metadata key {_shown(key)} appears twice")
+            raise walk.fail(f"metadata key {reprlib.repr(key)} appears twice")
         seen.add(key)
-        vtype = walk.u32(f"the type of metadata key {_shown(key)}")
+        vtype = walk.u32(f"the type of metadata key {reprlib.repr(key)}")
         start = walk.pos
         _skip_value(walk, key, vtype)
         if key == "general.alignment":
@@ -147,12 +143,12 @@ def _check_layout(data, where: str) -> None:
     data_start = -(-walk.pos // alignment) * alignment
     for name, n_bytes, offset in tensors:
         if data_start + offset + n_bytes > len(data):
-            raise walk.fail(f"tensor {_shown(name)}: its {n_bytes} bytes at byte {data_start + offset} run past the end "
+            raise walk.fail(f"tensor {reprlib.repr(name)}: its {n_bytes} bytes at byte {data_start + offset} run past the end "
                             f"of the file ({len(data)} bytes)")
 
 
 def _skip_value(walk: _Walk, key: str, vtype: int) -> None:
-    shown = _shown(key)
+    shown = reprlib.repr(key)
     if vtype in SCALAR_SIZES:
         walk.skip(SCALAR_SIZES[vtype], f"the value of metadata key {shown}")
     elif vtype == STRING:
@@ -200,7 +196,7 @@ def _tensor_infos(walk: _Walk, count: int) -> list[tuple[str, int, int]]:
     infos, names = [], set()
     for i in range(count):
         name = walk.text(f"the name of tensor {i}")
-        shown = _shown(name)
+        shown = reprlib.repr(name)
         if name in names:
             raise walk.fail(f"tensor {shown} appears twice")
         names.add(name)
@@ -246,7 +242,7 @@ def gguf_value(reader: GGUFReader, key: str, where: str) -> object:
     try:
         return field.contents()
     except UnicodeDecodeError:
-        raise InputFileError(f"{where}: metadata key {_shown(key)} holds text that is not UTF-8") from None
+        raise InputFileError(f"{where}: metadata key {reprlib.repr(key)} holds text that is not UTF-8") from None
 
 
 def gguf_metadata(reader: GGUFReader, where: str, prefix: str = "") -> dict[str, object]:

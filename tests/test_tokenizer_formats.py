@@ -314,7 +314,7 @@ HOSTILE_GGUF_TOKENIZERS = {
     # tokenizer without a word, before.
     "no token list": (dict(drop=("tokenizer.ggml.tokens",)), r"metadata key tokenizer.ggml.tokens is missing"),
     "token list that is a string": (dict(changes={"tokenizer.ggml.tokens": ("abc", 8)}), r"tokenizer.ggml.tokens is 'abc'; expected a list of str"),
-    "token that is not UTF-8": (dict(tokens=[b"\xff"] * 3), r"metadata key tokenizer.ggml.tokens holds text that is not UTF-8"),
+    "token that is not UTF-8": (dict(tokens=[b"\xff"] * 3), r"metadata key 'tokenizer.ggml.tokens' holds text that is not UTF-8"),
     "fewer types than tokens": (dict(types=[1] * 100), r"259 tokens but 100 token types"),
     "merges that are numbers": (dict(changes={"tokenizer.ggml.merges": ([1, 2], 9)}), r"tokenizer.ggml.merges is \[1, 2\]; expected a list of str"),
     "end-of-sequence id past the tokens": (dict(changes={"tokenizer.ggml.eos_token_id": (259, 4)}), r"tokenizer.ggml.eos_token_id is 259; the ids are 0 to 258"),

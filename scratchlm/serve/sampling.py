@@ -28,6 +28,7 @@ streams is exactly what it returns.
 
 import codecs
 import numbers
+import reprlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -106,9 +107,9 @@ class SamplingConfig:
              f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}"),
             (len(stop) <= MAX_STOP_STRINGS, f"stop must hold at most {MAX_STOP_STRINGS} strings, not {len(stop)}"),
             (all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop),
-             f"stop must be non-empty strings of at most {MAX_STOP_LENGTH} characters, not {_abridged(stop)}"),
+             f"stop must be non-empty strings of at most {MAX_STOP_LENGTH} characters, not {reprlib.repr(stop)}"),
             (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-             f"stop_token_ids must be token ids (ints >= 0), not {_abridged(self.stop_token_ids)}"),
+             f"stop_token_ids must be token ids (ints >= 0), not {reprlib.repr(self.stop_token_ids)}"),
             (self.seed is None or (_is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED),
              f"seed must be an integer in [-2**63, 2**64 - 1], not {self.seed!r}"),
             (_is_int(self.num_samples) and 1 <= self.num_samples <= MAX_NUM_SAMPLES,
@@ -121,12 +122,6 @@ class SamplingConfig:
     @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-
-def _abridged(values: tuple, limit: int = 80) -> str:
-    """repr of a value a request sent, cut so that an error message stays one short line."""
-    text = repr(values)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- logits -> next token ------------------------------------------------------------------

@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import reprlib
 import secrets
 import socket
 import sys
@@ -55,7 +56,7 @@ from scratchlm.serve.chat_template import (
 )
 from scratchlm.serve.engine import Generation, Scheduler, ServerBusyError, TextEvent
 from scratchlm.serve.sampling import SamplingConfig, encode_prompt
-from scratchlm.serve.web import DEFAULT_FEEDBACK_MAX_BYTES, MAX_MESSAGES, abridged, openai_error, web_routes
+from scratchlm.serve.web import DEFAULT_FEEDBACK_MAX_BYTES, MAX_MESSAGES, openai_error, web_routes
 from scratchlm.tokenizer import Tokenizer
 
 log = logging.getLogger("scratchlm.serve")
@@ -298,7 +299,7 @@ class LoopbackHosts:
             header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             name = _host_name(header)
             if header and not (is_loopback_host(name) or name in self.allowed):
-                error = APIError(421, f"this server does not answer to the host {abridged(header)}: on a loopback "
+                error = APIError(421, f"this server does not answer to the host {reprlib.repr(header)}: on a loopback "
                                  "address it answers only to localhost, 127.0.0.1 and [::1], which stops DNS "
                                  "rebinding; behind a proxy that passes its own host name, start it with "
                                  "--allowed-host NAME", code="host_not_allowed")

@@ -29,6 +29,7 @@ records leaves whole lines only. A write cut short (a full disk) is reported, no
 import json
 import logging
 import os
+import reprlib
 import secrets
 import threading
 import time
@@ -261,11 +262,6 @@ def _static_files() -> dict[str, bytes]:
     return {name: folder.joinpath(name).read_bytes() for name in STATIC_FILES}
 
 
-def abridged(text: str, limit: int = 100) -> str:
-    """`text` as an error message may repeat it: a header can be kilobytes."""
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
 def _is_json(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/json"
 
@@ -277,10 +273,10 @@ def cross_site_reason(headers: Mapping[str, str]) -> str | None:
     neither, and are the API key's business."""
     fetch_site = headers.get("sec-fetch-site")
     if fetch_site is not None:
-        return None if fetch_site in ("same-origin", "none") else f"Sec-Fetch-Site is {abridged(fetch_site)}"
+        return None if fetch_site in ("same-origin", "none") else f"Sec-Fetch-Site is {reprlib.repr(fetch_site)}"
     origin = headers.get("origin")
     if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
-        return f"Origin {abridged(origin)} is not this server"
+        return f"Origin {reprlib.repr(origin)} is not this server"
     return None
 
 
