@@ -5,6 +5,8 @@ The slow part is SmolLM2-135M-Instruct (a real llama.cpp file) against transform
 else runs on tiny models written here with GGUFWriter or `export_gguf`.
 """
 
+import re
+
 import numpy as np
 import pytest
 import regex
@@ -16,8 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchlm.errors import ConfigError, InputFileError, ModelFormatError
+from scratchlm.gguf_file import open_gguf
+from scratchlm.interop import gguf as gguf_interop
 from scratchlm.interop.gguf import (
     SUPPORTED_TYPES,
+    config_from_gguf,
     export_gguf,
     import_gguf,
     tensor_slots,
@@ -370,6 +375,26 @@ REFUSALS = {
                   r"llama.attention.key_length is 128 but embedding_length / head_count is 64"),
     "partial rope": (dict(keys={"llama.rope.dimension_count": (32, GGUFValueType.UINT32)}), r"llama.rope.dimension_count is 32"),
     "missing key": (dict(drop_keys=("llama.block_count",)), r"metadata key llama.block_count is missing"),
+    # llama.cpp reads a factor without a type as linear scaling (its default type)
+    "rope factor without type": (dict(keys={"llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32)}),
+                                 r"rope scaling 'linear' \(no llama.rope.scaling.type: llama.cpp's default\) with factor 4.0"),
+    "legacy rope factor": (dict(keys={"llama.rope.scale_linear": (2.0, GGUFValueType.FLOAT32)}), r"with factor 2.0 is not supported"),
+}
+# Each float key we read, out of its range: each once imported silently and generated garbage
+# (a rope base of NaN or 0, an epsilon of -1 or inf).
+FLOAT_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "-1": -1.0, "0": 0.0, "1": 1.0}
+FLOAT_RANGES = {  # key -> (out-of-range values, what the message says is expected)
+    "llama.rope.freq_base": (("nan", "inf", "-1", "0", "1"), "a finite number above 1"),
+    "llama.attention.layer_norm_rms_epsilon": (("nan", "inf", "-inf", "-1", "0", "1"), "a finite number above 0 and below 1"),
+    "llama.rope.scaling.factor": (("nan", "inf"), "a finite number"),
+    "llama.rope.scale_linear": (("nan", "-inf"), "a finite number"),
+}
+REFUSALS |= {
+    f"{key.removeprefix('llama.')}={shown}": (
+        dict(keys={key: (FLOAT_VALUES[shown], GGUFValueType.FLOAT32)}),
+        re.escape(f"metadata key {key} is {FLOAT_VALUES[shown]}; expected {expected}"),
+    )
+    for key, (values, expected) in FLOAT_RANGES.items() for shown in values
 }
 
 
@@ -385,14 +410,13 @@ def test_unsupported_files_are_refused_naming_the_problem(case, llama_file, tmp_
 
 # Every integer key we read is a size. Out of range, each once escaped as another exception: a
 # negative width as torch's RuntimeError, a block_count of 2^32 - 1 as a hang building 4 billion
-# layers. (context_length 2^32 - 1 asks for a terabyte of rope tables: tested under a memory
-# limit in test_fuzz_files.)
+# layers, a context_length of 2^32 - 1 as a request for a terabyte of rope tables.
 SIZE_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
              "attention.head_count_kv", "attention.key_length", "rope.dimension_count")
 SIZE_VALUES = {"0": (0, GGUFValueType.UINT32), "-1": (-1, GGUFValueType.INT32), "2^32 - 1": (2**32 - 1, GGUFValueType.UINT32)}
 
 
-SIZE_CASES = [(key, value) for key in SIZE_KEYS for value in SIZE_VALUES if (key, value) != ("context_length", "2^32 - 1")]
+SIZE_CASES = [(key, value) for key in SIZE_KEYS for value in SIZE_VALUES]
 
 
 @pytest.mark.parametrize(("key", "value"), SIZE_CASES, ids=[f"{k}={v}" for k, v in SIZE_CASES])
@@ -402,6 +426,39 @@ def test_sizes_out_of_range_are_refused_in_one_line(key, value, llama_file, tmp_
     with pytest.raises(ModelFormatError) as exc:
         import_gguf(path)
     assert one_line(exc).startswith(f"{path}: ")
+
+
+def test_context_beyond_the_maximum_is_refused_before_the_model_is_built(llama_file, tmp_path, monkeypatch):
+    """No tensor bounds the context: a 20 KB file declaring 2^27 positions once spent 11.8 s and
+    2.9 GB on rope tables before running out of memory. The refusal comes before any model exists."""
+    path = tmp_path / "x.gguf"
+    rewrite_gguf(llama_file, path, keys={"llama.context_length": (2**30, GGUFValueType.UINT32)})
+
+    def no_model(config):
+        raise AssertionError(f"a model of {config.block_size} positions was built")
+
+    monkeypatch.setattr(gguf_interop, "GPT", no_model)
+    monkeypatch.setattr(gguf_interop, "allocate_on_cpu", no_model)
+    with pytest.raises(ModelFormatError, match=r"metadata key llama.context_length is 1073741824; supported: at most 16777216 ") as exc:
+        import_gguf(path)
+    assert one_line(exc).startswith(f"{path}: ")
+
+
+def test_context_at_the_maximum_is_accepted(llama_file, tmp_path):
+    path = tmp_path / "x.gguf"
+    rewrite_gguf(llama_file, path, keys={"llama.context_length": (gguf_interop.MAX_CONTEXT, GGUFValueType.UINT32)})
+    config = config_from_gguf(open_gguf(path), "llama", str(path))  # the config only: the tables would take 4 GiB
+    assert config.block_size == 2**24
+
+
+def test_a_model_that_does_not_fit_in_memory_is_refused_in_one_line(llama_file, monkeypatch):
+    def out_of_memory(model):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(gguf_interop, "allocate_on_cpu", out_of_memory)
+    with pytest.raises(ModelFormatError, match=r"not enough memory to build this model: [\d,]+ parameters and context_length 64 need [\d.]+ GiB$") as exc:
+        import_gguf(llama_file)
+    assert one_line(exc).startswith(f"{llama_file}: ")
 
 
 def test_the_unchanged_copy_imports(llama_file, tmp_path):

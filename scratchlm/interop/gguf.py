@@ -36,6 +36,7 @@ nothing would report it. GPT-4's pattern (the project's default) is written as `
 because it splits every text exactly as Llama 3's pattern does (see `llama_cpp_pre_name`).
 """
 
+import math
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,14 @@ ARCHITECTURE_FEATURES: dict[str, dict[str, object]] = {
     "qwen3": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qk_norm": True},
     "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qk_norm": False},
 }
+# The context is the one size no tensor bounds (gpt2's is its position table's rows), and building a
+# rope model allocates rope tables: cos and sin of head_dim / 2 float32 per position, 4 x head_dim
+# bytes, 512 B at head size 128, and half as much again while they are computed (see
+# `build_bytes`; measured: 2^24 positions of head size 8 peak at 0.77 GB and take 2.2 s, a quarter
+# of that at head size 64 takes 3.4 s). So at most 2^24 positions, beyond any released model
+# (Llama 4 Scout's 10M is the longest): at that maximum, tables of head size 128 take 8 GiB (12 GiB
+# and about 30 s while built). Without it a 20 KB file declaring 2^32 positions asked for a terabyte.
+MAX_CONTEXT = 2**24
 SUPPORTED_CONFIGS = (
     "llama (rope, rmsnorm, swiglu, no bias), qwen3 (the same with qk_norm), "
     "gpt2 (learned positions, layernorm, gelu, bias, no grouped-query attention)"
@@ -189,15 +198,21 @@ def import_gguf(path: str | Path, pattern: str | None = None, progress: bool = F
     try:
         model = allocate_on_cpu(model)
     except (RuntimeError, MemoryError):  # torch's CPU allocator raises RuntimeError
-        # Every size but the context is bounded by a tensor in the file; the context is only a
-        # number, and the rope tables take context_length x head size x 4 bytes.
-        need = 4 * (count_params(config) + config.block_size * config.head_dim)
+        # A large model, or a context up to MAX_CONTEXT on a small machine.
         raise ModelFormatError(f"{where}: not enough memory to build this model: {count_params(config):,} parameters and "
-                               f"context_length {config.block_size:,} need {need / 2**30:.1f} GiB") from None
+                               f"context_length {config.block_size:,} need {build_bytes(config) / 2**30:.1f} GiB") from None
     with torch.no_grad():
         for slot in tqdm(slots, desc="import", unit="tensor", disable=not progress):
             _load_slot(model, slot, tensors[slot.gguf_name], where)
     return model.eval(), tokenizer
+
+
+def build_bytes(config: ModelConfig) -> int:
+    """Peak memory of building `config` in float32 for import: the parameters, and for rope the
+    cos and sin tables (4 x head_dim bytes a position) plus the angles they are computed from
+    (half as much again) and the positions (4 bytes each)."""
+    rope = 6 * config.head_dim + 4 if config.positions == "rope" else 0
+    return 4 * count_params(config) + rope * config.block_size
 
 
 def _architecture(reader: GGUFReader, where: str) -> str:
@@ -224,11 +239,18 @@ def _int(reader: GGUFReader, key: str, where: str, default: int | None = None) -
     return value
 
 
-def _float(reader: GGUFReader, key: str, where: str, default: float | None = None) -> float:
+def _float(reader: GGUFReader, key: str, where: str, default: float | None = None,
+           above: float = -math.inf, below: float = math.inf) -> float:
+    """A finite number strictly between `above` and `below`: out of range (NaN included), a
+    norm epsilon or rope base imports silently and the model generates garbage."""
     value = _value(reader, key, where, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ModelFormatError(f"{where}: metadata key {key} is {reprlib.repr(value)}; expected a number")
-    return float(value)
+    value = float(value)
+    if not (math.isfinite(value) and above < value < below):
+        bounds = (f" above {above:g}" if above > -math.inf else "") + (f" and below {below:g}" if below < math.inf else "")
+        raise ModelFormatError(f"{where}: metadata key {key} is {value}; expected a finite number{bounds}")
+    return value
 
 
 def config_from_gguf(reader: GGUFReader, arch: str, where: str) -> ModelConfig:
@@ -260,19 +282,27 @@ def config_from_gguf(reader: GGUFReader, arch: str, where: str) -> ModelConfig:
     n_layer = _int(reader, key("block_count"), where)
     if n_layer > len(reader.tensors):  # before anything builds a list of n_layer blocks
         raise ModelFormatError(f"{where}: {key('block_count')} is {n_layer} but the file holds only {len(reader.tensors)} tensors")
+    context = _int(reader, key("context_length"), where)
+    if context > MAX_CONTEXT:  # before anything allocates rope tables of this length
+        raise ModelFormatError(f"{where}: metadata key {key('context_length')} is {context}; supported: at most "
+                               f"{MAX_CONTEXT} positions (2^24, beyond any released model)")
     eps_key = "attention.layer_norm_epsilon" if arch == "gpt2" else "attention.layer_norm_rms_epsilon"
     features = ARCHITECTURE_FEATURES[arch]
     try:
         return ModelConfig(
             vocab_size=_numpy_shape(embed)[0],
-            block_size=_int(reader, key("context_length"), where),
+            block_size=context,
             n_layer=n_layer,
             n_head=n_head,
             n_kv_head=n_kv_head if n_kv_head != n_head else None,
             n_embd=n_embd,
             mlp_hidden=_int(reader, key("feed_forward_length"), where),
-            rope_base=_float(reader, key("rope.freq_base"), where, default=10000.0),
-            norm_eps=_float(reader, key(eps_key), where),
+            # Frequencies base^(-2i / head_dim) must fall from 1 towards 0 across the head; a base
+            # of 1 or less makes them equal or growing.
+            rope_base=_float(reader, key("rope.freq_base"), where, default=10000.0, above=1.0),
+            # Epsilon keeps the norm finite on all-zero activations; released models use 1e-5 to
+            # 1e-12, and one of 1 or more is no longer a guard but a change to the norm.
+            norm_eps=_float(reader, key(eps_key), where, above=0.0, below=1.0),
             tie_embeddings=all(t.name != "output.weight" for t in reader.tensors),
             **features,
         )
@@ -282,13 +312,17 @@ def config_from_gguf(reader: GGUFReader, arch: str, where: str) -> ModelConfig:
 
 def _check_rope_scaling(reader: GGUFReader, arch: str, where: str) -> None:
     """Context-extension schemes (linear, YaRN, Llama 3's rope_freqs) change the rotation
-    angles; our rope has none, so only unscaled rope is accepted."""
-    kind = gguf_value(reader, f"{arch}.rope.scaling.type", where) or "none"
-    factor = _float(reader, f"{arch}.rope.scaling.factor", where, default=1.0)
+    angles; our rope has none, so only unscaled rope is accepted. Read as llama.cpp reads it:
+    without a type, scaling is linear; the factor is `rope.scaling.factor`, else the older
+    `rope.scale_linear`; every factor read must be a finite number."""
+    type_key = f"{arch}.rope.scaling.type"
+    kind = gguf_value(reader, type_key, where)
     legacy = _float(reader, f"{arch}.rope.scale_linear", where, default=1.0)
-    if kind not in ("none", "linear") or (kind == "linear" and factor != 1.0) or legacy != 1.0:
-        shown = f"{reprlib.repr(kind)} with factor {factor if legacy == 1.0 else legacy}"
-        raise ModelFormatError(f"{where}: rope scaling {shown} is not supported; supported: none (or linear with factor 1)")
+    factor = _float(reader, f"{arch}.rope.scaling.factor", where, default=legacy)
+    if kind not in (None, "none", "linear") or (kind != "none" and factor != 1.0):
+        shown = reprlib.repr(kind) if kind is not None else f"'linear' (no {type_key}: llama.cpp's default)"
+        raise ModelFormatError(f"{where}: rope scaling {shown} with factor {factor} is not supported; "
+                               "supported: none (or linear with factor 1)")
 
 
 def _check_tensor_names(slots: list[TensorSlot], tensors: dict, arch: str, where: str) -> None:
