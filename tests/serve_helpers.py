@@ -6,7 +6,7 @@ from collections.abc import Callable
 from scratchlm.serve.engine import Generation
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> bool:
     """Poll `condition` until it holds; False after `timeout` seconds. A bound that fails a test
     whose event never comes, not a race: no test asserts how soon it comes."""
     deadline = time.monotonic() + timeout

@@ -5,6 +5,7 @@ of metrics.jsonl, and a disk that fills up while a checkpoint is written."""
 import errno
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def truncate(path: Path) -> None:
 
 DAMAGES = {
     "truncated-state": lambda ck: truncate(ck / "step_000004" / "state.pt"),
-    "garbage-state": lambda ck: (ck / "step_000004" / "state.pt").write_bytes(os.urandom(64)),
+    "garbage-state": lambda ck: (ck / "step_000004" / "state.pt").write_bytes(random.Random(0).randbytes(64)),
     "truncated-weights": lambda ck: truncate(ck / "step_000004" / "model.safetensors"),
     "missing-weights": lambda ck: (ck / "step_000004" / "model.safetensors").unlink(),
     "missing-folder": lambda ck: shutil.rmtree(ck / "step_000004"),

@@ -65,7 +65,7 @@ def cli(*args, in_process: bool = True, capsys=None) -> subprocess.CompletedProc
     to test the real command line once, as a subprocess."""
     argv = ["finetune", "dpo", *map(str, args), "--quiet"]
     if not in_process:
-        return subprocess.run([sys.executable, "-m", "scratchlm.cli", *argv], capture_output=True, text=True, timeout=120,
+        return subprocess.run([sys.executable, "-m", "scratchlm.cli", *argv], capture_output=True, text=True, timeout=300,
                               check=False)
     code = main(argv)
     captured = capsys.readouterr()

@@ -206,7 +206,7 @@ def test_scratchlm_imports_without_lm_eval():
         "import scratchlm, scratchlm.eval.scoring, scratchlm.eval.language_modeling, scratchlm.eval.harness\n"
         "try:\n    scratchlm.eval.harness.ScratchLMEval\nexcept scratchlm.errors.ScratchLMError as e:\n    print(e)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "pip install lm_eval" in result.stdout
 

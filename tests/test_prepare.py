@@ -262,7 +262,7 @@ def test_cli_runs_the_pipeline_and_pretraining_reads_its_shards(documents, token
     assert train.returncode == 0, train.stderr
 
     bad = subprocess.run([sys.executable, "-m", "scratchlm.cli", "data", "prepare", "--input", str(root), "--out", str(tmp_path / "o2"), "--set", "minhash.num_perms=64"],
-                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "did you mean 'num_perm'" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -151,7 +151,7 @@ def test_finetune_sft_splits_off_held_out_data_and_answers_its_prompts(tokenizer
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scratchlm.cli", "finetune", "sft", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_cli_sft_end_to_end_writes_the_run_folder_and_reports_bad_lines(tokenizer, tmp_path):

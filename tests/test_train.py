@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -95,23 +94,24 @@ def GPTFromScratch(shards):
     return GPT(get_preset("cpu-tiny").replace(vocab_size=512)).eval(), tokenizer
 
 
+KILLED_AT_STEP = Path(__file__).with_name("pretrain_killed_at_step.py")
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_losses_and_weights(shards, tmp_path):
-    args = ["pretrain", "--data", str(shards), "--quiet", "--set", "model=cpu-small", "--set", "micro_batch=8",
-            "--set", "samples=0", "--set", "log_every=1", "--set", "eval_every=1000", "--set", "checkpoint_every=10",
-            "--max-steps", "40"]
+    args = ["pretrain", "--data", str(shards), "--quiet", "--set", "model=cpu-tiny", "--set", "micro_batch=8",
+            "--set", "samples=0", "--set", "log_every=1", "--set", "eval_every=1000", "--set", "checkpoint_every=5",
+            "--max-steps", "20"]
     whole = cli(*args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
+    # Killed right after logging step 13, between two checkpoints: the resume starts from step 10
+    # and must drop the rows of steps 11 to 13 that it redoes.
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "scratchlm.cli", *args, "--out", str(killed_dir)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed_dir / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step_000010"):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = latest.read_text().strip()
-    assert stopped_at < "step_000040", "the run finished before it could be killed"
+    killed = subprocess.run([sys.executable, str(KILLED_AT_STEP), "13", *args, "--out", str(killed_dir)],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (killed_dir / "checkpoints" / "latest").read_text().strip() == "step_000010"
+    assert max(r["step"] for r in read_metrics(killed_dir / "metrics.jsonl")) == 13
     resumed = cli(*args, "--out", str(killed_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
