@@ -3,6 +3,7 @@
 
 import copy
 import io
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -398,6 +399,96 @@ def test_a_runaway_template_stops_with_a_template_error(tokenizer, template):
 def test_a_template_building_a_text_over_the_cap_is_too_long(tokenizer, template):
     with pytest.raises(ChatTooLongError, match="more than 1,000,000 characters"):
         render_chat(with_template(tokenizer, template), [USER], limits=RenderLimits(max_chars=1_000_000))
+
+
+# Operations whose result can be far longer than their input: each is refused before it runs,
+# from its arguments' sizes, with a cap of 2,560 characters. A = 'x' * 2000 is under the cap.
+A = "{% set a = 'x' * 2000 %}"
+EXPANDING_TEMPLATES = {
+    "replace_filter": "{% set a = 'x'|center(2000) %}{% set b = a|replace(' ', a) %}{{ b|length }}",
+    "replace_filter_of_the_empty_string": A + "{{ a|replace('', a)|length }}",
+    "replace_method": A + "{{ a.replace('x', a)|length }}",
+    "expandtabs_method": "{{ ('\\t' * 2000).expandtabs(2000)|length }}",
+    "join_method": A + "{{ a.join(['b'] * 2000)|length }}",
+    "join_filter": A + "{{ range(2000)|join(a)|length }}",
+    "join_filter_of_an_attribute": A + "{{ [{'t': a}, {'t': a}]|join(attribute='t')|length }}",
+    "translate_method": A + "{{ 'abc'.translate({97: a})|length }}",
+    "format_method_repeating_a_value": A + "{{ '{0}{0}'.format(a)|length }}",
+    "format_method_width": "{{ '{:>2000}{:>2000}'.format(1, 2)|length }}",
+    "format_method_nested_width": "{{ '{:{}}{:{}}'.format(1, 2000, 2, 2000)|length }}",
+    "percent_operator_star_width": "{{ ('%*d' % (10 ** 7, 1))|length }}",
+    "percent_operator_literal_width": "{{ ('%9999999d' % 1)|length }}",
+    "percent_operator_precision": "{{ ('%.9999999f' % 1.0)|length }}",
+    "format_filter": A + "{{ '%s%s'|format(a, a)|length }}",
+    "indent_filter": A + "{{ ('\\n' * 2000)|indent(a, true, true)|length }}",
+    "sum_filter_of_lists": "{{ ([['x'] * 2000] * 10)|sum(start=[])|length }}",
+    "tojson_filter_indent": A + "{{ [[[[1, 2]]]]|tojson(indent=a)|length }}",
+    "a_list_output_as_text": A + "{% set b = [a] * 2000 %}{% set c = [b] * 2000 %}{{ c }}",
+    "a_list_joined_by_tilde": A + "{% set b = [a] * 2000 %}{% set c = [b] * 2000 %}{{ (c ~ '')|length }}",
+    "a_list_as_json": A + "{% set b = [a] * 2000 %}{% set c = [b] * 2000 %}{{ (c|tojson)|length }}",
+    "a_block_collecting_output": A + "{% set s %}{% for i in range(2000) %}{{ a }}{% endfor %}{% endset %}{{ s|length }}",
+    "a_macro_collecting_output": A + "{% macro m() %}{% for i in range(2000) %}{{ a }}{% endfor %}{% endmacro %}"
+                                     "{{ m()|length }}",
+}
+# Refused as the template's fault: a number over the cap, or a name the renderer does not provide.
+REFUSED_TEMPLATES = {
+    "lipsum": ("{{ lipsum(2000)|length }}", "'lipsum' is undefined"),
+    "replace_of_a_wide_center": ("{% set a='x'|center(3000) %}{% set b=a|replace(' ',a) %}{{ b|length }}",
+                                 "passes a number over 2,560 to a call"),
+    "wordwrap": ("{{ ('ab'|center(5000000))|wordwrap(3)|length }}", "No filter named 'wordwrap'"),
+    "batch_padding": ("{{ [1]|batch(10 ** 6, 'x')|list|length }}", "passes a number over 2,560"),
+}
+
+
+class hang_guard:  # noqa: N801 - reads as a statement
+    """Fails a test that runs over `seconds` instead of hanging the suite; the renderer's own
+    time limit is what the test checks, this only turns a regression into a failure."""
+
+    def __init__(self, seconds: int = 30) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        def stop(*_):
+            raise AssertionError(f"the render ran for more than {self.seconds} s")
+        self.previous = signal.signal(signal.SIGALRM, stop)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *_) -> None:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+@pytest.mark.parametrize("template", EXPANDING_TEMPLATES.values(), ids=EXPANDING_TEMPLATES.keys())
+def test_an_operation_whose_result_would_pass_the_cap_is_refused_before_it_runs(tokenizer, template):
+    with hang_guard(), pytest.raises(ChatTooLongError, match="more than 2,560 characters"):
+        render_chat(with_template(tokenizer, template), [USER], limits=RenderLimits(max_chars=2560))
+
+
+@pytest.mark.parametrize(("template", "error"), REFUSED_TEMPLATES.values(), ids=REFUSED_TEMPLATES.keys())
+def test_a_template_using_what_the_renderer_cannot_bound_is_refused(tokenizer, template, error):
+    with hang_guard(), pytest.raises(ChatTemplateError, match=error) as raised:
+        render_chat(with_template(tokenizer, template), [USER], limits=RenderLimits(max_chars=2560))
+    assert not isinstance(raised.value, ChatTooLongError)
+
+
+def test_rounding_to_a_huge_precision_is_refused_before_it_computes_the_power(tokenizer):
+    with hang_guard(), pytest.raises(ChatTemplateError, match="more than 4096 bits"):
+        render_chat(with_template(tokenizer, "{{ 1.5|round(10 ** 7) }}"), [USER])
+
+
+def test_every_filter_call_costs_a_step(tokenizer):
+    filters = with_template(tokenizer, "{{ 'a'|upper|lower|trim }}")  # three filters, no loop or call
+    assert render_chat(filters, [USER], limits=RenderLimits(max_steps=3)) == "a"
+    with pytest.raises(ChatTemplateError, match="more than 2 steps"):
+        render_chat(filters, [USER], limits=RenderLimits(max_steps=2))
+
+
+def test_the_expanding_operations_render_as_jinja_does_under_the_cap(tokenizer):
+    template = ("{{ 'a-b'|replace('-', '+') }} {{ 'x\\ny'|indent(2) }} {{ [1, 2]|join(',') }} {{ '%s=%d'|format('k', 3) }} "
+                "{{ '%03d' % 7 }} {{ '{}:{:>3}'.format('a', 1) }} {{ ','.join(['p', 'q']) }} {{ 'a\\tb'.expandtabs(2) }} "
+                "{{ [[1], [2]]|sum(start=[]) }} {{ {'k': [1]}|tojson(indent=1) }} {{ [1, 'a'] ~ '!' }}")
+    expected = 'a+b x\n  y 1,2 k=3 007 a:  1 p,q a b [1, 2] {\n "k": [\n  1\n ]\n} [1, \'a\']!'
+    assert render_chat(with_template(tokenizer, template), [USER]) == expected
 
 
 def test_a_conversation_that_renders_over_the_cap_is_too_long_and_one_under_it_renders(tokenizer):

@@ -219,12 +219,15 @@ def test_infinite_sampling_values_are_refused(tmp_path):
     assert response.status_code == 400 and response.json()["error"]["param"] == "sampling.temperature"
 
 
-def test_feedback_needs_the_api_key_when_the_server_has_one(tmp_path):
+def test_feedback_needs_the_api_key_when_the_server_has_one(tiny_chat_model, tmp_path):
+    from scratchlm.serve.server import create_app
+
     path = tmp_path / "fb.jsonl"
-    client = client_for(path, api_key="s3cret")
+    client = TestClient(create_app(*tiny_chat_model, "tiny", api_key="s3cret", feedback_path=path))
     assert client.get("/").status_code == 200  # the page itself is open: the key is typed into it
-    denied = client.post("/v1/feedback", json=feedback_body(), headers={"Authorization": "Bearer wrong"})
-    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        denied = client.post("/v1/feedback", json=feedback_body(), headers=headers)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
     assert not path.exists()
     allowed = client.post("/v1/feedback", json=feedback_body(), headers={"Authorization": "Bearer s3cret"})
     assert allowed.status_code == 200 and len(lines_of(path)) == 1

@@ -256,11 +256,13 @@ class Scheduler:
 
     @staticmethod
     def _fail(generations: list[Generation], error: Exception) -> None:
-        """End the generations with finish_reason "error" and what went wrong."""
+        """End the generations with finish_reason "error" and what went wrong: a ScratchLMError's
+        message, else only the exception's type, as the server's `_unexpected_error` does (its
+        text may name files); the log keeps the traceback."""
         message = str(error)
-        if not isinstance(error, ScratchLMError):  # a bug or a device failure, not bad input: the log keeps its traceback
+        if not isinstance(error, ScratchLMError):  # a bug or a device failure, not bad input
             traceback.print_exception(error)
-            message = f"{type(error).__name__}: {error}"
+            message = f"{type(error).__name__} (the server's log has the details)"
         for generation in generations:
             generation._emit("", "error", message)
 

@@ -850,8 +850,7 @@ def create_app(
     feedback = Path(feedback_path) if feedback_path is not None else DEFAULT_FEEDBACK_PATH
     # A record holds a chat request's conversation and the reply twice (as completion and as
     # rejected, or edited and chosen): twice the body cap.
-    app.include_router(web_routes(feedback, api_key=api_key, max_record_bytes=2 * body_limit,
-                                  max_file_bytes=feedback_max_bytes))
+    app.include_router(web_routes(feedback, max_record_bytes=2 * body_limit, max_file_bytes=feedback_max_bytes))
     return app
 
 

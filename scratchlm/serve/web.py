@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import reprlib
-import secrets
 import threading
 import time
 import uuid
@@ -280,12 +279,12 @@ def cross_site_reason(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def web_routes(feedback_path: Path, api_key: str | None = None, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+def web_routes(feedback_path: Path, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
                max_file_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES) -> APIRouter:
     """The chat page at `/` and `POST /v1/feedback`, which appends to `feedback_path` records of
-    at most `max_record_bytes`, up to a file of `max_file_bytes`. With `api_key`, feedback needs
-    `Authorization: Bearer <api_key>` like the rest of the API; the page itself stays open, since
-    the key is typed into it."""
+    at most `max_record_bytes`, up to a file of `max_file_bytes`. The server's API key, when it has
+    one, guards feedback like every `/v1/` path (`server.BearerAuth`); the page itself stays open,
+    since the key is typed into it."""
     feedback_path = check_writable_file(feedback_path)  # a bad path fails at start, not at the first click
     files = _static_files()  # read once: a few kB, and no disk access per request
     headers = {"Cache-Control": "no-cache", "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -309,10 +308,6 @@ def web_routes(feedback_path: Path, api_key: str | None = None, *, max_record_by
         if reason := cross_site_reason(request.headers):
             return openai_error(403, f"feedback is taken from this server's own chat page only; {reason}",
                                 code="cross_site_request")
-        sent = request.headers.get("authorization", "").encode()
-        if api_key is not None and not secrets.compare_digest(sent, f"Bearer {api_key}".encode()):
-            return openai_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                code="invalid_api_key")
         if not _is_json(request.headers.get("content-type", "")):
             return openai_error(415, "send feedback as JSON, with Content-Type: application/json",
                                 code="unsupported_media_type")
