@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +58,7 @@ from scratchlm.data.dedup import (
     words,
 )
 from scratchlm.data.embedded import embedded_documents
+from provenance import git_commit
 
 
 def build_corpus(mb: float, seed: int = 0) -> tuple[list[str], list[tuple[int, int]]]:
@@ -248,7 +248,7 @@ def main() -> None:
             "per_seed": scores,
         }
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "per_seed"}))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    commit = git_commit()
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "versions": {"numpy": np.__version__, "datasketch": datasketch.__version__, "xxhash": xxhash.VERSION},

@@ -49,6 +49,7 @@ from pathlib import Path
 import httpx
 
 from scratchlm.atomic_io import write_text_atomic
+from provenance import git_commit
 
 HOST = "127.0.0.1"  # loopback only: a benchmark must never leave the machine
 PIECE = 1 << 20  # bytes per write (and per chunk of a chunked body)
@@ -317,14 +318,6 @@ def template_run(path: Path, repeats: int) -> dict:
 
 
 # ---- report ---------------------------------------------------------------------------------
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def cpu_name() -> str:
     with open("/proc/cpuinfo") as handle:
         names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]

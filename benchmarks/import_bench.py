@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from provenance import git_commit
 
 LOADERS = ("scratchlm", "transformers")
 
@@ -112,7 +113,7 @@ def main() -> None:
         }
         for name, rs in runs.items()
     }
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    commit = git_commit()
     command = f"HF_HUB_OFFLINE=1 python benchmarks/import_bench.py --repeats {args.repeats}" + (f" --gguf {args.gguf}" if args.gguf else "")
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",

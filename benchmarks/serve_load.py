@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from scratchlm.atomic_io import write_text_atomic
+from provenance import git_commit
 
 HOST = "127.0.0.1"  # loopback only: a load test must never leave the machine
 QUESTIONS = [
@@ -177,14 +178,6 @@ def summarise(results: list[RequestResult], wall_s: float, peak_active: int) -> 
         "per_request_tokens_per_s_p50": percentile(decode, 50),
         "mean_completion_tokens": tokens / len(ok) if ok else 0, "peak_active": peak_active,
     }
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:
