@@ -2,10 +2,12 @@
 
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from scratchlm.errors import ScratchLMError
 
@@ -58,6 +60,27 @@ def fsync_folder(path: str | Path) -> None:
         os.close(fd)
 
 
+def os_error_code(exc: BaseException | None) -> int | None:
+    """The OS error behind a failed write, if there is one. torch.save raises a RuntimeError with
+    the OSError as its context; safetensors (Rust) names it only in its text, '(os error 28)'."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        if isinstance(exc, Exception) and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+            return int(found[1])
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _raise_write_error(target: Path, exc: BaseException) -> NoReturn:
+    """Re-raise a failed write: one line naming the file when the OS refused it (a full disk, a
+    quota, an I/O error), the error itself otherwise (a bug, or the user's own error)."""
+    code = None if isinstance(exc, ScratchLMError) else os_error_code(exc)
+    if code is None:
+        raise exc
+    raise OutputFileError(f"{target}: {os.strerror(code).lower()} while writing it; the file is as it was") from None
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write to a temporary file in the same folder, flush it to disk, then rename over `path`."""
     target = check_writable_file(path)
@@ -73,9 +96,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, default_mode())
         os.replace(tmp, target)
-    except BaseException:
+        fsync_folder(target.parent)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        _raise_write_error(target, exc)
     return target
 
 
@@ -102,9 +126,10 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, default_mode())
         os.replace(tmp, target)
-    except BaseException:
+        fsync_folder(target.parent)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        _raise_write_error(target, exc)
 
 
 def save_figure_atomic(fig, path: str | Path) -> Path:

@@ -333,3 +333,28 @@ def _model_of(run: Path) -> torch.nn.Module:
 
 def _config_of(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())["model"]
+
+
+@pytest.mark.parametrize("writer", ["write_text_atomic", "save_figure_atomic"])
+def test_a_full_disk_while_writing_an_output_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, writer):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scratchlm import atomic_io
+
+    target = tmp_path / ("report.md" if writer == "write_text_atomic" else "loss.png")
+    target.write_bytes(b"the old file")
+
+    def full_disk(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "fsync", full_disk)
+    with pytest.raises(OutputFileError, match=r"(report\.md|loss\.png): no space left on device while writing it"):
+        if writer == "write_text_atomic":
+            atomic_io.write_text_atomic(target, "new text")
+        else:
+            atomic_io.save_figure_atomic(plt.figure(), target)
+    assert target.read_bytes() == b"the old file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary file left

@@ -17,14 +17,13 @@ over. A checkpoint of a different model is a mistake, not damage: that stops the
 """
 
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from scratchlm.atomic_io import OutputFileError, fsync_file, fsync_folder, write_text_atomic
+from scratchlm.atomic_io import OutputFileError, fsync_file, fsync_folder, os_error_code, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError
 
 KEEP = 2  # older checkpoints are deleted once a newer one is complete
@@ -68,7 +67,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         set_latest(final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        code = _os_errno(exc)
+        code = os_error_code(exc)
         if code is None:
             raise
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint was written"
@@ -78,9 +77,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
 
 
 def set_latest(checkpoint: Path) -> None:
-    """Point `latest` at `checkpoint`, durably (the pointer's rename is fsynced with its folder)."""
+    """Point `latest` at `checkpoint`, durably (write_text_atomic fsyncs the folder after its rename)."""
     write_text_atomic(checkpoint.parent / "latest", checkpoint.name + "\n")
-    fsync_folder(checkpoint.parent)
 
 
 def _rotate(root: Path, step: int) -> None:
@@ -91,18 +89,6 @@ def _rotate(root: Path, step: int) -> None:
     newer = [p for p in folders if checkpoint_step(p.name) > step]
     for old in older[: max(0, len(older) - (KEEP - 1))] + newer:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _os_errno(exc: BaseException | None) -> int | None:
-    """The OS error behind a failed write, if there is one. torch.save raises a RuntimeError with
-    the OSError as its context; safetensors (Rust) names it only in its text, '(os error 28)'."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno:
-            return exc.errno
-        if isinstance(exc, Exception) and (found := re.search(r"\(os error (\d+)\)", str(exc))):
-            return int(found[1])
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _latest_name(root: Path) -> str | None:
