@@ -317,3 +317,29 @@ def test_pretraining_with_a_vocabulary_that_is_not_a_multiple_of_64_writes_its_r
     assert len(summary.samples) == 2 and "Sample 2" in (tmp_path / "run" / "report.md").read_text()
     model, loaded = load_model(tmp_path / "run")
     assert loaded.vocab_size == vocab_size and model.config.vocab_size % 64 == 0 and model.config.vocab_size > vocab_size
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cuda", "nccl"), ("cuda:0", "nccl"), ("cuda:3", "nccl"), ("cpu", "gloo"), ("mps", "gloo")])
+def test_every_gpu_device_name_gets_the_nccl_backend(device, backend):
+    from scratchlm.train.distributed import process_group_backend
+
+    assert process_group_backend(torch.device(device)) == backend
+
+
+def test_pretraining_joins_the_process_group_on_the_device_it_was_given(shards, tmp_path, monkeypatch):
+    import scratchlm.train.loop as loop
+
+    given = []
+
+    class Joined(Exception):
+        pass
+
+    def join(device):
+        given.append(device)
+        raise Joined
+
+    monkeypatch.setattr(loop, "parse_device", lambda name: torch.device("cuda:0") if name == "cuda:0" else torch.device(name))
+    monkeypatch.setattr(loop, "init_distributed", join)
+    with pytest.raises(Joined):
+        pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=1", "device=cuda:0"]))
+    assert given == [torch.device("cuda:0")]  # was "cpu" (so gloo) for any name but "auto" and "cuda"

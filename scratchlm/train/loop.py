@@ -276,7 +276,7 @@ def pretrain(
     run_dir = Path(out)
     shards = TokenShards.open(data)
     tokenizer = _shard_tokenizer(Path(data), shards)
-    info = init_distributed("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    info = init_distributed(parse_device(config.device))  # "cuda:0" too is a GPU: NCCL, not gloo
     try:
         return _train(run_dir, shards, tokenizer, config, info, val_text, resume, progress)
     finally:
