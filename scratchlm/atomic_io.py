@@ -122,8 +122,7 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp)
         os.chmod(tmp, default_mode())
         os.replace(tmp, target)
         fsync_folder(target.parent)

@@ -477,7 +477,7 @@ def _add_serve_command(stages: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-batch", type=int, default=8, help="generations run together in one batch (default: 8)")
     srv.add_argument("--max-queue", type=int, default=256,
                      help="generations that may wait for a slot; past that, requests get 503 (default: 256)")
-    srv.add_argument("--max-body", default=None, metavar="SIZE",
+    srv.add_argument("--max-body", type=_argument_type(parse_bytes), default=None, metavar="SIZE",
                      help="largest request body, such as 4MiB; larger ones get 413 (default: 1 MiB, or 32 bytes per "
                      "token of the model's context if more: room for a chat that fills the context)")
     srv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -486,7 +486,7 @@ def _add_serve_command(stages: argparse._SubParsersAction) -> None:
     _add_inference_args(srv)
     srv.add_argument("--feedback", type=Path, default=None, metavar="PATH",
                      help="JSONL file the chat page's ratings and edits are appended to (default: feedback.jsonl)")
-    srv.add_argument("--feedback-max-size", default="256MiB", metavar="SIZE",
+    srv.add_argument("--feedback-max-size", type=_argument_type(parse_bytes), default="256MiB", metavar="SIZE",
                      help="the feedback file's cap; when full, feedback gets 507 until it is moved away "
                      "(default: 256MiB)")
     srv.add_argument("--model-name", default=None, metavar="NAME",
@@ -496,13 +496,11 @@ def _add_serve_command(stages: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from scratchlm.serve.server import run_server
-    from scratchlm.units import parse_bytes
 
-    max_body = None if args.max_body is None else parse_bytes(args.max_body)
     run_server(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                api_key=args.api_key, device=args.device, dtype=args.dtype, quantize=args.quantize,
-               feedback_path=args.feedback, model_name=args.model_name, max_body=max_body,
-               allowed_hosts=args.allowed_host, feedback_max_bytes=parse_bytes(args.feedback_max_size))
+               feedback_path=args.feedback, model_name=args.model_name, max_body=args.max_body,
+               allowed_hosts=args.allowed_host, feedback_max_bytes=args.feedback_max_size)
     return 0
 
 

@@ -18,15 +18,19 @@ type u32, offset u64 into the data section, which starts at the next multiple of
 `general.alignment` (32 by default).
 """
 
+from __future__ import annotations
+
+import math
 import mmap
 import reprlib
 import struct
 from pathlib import Path
-
-from gguf import GGUFReader
-from gguf.constants import GGML_QUANT_SIZES
+from typing import TYPE_CHECKING
 
 from scratchlm.errors import InputFileError
+
+if TYPE_CHECKING:  # gguf-py takes 0.13 s to import: loaded only when a GGUF file is opened
+    from gguf import GGUFReader
 
 SUPPORTED_VERSIONS = (2, 3)  # gguf-py's; version 1 used 32-bit counts
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -36,7 +40,8 @@ DEFAULT_ALIGNMENT = 32
 # (measured). A larger array is refused, however well it fits in the file.
 MAX_ARRAY_LENGTH = 1 << 20
 HEADER_BYTES = 24
-# Value types (GGUFValueType): fixed sizes in bytes; STRING and ARRAY have their own layout.
+# Value types (gguf-py's GGUFValueType, written out so that importing this module does not load
+# gguf-py): fixed sizes in bytes; STRING and ARRAY have their own layout.
 SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 STRING, ARRAY, UINT32 = 8, 9, 4
 # Smallest possible records, to reject impossible counts before looping over them: a key of
@@ -119,7 +124,7 @@ def _check_layout(data, where: str) -> None:
     walk.skip(4, "magic")
     version = walk.u32("version")
     if version not in SUPPORTED_VERSIONS:
-        raise InputFileError(f"{where}: GGUF version {version} is not supported (supported: 2, 3)")
+        raise InputFileError(f"{where}: GGUF version {version} is not supported (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
     n_tensors, n_kv = walk.u64("tensor count"), walk.u64("key count")
     if n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > len(data) - walk.pos:
         raise walk.fail(f"it declares {n_kv} metadata keys and {n_tensors} tensors, more than its {len(data)} bytes can hold")
@@ -192,6 +197,8 @@ def _skip_array(walk: _Walk, shown: str) -> None:
 
 def _tensor_infos(walk: _Walk, count: int) -> list[tuple[str, int, int]]:
     """(name, size in bytes, offset in the data section) of each tensor."""
+    from gguf.constants import GGML_QUANT_SIZES
+
     sizes = {int(kind): (kind.name, *sizes) for kind, sizes in GGML_QUANT_SIZES.items()}
     infos, names = [], set()
     for i in range(count):
@@ -213,16 +220,15 @@ def _tensor_infos(walk: _Walk, count: int) -> list[tuple[str, int, int]]:
             raise walk.fail(f"tensor {shown} has shape {list(dims)}; every dimension must be at least 1")
         if dims and dims[0] % block:
             raise walk.fail(f"tensor {shown} has rows of {dims[0]} values; {type_name} stores blocks of {block}")
-        n_elements = 1
-        for d in dims:
-            n_elements *= d
-        infos.append((name, n_elements // block * type_size, offset))
+        infos.append((name, math.prod(dims) // block * type_size, offset))
     return infos
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
     """gguf-py's `GGUFReader` over `path` (memory-mapped: tensor data is read when touched),
     after `check_gguf_layout`. The one way this project opens a GGUF file."""
+    from gguf import GGUFReader
+
     p = Path(path)
     check_gguf_layout(p)
     try:

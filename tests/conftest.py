@@ -1,5 +1,8 @@
 import importlib.util
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,23 @@ def smollm2(smollm2_gguf):
     from scratchlm.interop.gguf import import_gguf
 
     return import_gguf(smollm2_gguf)
+
+
+class StillRunning(BaseException):
+    """A BaseException, so that no `except Exception` in the code under test swallows it."""
+
+
+@contextmanager
+def finishes_within(seconds: float) -> Iterator[None]:
+    """Turn a hang into a failure instead of a test run that never ends."""
+
+    def expire(signum, frame):
+        raise StillRunning(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

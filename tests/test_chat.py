@@ -3,7 +3,6 @@
 
 import copy
 import io
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from scratchlm.serve.chat_template import (
 )
 from scratchlm.serve.sampling import SamplingConfig
 from scratchlm.tokenizer import train_bpe
+from conftest import finishes_within
 
 TRAIN_TEXT = (
     "The interpreter reads a line, evaluates it and prints the result. Hi there, how can I help? "
@@ -440,39 +440,21 @@ REFUSED_TEMPLATES = {
 }
 
 
-class hang_guard:  # noqa: N801 - reads as a statement
-    """Fails a test that runs over `seconds` instead of hanging the suite; the renderer's own
-    time limit is what the test checks, this only turns a regression into a failure."""
-
-    def __init__(self, seconds: int = 30) -> None:
-        self.seconds = seconds
-
-    def __enter__(self) -> None:
-        def stop(*_):
-            raise AssertionError(f"the render ran for more than {self.seconds} s")
-        self.previous = signal.signal(signal.SIGALRM, stop)
-        signal.alarm(self.seconds)
-
-    def __exit__(self, *_) -> None:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.previous)
-
-
 @pytest.mark.parametrize("template", EXPANDING_TEMPLATES.values(), ids=EXPANDING_TEMPLATES.keys())
 def test_an_operation_whose_result_would_pass_the_cap_is_refused_before_it_runs(tokenizer, template):
-    with hang_guard(), pytest.raises(ChatTooLongError, match="more than 2,560 characters"):
+    with finishes_within(30), pytest.raises(ChatTooLongError, match="more than 2,560 characters"):
         render_chat(with_template(tokenizer, template), [USER], limits=RenderLimits(max_chars=2560))
 
 
 @pytest.mark.parametrize(("template", "error"), REFUSED_TEMPLATES.values(), ids=REFUSED_TEMPLATES.keys())
 def test_a_template_using_what_the_renderer_cannot_bound_is_refused(tokenizer, template, error):
-    with hang_guard(), pytest.raises(ChatTemplateError, match=error) as raised:
+    with finishes_within(30), pytest.raises(ChatTemplateError, match=error) as raised:
         render_chat(with_template(tokenizer, template), [USER], limits=RenderLimits(max_chars=2560))
     assert not isinstance(raised.value, ChatTooLongError)
 
 
 def test_rounding_to_a_huge_precision_is_refused_before_it_computes_the_power(tokenizer):
-    with hang_guard(), pytest.raises(ChatTemplateError, match="more than 4096 bits"):
+    with finishes_within(30), pytest.raises(ChatTemplateError, match="more than 4096 bits"):
         render_chat(with_template(tokenizer, "{{ 1.5|round(10 ** 7) }}"), [USER])
 
 

@@ -11,7 +11,6 @@ number; a failure lists the numbers and what was done to each.
 import json
 import random
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from scratchlm.gguf_file import check_gguf_layout
 from scratchlm.interop.gguf import export_gguf, import_gguf
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.tokenizer import load_tokenizer, save_hf_tokenizer, train_bpe
+from conftest import finishes_within
 
 SEED = 1234
 GGUF_MUTANTS = 300
@@ -342,26 +342,6 @@ HOSTILE_GGUF = {
 }
 
 
-class StillRunning(BaseException):
-    """A BaseException, so that no `except Exception` in the code under test swallows it."""
-
-
-@contextmanager
-def finishes_within(seconds: float) -> Iterator[None]:
-    """Turn a hang into a failure instead of a test run that never ends."""
-
-    def expire(signum, frame):
-        raise StillRunning(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.parametrize("opener", [import_gguf, load_tokenizer], ids=["model", "tokenizer"])
 @pytest.mark.parametrize("case", HOSTILE_GGUF)
 def test_hostile_gguf_layout_is_refused_in_one_line_naming_the_problem(case, opener, tmp_path):
@@ -519,3 +499,12 @@ def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch)
     for opening in (model_kind, load_tokenizer):
         with pytest.raises(InputFileError, match=r"model\.gguf: cannot read \(Permission denied\)"):
             opening(locked)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"{", b'{"model_type": ' + b"9" * 5000 + b"}", b"[" * 100_000])
+def test_a_model_folders_unreadable_config_is_one_line_naming_it(tmp_path, content):
+    from scratchlm.interop.load import model_kind
+
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(InputFileError, match=r"config\.json: not a JSON file"):
+        model_kind(tmp_path)

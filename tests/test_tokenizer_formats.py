@@ -222,8 +222,8 @@ def test_non_gguf_file_is_a_clear_error(tmp_path):
 
 
 # ---- hostile files: a one-line TokenizerFormatError naming the file, nothing else ---------------
-def _vocab_with(**changes) -> dict:
-    """A valid tokenizer.json of 256 bytes and two merges, with `changes` applied by `edit`."""
+def _valid_hf() -> dict:
+    """A valid tokenizer.json of 256 bytes, two merges and one added token."""
     data = _minimal_hf()
     data["model"]["vocab"].update({"ab": 256, "abc": 257})
     data["model"]["merges"] = ["a b", "ab c"]
@@ -264,7 +264,7 @@ HOSTILE_JSON = {
 @pytest.mark.parametrize("case", HOSTILE_JSON)
 def test_hostile_tokenizer_json_is_refused_in_one_line_naming_the_file(case, tmp_path):
     edit, message = HOSTILE_JSON[case]
-    data = _vocab_with()
+    data = _valid_hf()
     edit(data)
     text = json.dumps(data, ensure_ascii=False)
     # Values that json.dumps cannot write (or writes as a legal number) go in as raw text.
@@ -281,7 +281,7 @@ def test_hostile_tokenizer_json_is_refused_in_one_line_naming_the_file(case, tmp
 
 def test_the_unedited_tokenizer_json_of_the_hostile_cases_loads(tmp_path):
     path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(_vocab_with()), encoding="utf-8")
+    path.write_text(json.dumps(_valid_hf()), encoding="utf-8")
     assert load_tokenizer(path).encode("abc abc") == [257, 32, 257]
 
 

@@ -1,7 +1,6 @@
 """Open any model a user can point at: a run folder, a model folder, a training checkpoint,
 a GGUF file, or a Hugging Face checkpoint folder (`config.json` + safetensors)."""
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +11,7 @@ from scratchlm.errors import InputFileError
 from scratchlm.gguf_file import is_gguf_file
 from scratchlm.model import GPT
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.formats import read_json
 
 ModelKind = Literal["scratchlm", "gguf", "hf"]
 
@@ -28,12 +28,7 @@ def model_kind(path: str | Path) -> ModelKind:
         raise InputFileError(f"{p}: no such file or folder")
     config = p / "config.json"
     if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputFileError(f"{config}: not a JSON file ({exc})") from None
-        except OSError as exc:
-            raise InputFileError(f"{config}: cannot read ({exc.strerror or exc})") from None
+        data = read_json(config)
         if isinstance(data, dict) and "model_type" in data:
             return "hf"
     return "scratchlm"

@@ -192,14 +192,21 @@ def _replace_size(s: str | bytes, old: str | bytes, new: str | bytes, count: int
     return len(s) + hits * max(0, len(new) - len(old))
 
 
+def _widest(values: Sequence, cap: int) -> tuple[int, int]:
+    """The longest text of `values` (a float's digits included) and their largest integer: what
+    one formatted field, and one `*` or nested width, can take at most."""
+    longest = max((_text_size(v, cap) + (_FLOAT_DIGITS if isinstance(v, float) else 0) for v in values), default=0)
+    largest = max((v for v in values if isinstance(v, int)), default=0)
+    return longest, largest
+
+
 def _percent_size(cap: int, fmt: str | bytes, values: Any) -> int:
     """`fmt % values`: its literal text plus, per field, its width and precision (`*` takes the
     largest number given) and the longest value's text."""
     values = values if isinstance(values, tuple) else (values,)
     if len(values) == 1 and isinstance(values[0], Mapping):
         values = tuple(values[0].values())
-    longest = max((_text_size(v, cap) + (_FLOAT_DIGITS if isinstance(v, float) else 0) for v in values), default=0)
-    star = max((v for v in values if isinstance(v, int)), default=0)
+    longest, star = _widest(values, cap)
     text = fmt.decode("latin-1") if isinstance(fmt, bytes) else fmt
     size = len(text)
     for width, precision, _ in _PERCENT_FIELD.findall(text):
@@ -210,9 +217,7 @@ def _percent_size(cap: int, fmt: str | bytes, values: Any) -> int:
 def _str_format_size(cap: int, fmt: str, args: tuple, kwargs: Mapping) -> int:
     """`fmt.format(*args, **kwargs)`: literal text plus, per field, the longest value's text and
     the numbers of its format spec (a nested `{}` in the spec takes the largest number given)."""
-    values = (*args, *kwargs.values())
-    longest = max((_text_size(v, cap) + (_FLOAT_DIGITS if isinstance(v, float) else 0) for v in values), default=0)
-    largest = max((v for v in values if isinstance(v, int)), default=0)
+    longest, largest = _widest((*args, *kwargs.values()), cap)
     size = 0
     for literal, field, spec, _ in string.Formatter().parse(fmt):
         size += len(literal)
@@ -265,19 +270,21 @@ def _indent_size(cap: int, env: jinja2.Environment, s: Any, width: int | str = 4
     return len(text) + 1 + (len(text.splitlines()) + 1) * (len(width) if isinstance(width, str) else max(0, width))
 
 
+def _attributes(env: jinja2.Environment, items: Sequence, attribute: Any) -> Sequence:
+    """`items`, or the `attribute` of each, as the filters given `attribute=` see them."""
+    if attribute is None:
+        return items
+    getter = jinja2.filters.make_attrgetter(env, attribute)
+    return [getter(item) for item in items]
+
+
 def _filter_join_size(cap: int, env: jinja2.Environment, items: Sequence, d: str = "", attribute: Any = None) -> int:
-    if attribute is not None:
-        getter = jinja2.filters.make_attrgetter(env, attribute)
-        items = [getter(item) for item in items]
-    return _join_size(cap, str(d), items)
+    return _join_size(cap, str(d), _attributes(env, items, attribute))
 
 
 def _sum_size(cap: int, env: jinja2.Environment, items: Sequence, attribute: Any = None, start: Any = 0) -> int:
     # only lists and tuples concatenate: `[a] * 1000 | sum(start=[])` repeats what `a` holds
-    if attribute is not None:
-        getter = jinja2.filters.make_attrgetter(env, attribute)
-        items = [getter(item) for item in items]
-    sequences = [x for x in (start, *items) if isinstance(x, list | tuple)]
+    sequences = [x for x in (start, *_attributes(env, items, attribute)) if isinstance(x, list | tuple)]
     return sum(len(x) for x in sequences)
 
 
@@ -314,6 +321,12 @@ _TEXT_FILTERS = frozenset({"capitalize", "center", "e", "escape", "forceescape",
                            "wordcount", "xmlattr"})
 
 
+def _check_rendered_size(size: int, max_chars: int) -> None:
+    if size > max_chars:
+        raise ChatTooLongError(f"chat: the conversation renders to more than {max_chars:,} characters "
+                               "with the model's chat template; shorten it")
+
+
 class _Budget:
     """What is left of one render's `RenderLimits`."""
 
@@ -335,9 +348,7 @@ class _Budget:
                                     "for this conversation; the template is broken")
 
     def check_size(self, size: int) -> None:
-        if size > self.limits.max_chars:
-            raise ChatTooLongError(f"chat: the conversation renders to more than {self.limits.max_chars:,} characters "
-                                   "with the model's chat template; shorten it")
+        _check_rendered_size(size, self.limits.max_chars)
 
     def check_numbers(self, values: Iterable) -> None:
         # `'x'.ljust(n)`, `center(n)`, `batch(n, fill)` allocate n items first: refused before they run
@@ -376,7 +387,8 @@ def _counted(context: Context, iterable: Iterable) -> Iterator:
 @jinja2.pass_context
 def _concat(context: Context, operands: list) -> str:
     # `a ~ b ~ c` as Jinja computes it without autoescape, measured as text before it is joined
-    _budget(context).check_size(_join_size(_budget(context).limits.max_chars, "", operands))
+    budget = _budget(context)
+    budget.check_size(_join_size(budget.limits.max_chars, "", operands))
     return "".join(map(str, operands))
 
 
@@ -444,9 +456,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def concat(self, pieces: Iterable[str]) -> str:  # noqa: D102 - Jinja's join of a block's output
         pieces = list(pieces)
-        if sum(map(len, pieces)) > self.max_chars:
-            raise ChatTooLongError(f"chat: the conversation renders to more than {self.max_chars:,} characters "
-                                   "with the model's chat template; shorten it")
+        _check_rendered_size(sum(map(len, pieces)), self.max_chars)
         return "".join(pieces)
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's names

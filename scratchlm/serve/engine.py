@@ -18,9 +18,9 @@ threads at once.
 """
 
 import asyncio
+import logging
 import queue
 import threading
-import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +40,9 @@ from scratchlm.serve.sampling import (
     settle,
 )
 from scratchlm.tokenizer import Tokenizer
+
+
+log = logging.getLogger("scratchlm.serve")
 
 
 class ServerBusyError(ScratchLMError):
@@ -261,7 +264,7 @@ class Scheduler:
         text may name files); the log keeps the traceback."""
         message = str(error)
         if not isinstance(error, ScratchLMError):  # a bug or a device failure, not bad input
-            traceback.print_exception(error)
+            log.error("engine: generation failed", exc_info=error)
             message = f"{type(error).__name__} (the server's log has the details)"
         for generation in generations:
             generation._emit("", "error", message)

@@ -217,10 +217,9 @@ def sample_next(logits: Tensor, configs: Sequence[SamplingConfig], generators: S
     drawn = [row for row, c in enumerate(configs) if c.temperature > 0]
     if drawn:
         sub = [configs[row] for row in drawn]
-        vocab = logits.size(-1)
         probs = filter_logits(
             logits[drawn], per_row("temperature")[drawn],
-            torch.tensor([min(c.top_k or 0, vocab) for c in sub], device=logits.device),
+            torch.tensor([c.top_k or 0 for c in sub], device=logits.device),
             per_row("top_p")[drawn], per_row("min_p")[drawn],
         ).softmax(-1)
         # torch.multinomial refuses a nan, an inf or an all-zero row; softmax gives nan for both.

@@ -513,6 +513,7 @@ def _completion_prompts(request: CompletionRequest, served: "_Served") -> list[_
         raise APIError(400, shape, "prompt")
     if len(items) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request, not {len(items)}", "prompt")
+    _check_samples(request.choices, served, len(items))
     for item in items:  # all checked before any is encoded or decoded
         _check_prompt(item, served, shape)
     tokenizer = served.tokenizer
@@ -865,9 +866,7 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request):
     _unsupported(body.logprobs, "logprobs", "token log-probabilities are not returned")
     _unsupported(body.suffix, "suffix", "no fill-in-the-middle")
     include_usage = _check_stream_options(body)
-    _check_samples(body.choices, served)
     prompts = await run_in_threadpool(_completion_prompts, body, served)
-    _check_samples(body.choices, served, len(prompts))
     jobs = []
     for prompt in prompts:
         max_new = _max_new_tokens(body.max_tokens, len(prompt.ids), served.context, "prompt", "prompt")
@@ -1062,7 +1061,7 @@ def run_server(
                          feedback_max_bytes=feedback_max_bytes)
         url = _url(sock)
         print(f"serving {name} at {url}/v1 (OpenAI API) and {url}/ (chat page); Ctrl-C stops", flush=True)
-        if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        if api_key is None and not is_loopback_host(host):
             print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
                   "model", file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn_config(app, log_level))

@@ -82,6 +82,10 @@ class FeedbackFileFullError(OutputFileError):
     """The feedback file has reached its size cap."""
 
 
+class FeedbackRecordTooLargeError(OutputFileError):
+    """One feedback record is over the size a server takes."""
+
+
 class _Strict(BaseModel):
     # strict: "5" is not a number here; finite: NaN would make the JSONL line invalid JSON.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -184,13 +188,17 @@ class PreferenceRecord(BaseModel):
 _append_lock = threading.Lock()
 
 
-def append_feedback(path: str | Path, record: PreferenceRecord,
-                    max_file_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES) -> Path:
+def append_feedback(path: str | Path, record: PreferenceRecord, max_file_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES,
+                    max_record_bytes: int | None = None) -> Path:
     """Append `record` as one line to the JSONL file `path` (parent folders created); earlier
-    lines are never touched. A new file is created readable by its owner only. A record that
-    would take the file past `max_file_bytes` is refused (FeedbackFileFullError)."""
+    lines are never touched. A new file is created readable by its owner only. A record over
+    `max_record_bytes` is refused (FeedbackRecordTooLargeError), and so is one that would take
+    the file past `max_file_bytes` (FeedbackFileFullError)."""
     target = check_writable_file(path)
     data = record.to_json_line().encode("utf-8")
+    if max_record_bytes is not None and len(data) > max_record_bytes:
+        raise FeedbackRecordTooLargeError(f"the feedback record would be {len(data):,} bytes; this server takes at "
+                                          f"most {max_record_bytes:,}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with _append_lock:
@@ -317,12 +325,11 @@ def web_routes(feedback_path: Path, *, max_record_bytes: int = DEFAULT_MAX_RECOR
             message, param = _first_error(exc)
             return openai_error(400, message, param)
         record = PreferenceRecord.from_feedback(request_body)
-        if (size := len(record.to_json_line().encode("utf-8"))) > max_record_bytes:
-            return openai_error(413, f"the feedback record would be {size:,} bytes; this server takes at most "
-                                f"{max_record_bytes:,}", code="request_too_large")
         # The file's path stays in the server's log: a client has no business knowing it.
-        try:  # in a worker thread: a slow disk must not hold up the replies streaming meanwhile
-            await run_in_threadpool(append_feedback, feedback_path, record, max_file_bytes)
+        try:  # in a worker thread: encoding a big record or a slow disk must not hold up the replies streaming
+            await run_in_threadpool(append_feedback, feedback_path, record, max_file_bytes, max_record_bytes)
+        except FeedbackRecordTooLargeError as exc:
+            return openai_error(413, str(exc), code="request_too_large")
         except FeedbackFileFullError as exc:
             log.error("%s", exc)
             return openai_error(507, f"the server's feedback file is full (at its cap of {max_file_bytes:,} bytes); "

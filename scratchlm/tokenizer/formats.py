@@ -14,6 +14,7 @@ from pathlib import Path
 
 from scratchlm.atomic_io import write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.gguf_file import gguf_metadata, open_gguf
 from scratchlm.tokenizer.bytelevel import bytes_to_token_string, token_string_to_bytes
 from scratchlm.tokenizer.pretokenize import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN, resolve_pattern
 from scratchlm.tokenizer.tokenizer import Tokenizer, TokenizerFormatError
@@ -194,8 +195,6 @@ def read_gguf_metadata(path: str | Path, prefix: str = "", reader=None) -> dict:
     """The key/value metadata of a GGUF file whose keys start with `prefix`, as Python values.
     `reader`: a GGUFReader already open on `path` (parsing the metadata of a 49k vocabulary
     takes seconds; a model import needs it once, not twice)."""
-    from scratchlm.gguf_file import gguf_metadata, open_gguf  # imports gguf-py (0.2 s): only when needed
-
     return gguf_metadata(reader if reader is not None else open_gguf(path), str(path), prefix)
 
 
