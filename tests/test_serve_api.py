@@ -591,6 +591,17 @@ def test_serve_port_in_use_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("scratchlm: error: serve: cannot listen on 127.0.0.1:") and err.count("\n") == 1
 
 
+def test_a_client_that_connects_as_soon_as_the_url_is_printed_is_not_refused():
+    # `serve` prints its URL before uvicorn's loop accepts: the socket must already listen, so
+    # the connection waits in the backlog (CI once saw "connection refused" here under load).
+    sock = server_module.listen_socket("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=10):
+            pass
+    finally:
+        sock.close()
+
+
 @pytest.mark.slow
 def test_serve_command_answers_and_stops_on_ctrl_c(model, tokenizer, tmp_path):
     save_model_folder(tmp_path / "tiny-model", model, tokenizer)

@@ -78,6 +78,7 @@ BODY_BYTES_PER_TOKEN = 32
 EXTRA_CONNECTIONS = 32  # beyond a full queue and batch: /health, the page, requests refused as busy
 KEEP_ALIVE_S = 5  # an idle connection is closed after this (uvicorn's default, stated)
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers still incomplete (h11's default, stated)
+LISTEN_BACKLOG = 2048  # connections the kernel holds before they are accepted (uvicorn's default)
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
 ROLES = ("system", "developer", "user", "assistant")  # "developer": OpenAI's newer name for system
@@ -972,13 +973,16 @@ async def _chat(served: _Served, body: ChatCompletionRequest, request: Request):
 
 # ---- running it ----------------------------------------------------------------------------
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (port 0: any free port), or a one-line ConfigError: a port in
-    use is found before the model is loaded, and the real port of port 0 is known."""
+    """A socket listening on host:port (port 0: any free port), or a one-line ConfigError: a port in
+    use is found before the model is loaded, and the real port of port 0 is known. It listens at
+    once, so a client that connects as soon as the URL is printed waits in the kernel's backlog
+    until uvicorn accepts, instead of being refused."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
     except (OSError, OverflowError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"serve: cannot listen on {host}:{port}: {reason}") from None
