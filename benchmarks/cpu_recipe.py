@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from scratchlm.data.embedded import embedded_corpus_text
+from scratchlm.text.embedded import embedded_corpus_text
 from scratchlm.data.tokenize import tail_split, tokenize_files
 from scratchlm.tokenizer import train_bpe
 from scratchlm.train.config import load_train_config, resolve_recipe

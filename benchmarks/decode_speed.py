@@ -47,7 +47,7 @@ def smollm2_path() -> Path:
 
 
 def time_ours(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-    from scratchlm.serve import SamplingConfig, generate_tokens
+    from scratchlm.model.sampling import SamplingConfig, generate_tokens
 
     config = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
     start, first, tokens = time.perf_counter(), None, []
@@ -91,8 +91,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from scratchlm.interop import load_pretrained
-    from scratchlm.serve import SamplingConfig, generate
-    from scratchlm.serve.quantize import prepare_for_inference
+    from scratchlm.model.sampling import SamplingConfig, generate
+    from scratchlm.model.quantize import prepare_for_inference
 
     path = smollm2_path()
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

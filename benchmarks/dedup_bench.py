@@ -57,7 +57,7 @@ from scratchlm.data.dedup import (
     s_curve,
     words,
 )
-from scratchlm.data.embedded import embedded_documents
+from scratchlm.text.embedded import embedded_documents
 from provenance import git_commit
 
 

@@ -273,7 +273,7 @@ def conversation(messages: int) -> list[dict]:
 
 def fewest_steps(render: Callable[[int], object], most: int) -> int:
     """The smallest max_steps with which `render(max_steps)` succeeds (bisection; `most` must)."""
-    from scratchlm.serve.chat_template import ChatTemplateError
+    from scratchlm.tokenizer.chat_template import ChatTemplateError
 
     low, high = 0, most  # low fails (no step at all), high succeeds
     while high - low > 1:
@@ -287,7 +287,7 @@ def fewest_steps(render: Callable[[int], object], most: int) -> int:
 
 
 def template_run(path: Path, repeats: int) -> dict:
-    from scratchlm.serve.chat_template import ChatTemplateError, RenderLimits, render_chat
+    from scratchlm.tokenizer.chat_template import ChatTemplateError, RenderLimits, render_chat
     from scratchlm.tokenizer import Tokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(path)

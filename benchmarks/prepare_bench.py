@@ -21,7 +21,7 @@ import random
 import time
 from pathlib import Path
 
-from scratchlm.data.embedded import embedded_documents
+from scratchlm.text.embedded import embedded_documents
 from scratchlm.data.prepare import load_prepare_config, prepare
 from scratchlm.tokenizer import train_tokenizer
 

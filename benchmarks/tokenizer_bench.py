@@ -20,7 +20,7 @@ from pathlib import Path
 import tiktoken
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-from scratchlm.tokenizer.corpus import ReadReport, read_text_blocks
+from scratchlm.text.reading import ReadReport, read_text_blocks
 from scratchlm.tokenizer.formats import to_hf_tokenizer_json
 from scratchlm.tokenizer.pretokenize import resolve_pattern
 from scratchlm.tokenizer.tokenizer import DEFAULT_SPECIAL_TOKENS

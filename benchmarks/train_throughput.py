@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from scratchlm.model import GPT, PRESETS, count_params, flops_per_token
-from scratchlm.train.loop import peak_flops
+from scratchlm.devices import peak_flops
 
 
 def measure(name: str, device: torch.device, micro_batch: int, steps: int, seq_cap: int, compile_: bool, dtype) -> dict:

@@ -331,7 +331,7 @@ def _add_generate_command(stages: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from scratchlm.serve.sampling import encode_prompt, fit_prompt, generate_text
+    from scratchlm.model.sampling import encode_prompt, fit_prompt, generate_text
 
     config = _sampling_config(args, stop=tuple(args.stop), num_samples=args.num_samples, truncate=args.truncate)
     model, tokenizer = _load_for_inference(args)
@@ -361,7 +361,7 @@ def _add_inference_args(cmd: argparse.ArgumentParser) -> None:
 
 def _load_for_inference(args: argparse.Namespace):
     from scratchlm.interop import load_pretrained
-    from scratchlm.serve.quantize import prepare_for_inference
+    from scratchlm.model.quantize import prepare_for_inference
 
     model, tokenizer = load_pretrained(args.model, args.device)
     return prepare_for_inference(model, args.dtype, args.quantize), tokenizer
@@ -381,7 +381,7 @@ def _add_sampling_args(cmd: argparse.ArgumentParser, temperature: float, max_new
 
 def _sampling_config(args: argparse.Namespace, **fields):
     """SamplingConfig from the flags of `_add_sampling_args`; `fields` add or override."""
-    from scratchlm.serve.sampling import SamplingConfig
+    from scratchlm.model.sampling import SamplingConfig
 
     flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
              "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
@@ -1035,7 +1035,7 @@ def _add_text_args(parser: argparse.ArgumentParser) -> None:
 def _read_text_arg(args: argparse.Namespace) -> str:
     """The text of --text, --file or standard input, as valid Unicode: bytes that are not
     UTF-8 become U+FFFD, with a warning that counts them."""
-    from scratchlm.tokenizer.corpus import decode_text, read_text
+    from scratchlm.text.reading import decode_text, read_text
 
     if args.text is not None:
         # Non-UTF-8 bytes in argv arrive as surrogate escapes; turn them back into bytes.

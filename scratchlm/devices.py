@@ -1,4 +1,13 @@
-"""Device names from the user ("auto", "cpu", "cuda", "cuda:1", "mps") checked before any work."""
+"""Where and in what precision work runs, decided in one place for every stage: device names
+from the user ("auto", "cpu", "cuda", "cuda:1", "mps") checked before any work, the autocast
+dtype, the distributed backend, the peak FLOP rate behind MFU, and peak memory."""
+
+import re
+import resource
+import sys
+import time
+from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -21,3 +30,94 @@ def parse_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r}: Apple's MPS backend is not available here")
     return device
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`parse_device`, with a bare "cuda" (or "auto" on a GPU machine) meaning this process's
+    GPU under torchrun: one GPU per process, numbered by LOCAL_RANK."""
+    device = parse_device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it; float32 on CPU by default, where bf16 matmuls
+    are slower than fp32 on most processors."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs; on a CPU, the measured float32 matmul rate of this machine
+    (so CPU 'MFU' is the share of what a big matmul achieves, an estimate)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+    if device.type == "cpu":
+        return _cpu_matmul_flops()
+    return None
+
+
+@cache
+def _cpu_matmul_flops() -> float:
+    """Best of several timings of 1024x1024 float32 matmuls: the best is the least disturbed
+    by whatever else the machine is doing."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        best = min(best, time.perf_counter() - start)
+    return 4 * 2 * 1024**3 / best
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for GPUs (`cuda` and `cuda:N` alike), gloo for everything else."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Start measuring the peak from now, and return the memory in MB held now (the loaded
+    model and what else the process holds before training): the GPU allocator's peak, or on
+    Linux the process's peak resident set (writing 5 to /proc/self/clear_refs resets VmHWM),
+    so that the peak of training is not the peak of loading a model (dequantising a GGUF file
+    holds two copies)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the peak then counts from the process's start
+        pass
+    return _proc_status_mb("VmRSS") or peak_memory_mb(device)
+
+
+def _proc_status_mb(key: str) -> float | None:
+    """A memory figure of /proc/self/status in MB (Linux), or None."""
+    try:
+        found = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) / 2**10 if found else None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MB since `reset_peak_memory`: allocated tensors on a GPU; on a CPU the
+    process's peak resident set, which also counts the loaded model, the Python interpreter and
+    torch itself (VmHWM on Linux; elsewhere getrusage's peak since the process started)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10

@@ -28,3 +28,7 @@ class ModelFormatError(ScratchLMError):
 
 class ContextTooLongError(ScratchLMError):
     """An example needs more positions than the model's context and truncation was not asked for."""
+
+
+class TrainingError(ScratchLMError):
+    """Training cannot go on (repeated non-finite losses)."""

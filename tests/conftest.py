@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from scratchlm.data.embedded import embedded_corpus_text
+from scratchlm.text.embedded import embedded_corpus_text
 
 # Every run replays the same generated examples, so the suite passes or fails the same way on
 # any machine; no deadline, since a loaded 2-core machine can take seconds for one example.

@@ -16,7 +16,7 @@ from scratchlm.interop import load_pretrained
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.serve.chat import ChatSession, default_max_new_tokens, run_chat
-from scratchlm.serve.chat_template import (
+from scratchlm.tokenizer.chat_template import (
     CHATML_TEMPLATE,
     ChatTemplateError,
     ChatTemplateRefusal,
@@ -26,7 +26,7 @@ from scratchlm.serve.chat_template import (
     check_messages,
     render_chat,
 )
-from scratchlm.serve.sampling import SamplingConfig
+from scratchlm.model.sampling import SamplingConfig
 from scratchlm.tokenizer import train_bpe
 from conftest import finishes_within
 

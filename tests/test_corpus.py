@@ -3,8 +3,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlm.data.embedded import docstrings, embedded_corpus_text
-from scratchlm.tokenizer.corpus import ReadReport, read_text_blocks
+from scratchlm.text.embedded import docstrings, embedded_corpus_text
+from scratchlm.text.reading import ReadReport, read_text_blocks
 from scratchlm.units import parse_bytes
 
 

@@ -8,10 +8,10 @@ import torch
 
 from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.model import GPT, get_preset
-from scratchlm.serve import DecodeBatch, SamplingConfig, filter_logits, generate, generate_text
-from scratchlm.serve.chat_template import chat_stop_ids, render_chat
+from scratchlm.model.sampling import DecodeBatch, SamplingConfig, filter_logits, generate, generate_text
+from scratchlm.tokenizer.chat_template import chat_stop_ids, render_chat
 from scratchlm.serve.engine import Scheduler, ServerBusyError
-from scratchlm.serve.sampling import apply_frequency_penalties
+from scratchlm.model.sampling import apply_frequency_penalties
 from scratchlm.tokenizer import Tokenizer, train_bpe
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scratchlm.data.embedded import embedded_corpus_text, pydoc_topics
+from scratchlm.text.embedded import embedded_corpus_text, pydoc_topics
 from scratchlm.errors import ConfigError, ContextTooLongError, InputFileError
 from scratchlm.eval import runner
 from scratchlm.eval.make_builtin_tasks import build_builtin_tasks, prose_sentences, topics_sha256

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from scratchlm.devices import peak_memory_mb, reset_peak_memory
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.lora import lora_layers
 from scratchlm.finetune.trainer import (
@@ -18,10 +19,8 @@ from scratchlm.finetune.trainer import (
     StepOutput,
     finetune_loop,
     load_splits,
-    peak_memory_mb,
     prepare_out,
     prepare_trainable,
-    reset_peak_memory,
     run_folder,
     shuffled_groups,
     split_off,
@@ -29,7 +28,7 @@ from scratchlm.finetune.trainer import (
     with_default_lr,
 )
 from scratchlm.model import GPT, get_preset
-from scratchlm.train.loop import TrainingError
+from scratchlm.errors import TrainingError
 
 VOCAB = 64
 

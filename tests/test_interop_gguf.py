@@ -29,7 +29,7 @@ from scratchlm.interop.gguf import (
     write_tokenizer_metadata,
 )
 from scratchlm.model import GPT, ModelConfig, get_preset
-from scratchlm.serve.sampling import FINISHED, SamplingConfig, generate_tokens
+from scratchlm.model.sampling import FINISHED, SamplingConfig, generate_tokens
 from scratchlm.tokenizer import Tokenizer, import_gguf_tokenizer, train_bpe
 from scratchlm.tokenizer.pretokenize import GPT4_PATTERN, LLAMA3_PATTERN
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scratchlm.data import pipeline, prepare as prepare_module
-from scratchlm.data.embedded import embedded_documents
+from scratchlm.text.embedded import embedded_documents
 from scratchlm.data.prepare import load_prepare_config, prepare
 from scratchlm.data.shards import TokenShards
 from scratchlm.errors import ConfigError, InputFileError

@@ -5,8 +5,8 @@ import torch
 
 from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, get_preset
-from scratchlm.serve import SamplingConfig, generate_tokens
-from scratchlm.serve.quantize import Int8Linear, prepare_for_inference
+from scratchlm.model.sampling import SamplingConfig, generate_tokens
+from scratchlm.model.quantize import Int8Linear, prepare_for_inference
 
 
 def tiny(seed: int = 0) -> GPT:

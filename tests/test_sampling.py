@@ -8,7 +8,7 @@ from torch import nn
 from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.model import KVCache
-from scratchlm.serve import (
+from scratchlm.model.sampling import (
     FINISHED,
     CompletionStream,
     SamplingConfig,
@@ -21,7 +21,7 @@ from scratchlm.serve import (
     generate_tokens,
     sample_next,
 )
-from scratchlm.serve.sampling import MAX_NUM_SAMPLES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_TEMPERATURE, new_generator
+from scratchlm.model.sampling import MAX_NUM_SAMPLES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_TEMPERATURE, new_generator
 from scratchlm.tokenizer import train_bpe
 
 TRAIN_TEXT = (

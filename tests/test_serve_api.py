@@ -27,7 +27,7 @@ from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.serve import server as server_module
-from scratchlm.serve.chat_template import chat_stop_ids
+from scratchlm.tokenizer.chat_template import chat_stop_ids
 from scratchlm.serve.engine import Generation
 from scratchlm.serve.server import ServerThread, _sampling_error, create_app, uvicorn_config
 from scratchlm.tokenizer import train_bpe

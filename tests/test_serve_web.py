@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from scratchlm.atomic_io import OutputFileError
 from scratchlm.model import GPT, get_preset
-from scratchlm.serve.chat_template import chat_stop_ids
+from scratchlm.tokenizer.chat_template import chat_stop_ids
 from scratchlm.serve.engine import Generation
 from scratchlm.serve.web import (
     FEEDBACK_FILE_MODE,

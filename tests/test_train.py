@@ -18,9 +18,10 @@ from scratchlm.data.tokenize import tokenize_files
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.tokenizer import train_bpe
 from scratchlm.train.config import load_train_config
-from scratchlm.train.loop import TrainingError, pretrain
+from scratchlm.errors import TrainingError
+from scratchlm.train.loop import pretrain
 from scratchlm.train.metrics import read_metrics
-from scratchlm.train.runfolder import load_model
+from scratchlm.model.folder import load_model
 
 TINY = ["model=cpu-tiny", "micro_batch=4", "samples=0", "log_every=1", "eval_every=5", "eval_tokens=2048", "warmup_steps=2"]
 
@@ -70,7 +71,8 @@ def test_pretrain_lowers_loss_and_writes_the_run_folder(shards, tmp_path):
 
 
 def test_bits_per_byte_is_loss_per_byte_in_bits(shards, tmp_path):
-    from scratchlm.train.loop import evaluate, token_byte_lengths
+    from scratchlm.tokenizer.tokens import token_byte_lengths
+    from scratchlm.train.loop import evaluate
 
     model, tokenizer = GPTFromScratch(shards)
     data = TokenShards.open(shards)
@@ -321,7 +323,7 @@ def test_pretraining_with_a_vocabulary_that_is_not_a_multiple_of_64_writes_its_r
 
 @pytest.mark.parametrize(("device", "backend"), [("cuda", "nccl"), ("cuda:0", "nccl"), ("cuda:3", "nccl"), ("cpu", "gloo"), ("mps", "gloo")])
 def test_every_gpu_device_name_gets_the_nccl_backend(device, backend):
-    from scratchlm.train.distributed import process_group_backend
+    from scratchlm.devices import process_group_backend
 
     assert process_group_backend(torch.device(device)) == backend
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.tokenizer.corpus import decode_text, expand_inputs
+from scratchlm.text.reading import decode_text, expand_inputs
 
 Format = Literal["auto", "text", "jsonl", "csv", "parquet", "html", "hf"]
 _EXTENSIONS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from scratchlm.data.shards import DEFAULT_SHARD_TOKENS, tokenize_documents, val_by_hash
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.corpus import expand_inputs, read_text
+from scratchlm.text.reading import expand_inputs, read_text
 
 MIN_DOCS_FOR_HASH_SPLIT = 20
 
@@ -57,7 +57,7 @@ def tokenize_files(
 
 def embedded_keyed_documents() -> list[tuple[str, str]]:
     """The embedded corpus as (key, text): the keys decide the train/validation split."""
-    from scratchlm.data.embedded import embedded_documents
+    from scratchlm.text.embedded import embedded_documents
 
     return [(f"embedded:{n}", text) for n, text in enumerate(embedded_documents())]
 

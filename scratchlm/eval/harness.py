@@ -36,7 +36,7 @@ from scratchlm.eval.scoring import (
     split_context,
 )
 from scratchlm.model import GPT
-from scratchlm.serve.sampling import SamplingConfig
+from scratchlm.model.sampling import SamplingConfig
 from scratchlm.tokenizer import Tokenizer
 
 MODEL_NAME = "scratchlm"  # the adapter's name in lm-eval's model registry

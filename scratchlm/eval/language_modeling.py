@@ -21,7 +21,7 @@ from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.eval.scoring import document_start, rolling_token_nats
 from scratchlm.model import GPT
 from scratchlm.tokenizer import Tokenizer, TokenizerFormatError, load_tokenizer
-from scratchlm.train.loop import token_byte_lengths  # the training loop's validation bpb counts bytes the same way
+from scratchlm.tokenizer.tokens import token_byte_lengths  # the training loop's validation bpb counts bytes the same way
 
 LN2 = math.log(2.0)
 

@@ -3,7 +3,7 @@
     python -m scratchlm.eval.make_builtin_tasks [--out FOLDER]
 
 The source is `pydoc_data.topics`, the English reference pages behind `help()`, present offline
-in every Python; most of it is in the quickstart's training text (scratchlm/data/embedded.py),
+in every Python; most of it is in the quickstart's training text (scratchlm/text/embedded.py),
 so the tasks ask whether a small model learned its training prose. A five-minute quickstart model
 scores 0.61 on the cloze and 0.42 on the continuation (chance 0.25), where benchmarks like
 HellaSwag sit at chance for every model this small.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.data.embedded import pydoc_topics
+from scratchlm.text.embedded import pydoc_topics
 from scratchlm.eval.tasks import BUILTIN_DIR
 
 SEED = 1729

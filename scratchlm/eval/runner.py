@@ -341,7 +341,7 @@ def evaluate_model(
 
 def _read_text(text: str | Path) -> tuple[str, str]:
     if isinstance(text, Path):
-        from scratchlm.tokenizer.corpus import read_text
+        from scratchlm.text.reading import read_text
 
         content, undecodable = read_text(text)
         if undecodable:

@@ -14,7 +14,7 @@ Three questions cover every benchmark:
   has the most context (Hugging Face's "Perplexity of fixed-length models" guide). A window feeds
   `block_size` tokens and so predicts `block_size` targets.
 - What does the model write? (`greedy_generate`, or `generate_completions` for sampled text,
-  through the one sampling implementation in `scratchlm.serve.sampling`.)
+  through the one sampling implementation in `scratchlm.model.sampling`.)
 
 Tokens and text meet in `split_context`, which follows lm-evaluation-harness: trailing whitespace
 of the context moves to the continuation, and the continuation is tokenized as part of the
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.model import GPT
-from scratchlm.serve.sampling import SamplingConfig, encode_prompt, generate_text
+from scratchlm.model.sampling import SamplingConfig, encode_prompt, generate_text
 from scratchlm.tokenizer import Tokenizer
 
 
@@ -269,7 +269,7 @@ def generate_completions(
     is reproducible, and a prompt repeated (lm-eval's `repeats`) still gets different samples.
 
     With `truncate`, a prompt too long to leave room for `max_new_tokens` loses its oldest
-    tokens, as `scratchlm.serve.sampling.fit_context` does (down to half the context; past that
+    tokens, as `scratchlm.model.sampling.fit_context` does (down to half the context; past that
     fewer tokens are generated); without it, such a prompt is an error before anything runs."""
     block_size = model.config.block_size
     if not truncate:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from scratchlm.devices import peak_memory_mb, reset_peak_memory
 from scratchlm.atomic_io import write_text_atomic
 from scratchlm.devices import parse_device
 from scratchlm.errors import ConfigError
@@ -58,12 +59,10 @@ from scratchlm.finetune.trainer import (
     StepOutput,
     finetune_loop,
     model_device,
-    peak_memory_mb,
     check_out,
     prepare_trainable,
     run_folder,
     with_default_lr,
-    reset_peak_memory,
     save_finetuned,
     shuffled_groups,
     load_splits,
@@ -71,7 +70,7 @@ from scratchlm.finetune.trainer import (
 )
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.loop import autocast_dtype
+from scratchlm.devices import autocast_dtype
 
 DEFAULT_MAX_LENGTH = 512  # tokens per side of a pair when the model's context allows it
 FULL_LR, LORA_LR = 1e-4, 1e-3  # DPOConfig's lr by method; see its docstring

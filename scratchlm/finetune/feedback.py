@@ -35,8 +35,8 @@ from torch import nn
 from scratchlm.atomic_io import write_text_atomic
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.records import Message, RecordError, RecordReport, parse_messages, read_jsonl, text_field
-from scratchlm.serve.chat_template import chat_stop_ids, render_chat
-from scratchlm.serve.sampling import SamplingConfig, encode_prompt, generate
+from scratchlm.tokenizer.chat_template import chat_stop_ids, render_chat
+from scratchlm.model.sampling import SamplingConfig, encode_prompt, generate
 from scratchlm.tokenizer import Tokenizer
 
 METHODS = ("entropy", "margin")

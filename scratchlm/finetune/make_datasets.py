@@ -15,7 +15,7 @@ Half of the held-out messages come from sentence templates the training file nev
 instructions_train.jsonl, instructions_eval.jsonl: questions about the standard library and the
 language, {"messages": [user, assistant]} per line, each answered by the first sentence (or two)
 of the documentation: a module's or function's docstring, read with `ast` from the stdlib source
-as the embedded corpus does (scratchlm/data/embedded.py; nothing is imported, so nothing runs),
+as the embedded corpus does (scratchlm/text/embedded.py; nothing is imported, so nothing runs),
 the docstrings of the builtins and of a few C modules that every CPython has, and the pages of
 `pydoc_data.topics` ("What does the `assert` statement do?"). preferences_train.jsonl,
 preferences_eval.jsonl: the same questions as {"prompt", "chosen", "rejected", "kind"}: chosen is
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.data.embedded import pydoc_topics, stdlib_source_files
+from scratchlm.text.embedded import pydoc_topics, stdlib_source_files
 from scratchlm.finetune.datasets import SHIPPED_DIR
 
 DATA_DIR = SHIPPED_DIR

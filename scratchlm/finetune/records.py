@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from scratchlm.errors import InputFileError
-from scratchlm.serve.chat_template import ROLES
+from scratchlm.tokenizer.chat_template import ROLES
 
 Message = dict[str, str]
 

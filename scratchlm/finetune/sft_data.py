@@ -46,7 +46,7 @@ from scratchlm.finetune.records import (
     read_jsonl,
     text_field,
 )
-from scratchlm.serve.chat_template import chat_stop_ids, chat_template, render_chat
+from scratchlm.tokenizer.chat_template import chat_stop_ids, chat_template, render_chat
 from scratchlm.tokenizer import Tokenizer
 
 IGNORE = -100  # the ignore_index GPT.forward passes to cross_entropy

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from scratchlm.devices import peak_memory_mb, reset_peak_memory
 from scratchlm.atomic_io import write_text_atomic
 from scratchlm.devices import parse_device
 from scratchlm.errors import ConfigError
@@ -54,20 +55,18 @@ from scratchlm.finetune.trainer import (
     StepOutput,
     finetune_loop,
     model_device,
-    peak_memory_mb,
     check_out,
     prepare_trainable,
     run_folder,
     with_default_lr,
-    reset_peak_memory,
     save_finetuned,
     shuffled_groups,
     load_splits,
     write_loss_curve,
 )
 from scratchlm.model.model import GPT
-from scratchlm.serve.chat_template import chat_stop_ids
-from scratchlm.serve.sampling import SamplingConfig, generate
+from scratchlm.tokenizer.chat_template import chat_stop_ids
+from scratchlm.model.sampling import SamplingConfig, generate
 from scratchlm.tokenizer import Tokenizer
 
 DEFAULT_MAX_LENGTH = 512  # rows wider than this cost attention time for little gain on short instructions

@@ -19,10 +19,7 @@ minutes to hours over a small data set counted in epochs, on one device.
 
 import math
 import random
-import re
-import resource
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -32,13 +29,13 @@ from typing import Generic, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from scratchlm.errors import ConfigError
+from scratchlm.devices import autocast_dtype
+from scratchlm.errors import ConfigError, TrainingError
 from scratchlm.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from scratchlm.finetune.records import RecordReport
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.loop import TrainingError, autocast_dtype
 from scratchlm.train.metrics import plot_loss_curve, read_metrics
 
 B = TypeVar("B")
@@ -336,44 +333,6 @@ def run_folder(out: Path, force: bool) -> Iterator[Path]:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
         raise
-
-
-def reset_peak_memory(device: torch.device) -> float:
-    """Start measuring the peak from now, and return the memory in MB held now (the loaded
-    model and what else the process holds before training): the GPU allocator's peak, or on
-    Linux the process's peak resident set (writing 5 to /proc/self/clear_refs resets VmHWM),
-    so that the peak of training is not the peak of loading a model (dequantising a GGUF file
-    holds two copies)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not allowed: the peak then counts from the process's start
-        pass
-    return _proc_status_mb("VmRSS") or peak_memory_mb(device)
-
-
-def _proc_status_mb(key: str) -> float | None:
-    """A memory figure of /proc/self/status in MB (Linux), or None."""
-    try:
-        found = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(found.group(1)) / 2**10 if found else None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory in MB since `reset_peak_memory`: allocated tensors on a GPU; on a CPU the
-    process's peak resident set, which also counts the loaded model, the Python interpreter and
-    torch itself (VmHWM on Linux; elsewhere getrusage's peak since the process started)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = _proc_status_mb("VmHWM")
-    if peak is not None:
-        return peak
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def split_off(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

@@ -48,7 +48,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", patter
 
         model, tokenizer = import_hf(path, pattern=pattern)
     else:
-        from scratchlm.train.runfolder import load_model
+        from scratchlm.model.folder import load_model
 
         return load_model(path, device)
     return model.to(device).eval(), tokenizer

@@ -69,3 +69,27 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", co
         raise InputFileError(f"{folder}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
     model.to(device).eval()
     return model, load_tokenizer(tokenizer_path or folder / "tokenizer.json")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """A trained model and its tokenizer from a run folder, its model folder or a checkpoint."""
+    p = Path(path)
+    if (p / "model" / WEIGHTS).is_file():
+        p = p / "model"
+    if not (p / WEIGHTS).is_file():
+        raise InputFileError(f"{p}: no model here (expected a run folder, a model folder, a checkpoint folder, "
+                             "a GGUF file or a Hugging Face checkpoint folder)")
+    if (p / "config.json").is_file():
+        return load_model_folder(p, device)
+    # A checkpoint folder holds weights only; config and tokenizer live in its run. A run killed
+    # before it wrote model/ still has the config in the checkpoint and the data's tokenizer.
+    run = p.parent.parent
+    if (run / "model" / "config.json").is_file():
+        return load_model_folder(p, device, _config(run / "model" / "config.json"), run / "model" / "tokenizer.json")
+    state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
+    data = Path(json.loads((run / "config.json").read_text())["data"])
+    return load_model_folder(p, device, ModelConfig.from_dict(state["model_config"]), data / "tokenizer.json")
+
+
+def _config(path: Path) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from scratchlm.errors import ConfigError, ContextTooLongError
-from scratchlm.serve.chat_template import chat_stop_ids, chat_template, render_chat
-from scratchlm.serve.sampling import SamplingConfig, generate
+from scratchlm.tokenizer.chat_template import chat_stop_ids, chat_template, render_chat
+from scratchlm.model.sampling import SamplingConfig, generate
 from scratchlm.tokenizer import Tokenizer
 
 Message = dict[str, str]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from scratchlm.errors import ConfigError, ScratchLMError
-from scratchlm.serve.sampling import (
+from scratchlm.model.sampling import (
     Completion,
     CompletionStream,
     DecodeBatch,

@@ -46,7 +46,7 @@ from starlette.types import Receive, Scope, Send
 from torch import nn
 
 from scratchlm.errors import ConfigError, ContextTooLongError, ScratchLMError
-from scratchlm.serve.chat_template import (
+from scratchlm.tokenizer.chat_template import (
     ChatTemplateError,
     ChatTemplateRefusal,
     ChatTooLongError,
@@ -55,7 +55,7 @@ from scratchlm.serve.chat_template import (
     render_chat,
 )
 from scratchlm.serve.engine import Generation, Scheduler, ServerBusyError, TextEvent
-from scratchlm.serve.sampling import SamplingConfig, encode_prompt
+from scratchlm.model.sampling import SamplingConfig, encode_prompt
 from scratchlm.serve.web import DEFAULT_FEEDBACK_MAX_BYTES, MAX_MESSAGES, openai_error, web_routes
 from scratchlm.tokenizer import Tokenizer
 
@@ -1048,10 +1048,10 @@ def run_server(
     allowed_hosts: Sequence[str] = (),
     feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES,
 ) -> None:
-    """Load the model at `model_path` (in `dtype`, `quantize`d: see `scratchlm.serve.quantize`)
+    """Load the model at `model_path` (in `dtype`, `quantize`d: see `scratchlm.model.quantize`)
     and serve it until Ctrl-C (or SIGTERM). Prints the URL. The limits are `create_app`'s."""
     from scratchlm.interop import load_pretrained
-    from scratchlm.serve.quantize import prepare_for_inference
+    from scratchlm.model.quantize import prepare_for_inference
 
     check_limits(max_batch, max_queue, max_body, feedback_max_bytes)  # before the seconds a model takes to load
     sock = listen_socket(host, port)

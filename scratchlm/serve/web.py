@@ -54,7 +54,7 @@ from pydantic import (
 
 from scratchlm.atomic_io import OutputFileError, check_writable_file
 from scratchlm.errors import InputFileError
-from scratchlm.serve.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from scratchlm.model.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 
 log = logging.getLogger("scratchlm.serve")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.tokenizer.corpus import ReadReport, expand_inputs, read_text_blocks
+from scratchlm.text.reading import ReadReport, expand_inputs, read_text_blocks
 from scratchlm.tokenizer.pretokenize import DEFAULT_PATTERN_NAME, count_chunks, resolve_pattern
 from scratchlm.tokenizer.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
 
@@ -99,7 +99,7 @@ def train_tokenizer(
     if inputs:
         blocks: Iterable[str] = read_text_blocks(expand_inputs(inputs), read, max_bytes=max_bytes)
     else:
-        from scratchlm.data.embedded import embedded_documents
+        from scratchlm.text.embedded import embedded_documents
 
         blocks = _counted(embedded_documents(max_bytes), read)
     report = TrainReport()

@@ -81,7 +81,7 @@ class TrainConfig:
         """The sampling settings of the samples written at the end of the run (None: no samples)."""
         if self.samples == 0:
             return None
-        from scratchlm.serve.sampling import SamplingConfig
+        from scratchlm.model.sampling import SamplingConfig
 
         return SamplingConfig(temperature=0.8, top_k=50, max_new_tokens=self.sample_tokens, seed=self.seed,
                               num_samples=self.samples)

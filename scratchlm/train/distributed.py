@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scratchlm.devices import process_group_backend
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -25,11 +27,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world > 1
-
-
-def process_group_backend(device: torch.device) -> str:
-    """NCCL for GPUs (`cuda` and `cuda:N` alike), gloo for everything else."""
-    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init_distributed(device: torch.device) -> DistInfo:

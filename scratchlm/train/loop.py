@@ -22,7 +22,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +30,21 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from scratchlm.data.shards import TokenShards
-from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
+from scratchlm.errors import ConfigError, InputFileError, TrainingError
 from scratchlm.model import GPT, ModelConfig, count_params, flops_per_token, get_preset
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
+from scratchlm.tokenizer.tokens import token_byte_lengths
 from scratchlm.train.checkpoint import resume_checkpoint, save_checkpoint, set_latest
 from scratchlm.train.config import TrainConfig
 from scratchlm.train.distributed import DistInfo, init_distributed, mean_across_ranks, shutdown
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.train.optim import build_optimizer, lr_multiplier
-from scratchlm.devices import parse_device
+from scratchlm.devices import autocast_dtype, parse_device, peak_flops, resolve_device
 from scratchlm.model.folder import save_model_folder
 from scratchlm.train.runfolder import start_evaluation, write_report
 
 
 SPIKE_FACTOR = 1.5
-
-
-class TrainingError(ScratchLMError):
-    """Training cannot go on (repeated non-finite losses)."""
 
 
 @dataclass
@@ -66,53 +62,6 @@ class RunSummary:
     samples: list[str] = field(default_factory=list)
     start_val_loss: float | None = None  # before the first step, for runs with init_from
     start_val_bpb: float | None = None
-
-
-# ---- devices and precision ----------------------------------------------------------
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    device = parse_device(name)
-    if device.type == "cuda" and device.index is None:  # one GPU per process under torchrun
-        return torch.device("cuda", info.local_rank)
-    return device
-
-
-def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it; float32 on CPU by default, where bf16 matmuls
-    are slower than fp32 on most processors."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs; on a CPU, the measured float32 matmul rate of this machine
-    (so CPU 'MFU' is the share of what a big matmul achieves, an estimate)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
-    if device.type == "cpu":
-        return _cpu_matmul_flops()
-    return None
-
-
-@cache
-def _cpu_matmul_flops() -> float:
-    """Best of several timings of 1024x1024 float32 matmuls: the best is the least disturbed
-    by whatever else the machine is doing."""
-    a = torch.randn(1024, 1024)
-    a @ a
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        best = min(best, time.perf_counter() - start)
-    return 4 * 2 * 1024**3 / best
 
 
 # ---- model sizing ---------------------------------------------------------------------
@@ -220,15 +169,6 @@ def _model_name(model_path: Path) -> str:
 
 
 # ---- evaluation -----------------------------------------------------------------------
-def token_byte_lengths(tokenizer: Tokenizer, size: int) -> np.ndarray:
-    """UTF-8 bytes each id stands for; 0 for special tokens, which bits per byte leaves out."""
-    lengths = np.zeros(size, dtype=np.int64)
-    for token, i in tokenizer.ranks.items():
-        if i < size:
-            lengths[i] = len(token)
-    return lengths
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch: int, byte_lengths: np.ndarray,
@@ -294,7 +234,7 @@ def _shard_tokenizer(data: Path, shards: TokenShards) -> Tokenizer:
 
 def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: TrainConfig, info: DistInfo,
            val_text: str | Path | None, resume: bool, progress: bool) -> RunSummary:
-    device = resolve_device(config.device, info)
+    device = resolve_device(config.device, info.local_rank)
     amp = autocast_dtype(device, config.dtype)
     init_model = None
     if config.init_from is not None:
@@ -468,7 +408,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
 
 def _validation_tokens(shards: TokenShards, tokenizer: Tokenizer, val_text: str | Path | None, seq_len: int, limit: int) -> np.ndarray:
     if val_text is not None:
-        from scratchlm.tokenizer.corpus import read_text
+        from scratchlm.text.reading import read_text
 
         text, _ = read_text(val_text)
         tokens = np.asarray(tokenizer.encode_ordinary(text), dtype=np.int64)
@@ -534,6 +474,6 @@ def _samples(model: GPT, tokenizer: Tokenizer, config: TrainConfig) -> list[str]
     sampling = config.sampling()
     if sampling is None:
         return []
-    from scratchlm.serve.sampling import generate_text
+    from scratchlm.model.sampling import generate_text
 
     return [config.sample_prompt + text for text in generate_text(model, tokenizer, config.sample_prompt, sampling)]

@@ -3,7 +3,6 @@
     RUN/model/                    the final model, a model folder (scratchlm/model/folder.py)
     RUN/report.md                 what ran, on what, how fast, how well, with samples
 
-`load_model` accepts a run folder, its model folder, or a checkpoint folder.
 """
 
 import json
@@ -12,34 +11,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.errors import InputFileError
-from scratchlm.model import GPT, ModelConfig
-from scratchlm.model.folder import WEIGHTS, load_model_folder
-from scratchlm.tokenizer import Tokenizer
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """A trained model and its tokenizer from a run folder, its model folder or a checkpoint."""
-    p = Path(path)
-    if (p / "model" / WEIGHTS).is_file():
-        p = p / "model"
-    if not (p / WEIGHTS).is_file():
-        raise InputFileError(f"{p}: no model here (expected a run folder, a model folder, a checkpoint folder, "
-                             "a GGUF file or a Hugging Face checkpoint folder)")
-    if (p / "config.json").is_file():
-        return load_model_folder(p, device)
-    # A checkpoint folder holds weights only; config and tokenizer live in its run. A run killed
-    # before it wrote model/ still has the config in the checkpoint and the data's tokenizer.
-    run = p.parent.parent
-    if (run / "model" / "config.json").is_file():
-        return load_model_folder(p, device, _config(run / "model" / "config.json"), run / "model" / "tokenizer.json")
-    state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
-    data = Path(json.loads((run / "config.json").read_text())["data"])
-    return load_model_folder(p, device, ModelConfig.from_dict(state["model_config"]), data / "tokenizer.json")
-
-
-def _config(path: Path) -> ModelConfig:
-    return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+from scratchlm.model import ModelConfig
 
 
 def start_evaluation(rows: list[dict]) -> dict | None:

@@ -45,7 +45,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.visitor import NodeTransformer
 
 from scratchlm.errors import ConfigError
-from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 # Tokens that close a turn in the templates of common open models: ChatML, Llama 3, Gemma, Phi-3.
