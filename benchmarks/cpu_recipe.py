@@ -24,7 +24,7 @@ from scratchlm.text.embedded import embedded_corpus_text
 from scratchlm.data.tokenize import tail_split, tokenize_files
 from scratchlm.tokenizer import train_bpe
 from scratchlm.train.config import load_train_config, resolve_recipe
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 
 # name -> (tokenizer vocab size, recipe overrides)
 VARIANTS: dict[str, tuple[int, list[str]]] = {

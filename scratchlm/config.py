@@ -50,6 +50,23 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None, flags: dict | None = None) -> T:
+    """Dataclass `cls` from its defaults, then `base`, then the TOML `recipe`, then `--set
+    key=value` `overrides`, then `flags` (the values a command's own flags were given: a flag
+    names one key, so it wins over a general --set of that key). An unknown key is one error
+    naming the key and where it came from (the recipe file or --set)."""
+    data = dict(base or {})
+    if recipe is not None:
+        from_file = load_toml(recipe)
+        check_keys(cls, from_file, str(recipe))
+        data = merge(data, from_file)
+    from_cli = parse_overrides(overrides or [])
+    check_keys(cls, from_cli, "--set")
+    data = merge(merge(data, from_cli), flags or {})
+    return build(cls, data, str(recipe) if recipe is not None else "config")
+
+
 def check_keys(cls: type, data: dict, where: str) -> None:
     """Refuse a key `cls` does not have, naming the closest one that exists."""
     fields = [f.name for f in dataclasses.fields(cls)]

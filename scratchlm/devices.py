@@ -41,14 +41,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+# The precisions a user may name, and the torch dtype of each; "auto" (a training or
+# evaluation precision, not a storage one) is decided per device by `autocast_dtype`.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = ("auto", *TORCH_DTYPES)
+
+
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
     """bf16 autocast on GPUs that support it; float32 on CPU by default, where bf16 matmuls
-    are slower than fp32 on most processors."""
+    are slower than fp32 on most processors. None means no autocast (float32)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return None
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return None if dtype == "float32" else TORCH_DTYPES[dtype]
 
 
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}

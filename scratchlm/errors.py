@@ -32,3 +32,9 @@ class ContextTooLongError(ScratchLMError):
 
 class TrainingError(ScratchLMError):
     """Training cannot go on (repeated non-finite losses)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error of our own that wraps
+    it (libraries go on with tracebacks and advice); its type's name when the message is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

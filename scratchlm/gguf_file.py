@@ -27,7 +27,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scratchlm.errors import InputFileError
+from scratchlm.errors import InputFileError, first_line
 
 if TYPE_CHECKING:  # gguf-py takes 0.13 s to import: loaded only when a GGUF file is opened
     from gguf import GGUFReader
@@ -235,8 +235,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
         return GGUFReader(p)
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error) as exc:
         # The layout check mirrors the reader's rules; this is the net for one it does not know.
-        first_line = (str(exc).splitlines() or [""])[0]
-        raise InputFileError(f"{p}: truncated or corrupt GGUF file ({type(exc).__name__}: {first_line})") from None
+        raise InputFileError(f"{p}: truncated or corrupt GGUF file ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def gguf_value(reader: GGUFReader, key: str, where: str) -> object:

@@ -13,7 +13,7 @@ from scratchlm.data.tokenize import tokenize_files
 from scratchlm.errors import ConfigError
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.train.config import load_train_config, resolve_recipe
-from scratchlm.train.loop import RunSummary, pretrain
+from scratchlm.train.pretrain import RunSummary, pretrain
 
 QUICKSTART_VOCAB = 2048  # beat 4096 for minutes-long CPU budgets (docs/benchmarks.md)
 

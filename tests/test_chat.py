@@ -5,10 +5,8 @@ import copy
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from scratchlm.cli import main
 from scratchlm.errors import ConfigError, ContextTooLongError
@@ -28,7 +26,7 @@ from scratchlm.tokenizer.chat_template import (
 )
 from scratchlm.model.sampling import SamplingConfig
 from scratchlm.tokenizer import train_bpe
-from conftest import finishes_within
+from conftest import finishes_within, tiny_tokenizer
 
 TRAIN_TEXT = (
     "The interpreter reads a line, evaluates it and prints the result. Hi there, how can I help? "
@@ -40,13 +38,8 @@ USER = {"role": "user", "content": "hello"}
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    """Overrides conftest's: conftest's `model` and `model_folder` then use this one."""
+    return tiny_tokenizer(TRAIN_TEXT)
 
 
 class ScriptedReplies(GPT):
@@ -534,11 +527,6 @@ def test_chat_stop_ids_are_end_of_sequence_and_end_of_turn_once_each(tokenizer):
 
 
 # ---- scratchlm chat ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, model, tokenizer) -> Path:
-    return save_model_folder(tmp_path_factory.mktemp("chat") / "tiny", model, tokenizer)
-
-
 @pytest.mark.slow  # a fresh interpreter imports torch: several seconds
 def test_chat_command_with_piped_input_prints_only_the_replies(model_folder):
     lines = "The interpreter\n/reset\nThe interpreter\n/exit\nnever sent\n"

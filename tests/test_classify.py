@@ -9,13 +9,9 @@ import torch
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.finetune.classify import (
     ClassifyConfig,
-    SequenceClassifier,
     build_classifier,
     evaluate,
     finetune_classifier,
-    load_classifier,
-    pool_hidden,
-    predict,
     save_classifier,
     train_classifier,
 )
@@ -25,14 +21,14 @@ from scratchlm.finetune.classify_data import (
     check_labels,
     encode_texts,
     load_labelled_texts,
-    pad_right,
     split_held_out,
 )
 from scratchlm.finetune.lora import lora_layers
 from scratchlm.finetune.trainer import lr_factor, parse_freeze
-from scratchlm.model import GPT, get_preset
-from scratchlm.model.folder import save_model_folder
-from scratchlm.tokenizer import train_bpe
+from scratchlm.model.classifier import SequenceClassifier, pad_right, pool_hidden, predict
+from scratchlm.model.folder import load_classifier, save_model_folder
+
+from conftest import tiny_gpt, tiny_tokenizer
 
 DATA_DIR = Path(__file__).parents[1] / "scratchlm" / "finetune" / "data"
 TEXT = ("win a free prize now, click the link. meeting moved to friday, see the notes on asyncio. "
@@ -41,12 +37,7 @@ TEXT = ("win a free prize now, click the link. meeting moved to friday, see the 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe([TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-def tiny_gpt(tokenizer, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    return tiny_tokenizer(TEXT)
 
 
 def write(path: Path, text: str) -> Path:
@@ -222,7 +213,7 @@ def test_finetune_refuses_a_non_empty_out_and_mismatched_labels(tokenizer, tmp_p
     result = finetune_classifier(base, train, tmp_path / "run", ClassifyConfig(max_steps=2, val_fraction=0.25),
                                  force=True, progress=False)
     assert result.steps == 2 and result.data["eval"] == 4 and result.labels == ["ham", "spam"]
-    for name in ("classifier.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "report.md", "results.json"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "report.md", "results.json"):
         assert (tmp_path / "run" / name).is_file(), name
 
 

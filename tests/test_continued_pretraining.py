@@ -18,7 +18,7 @@ from scratchlm.interop import load_pretrained
 from scratchlm.model import get_preset
 from scratchlm.tokenizer import train_bpe
 from scratchlm.train.config import load_train_config
-from scratchlm.train.loop import init_model_config, pretrain
+from scratchlm.train.pretrain import init_model_config, pretrain
 from scratchlm.train.metrics import read_metrics
 
 TINY = ["micro_batch=4", "samples=0", "log_every=1", "eval_every=1000", "eval_tokens=2048", "warmup_steps=2", "optimizer=adamw"]

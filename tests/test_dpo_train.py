@@ -21,10 +21,11 @@ from scratchlm.finetune.dpo_train import (
 )
 from scratchlm.finetune.lora import lora_layers
 from scratchlm.finetune.trainer import prepare_trainable
-from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import load_model_folder, save_model_folder
 from scratchlm.serve.web import FeedbackRequest, PreferenceRecord
 from scratchlm.tokenizer import train_bpe
+
+from conftest import tiny_gpt, tiny_tokenizer
 
 TEXT = (
     "The cat sat on the mat. Which animal sat on the mat? The cat did. A dog ran in the park.\n"
@@ -42,12 +43,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe([TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-def tiny_gpt(tokenizer, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    return tiny_tokenizer(TEXT)
 
 
 def examples() -> list[PreferenceExample]:
@@ -82,7 +78,7 @@ def test_a_few_steps_lower_the_loss_and_raise_reward_accuracy_on_the_training_pa
     prepare_trainable(model, config)
     before, _ = evaluate_preferences(model, data, reference, config, pad_id=0)
     assert before["loss"] == pytest.approx(math.log(2)) and before["reward_accuracy"] == 0.0
-    assert train_dpo(model, data, config, 0, reference) == 12
+    assert train_dpo(model, data, config, 0, reference).steps == 12
     after, margins = evaluate_preferences(model, data, reference, config, pad_id=0)
     assert after["loss"] < math.log(2) - 0.1
     assert after["reward_accuracy"] == 1.0 and margins.min().item() > 0

@@ -12,7 +12,9 @@ from scratchlm.model.sampling import DecodeBatch, SamplingConfig, filter_logits,
 from scratchlm.tokenizer.chat_template import chat_stop_ids, render_chat
 from scratchlm.serve.engine import Scheduler, ServerBusyError
 from scratchlm.model.sampling import apply_frequency_penalties
-from scratchlm.tokenizer import Tokenizer, train_bpe
+from scratchlm.tokenizer import Tokenizer
+
+from conftest import tiny_tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
         "Crème brûlée, 日本語, emoji 🙂.\n") * 20
@@ -22,13 +24,8 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return train_bpe([TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> GPT:
-    torch.manual_seed(0)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    """Overrides conftest's: conftest's `model` then uses this one."""
+    return tiny_tokenizer(TEXT)
 
 
 def one_by_one(model, tokenizer, prompts, config):

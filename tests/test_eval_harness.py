@@ -21,7 +21,8 @@ from scratchlm.errors import ConfigError, ContextTooLongError, ScratchLMError
 from scratchlm.eval import harness
 from scratchlm.eval.harness import generation_config, run_harness
 from scratchlm.eval.language_modeling import evaluate_text
-from scratchlm.eval.scoring import document_start, greedy_generate, score_continuations, split_context
+from scratchlm.eval.scoring import greedy_generate, score_continuations, split_context
+from scratchlm.tokenizer.tokens import document_start
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.tokenizer import train_bpe

@@ -15,31 +15,24 @@ from scratchlm.data.shards import tokenize_documents
 from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.eval.language_modeling import LanguageModelScore, evaluate_shards, evaluate_text
 from scratchlm.eval.scoring import (
-    document_start,
     greedy_generate,
     rolling_token_nats,
     score_continuations,
     split_context,
 )
+from scratchlm.tokenizer.tokens import document_start
 from scratchlm.model import GPT, get_preset
 from scratchlm.tokenizer import Tokenizer, train_bpe
 
-TRAIN_TEXT = (
-    "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
-    "Numbers 1 2 3 and 日本語のテキスト, русский текст, emoji 🙂 end.\n"
-) * 20
+from conftest import TINY_TEXT as TRAIN_TEXT  # the text of conftest's `tokenizer`
+from conftest import tiny_gpt
+
 BLOCK = 16  # a short context, so that modest texts need many sliding windows
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer) -> GPT:
-    torch.manual_seed(0)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size, block_size=BLOCK)).eval()
+    return tiny_gpt(tokenizer, block_size=BLOCK)
 
 
 def ids_of(tokenizer, n: int) -> list[int]:

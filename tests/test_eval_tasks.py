@@ -10,13 +10,17 @@ from hypothesis import strategies as st
 from scratchlm.text.embedded import embedded_corpus_text, pydoc_topics
 from scratchlm.errors import ConfigError, ContextTooLongError, InputFileError
 from scratchlm.eval import runner
-from scratchlm.eval.make_builtin_tasks import build_builtin_tasks, prose_sentences, topics_sha256
 from scratchlm.eval.runner import default_results_dir, evaluate_model, run_task, save_report
-from scratchlm.eval.scoring import document_start, split_context
+from scratchlm.eval.scoring import split_context
+from scratchlm.tokenizer.tokens import document_start
 from scratchlm.eval.tasks import BUILTIN_DIR, builtin_tasks, load_task
 from scratchlm.model import GPT, get_preset
 from scratchlm.tokenizer import train_bpe
 
+from conftest import load_tool
+
+_generator = load_tool("make_builtin_tasks")  # tools/, the development script that wrote the builtin files
+build_builtin_tasks, prose_sentences, topics_sha256 = _generator.build_builtin_tasks, _generator.prose_sentences, _generator.topics_sha256
 BUILTINS = ["python-docs-cloze", "python-docs-completion", "python-docs-continuation", "python-docs-real-or-shuffled"]
 
 

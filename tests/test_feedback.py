@@ -19,9 +19,10 @@ from scratchlm.finetune.feedback import (
     write_review_file,
 )
 from scratchlm.finetune.sft_data import load_instructions
-from scratchlm.model import GPT, get_preset
+from scratchlm.model import get_preset
 from scratchlm.serve.web import FeedbackRequest, PreferenceRecord
-from scratchlm.tokenizer import train_bpe
+
+from conftest import tiny_tokenizer
 
 TEXT = ("The interpreter reads a line. A list holds items in order. A dict maps keys to values.\n") * 30
 USER = [{"role": "user", "content": "What does a dict do?"}]
@@ -29,13 +30,8 @@ USER = [{"role": "user", "content": "What does a dict do?"}]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe([TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    """Overrides conftest's: conftest's `model` then uses this one."""
+    return tiny_tokenizer(TEXT)
 
 
 class Fixed(torch.nn.Module):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_tool
 from scratchlm.errors import ConfigError
-from scratchlm.finetune import make_datasets as md
 from scratchlm.finetune.datasets import (
     resolve_data_path,
     shipped_dataset,
@@ -18,6 +18,7 @@ from scratchlm.finetune.datasets import (
 from scratchlm.finetune.dpo import load_preferences
 from scratchlm.finetune.sft_data import load_instructions
 
+md = load_tool("make_datasets")
 QA_FILES = ("instructions_train", "instructions_eval", "preferences_train", "preferences_eval")
 
 

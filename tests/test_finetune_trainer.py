@@ -49,12 +49,9 @@ def lm_batches(rows: torch.Tensor, size: int) -> Batches:
     return Batches(lambda g: (rows[i] for i in shuffled_groups(len(rows), size, g)), math.ceil(len(rows) / size))
 
 
-def lm_step(model: GPT):
-    def step(batch: torch.Tensor) -> StepOutput:
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        return StepOutput(loss, {"tokens": float(batch[:, 1:].numel())})
-
-    return step
+def lm_step(model: torch.nn.Module, batch: torch.Tensor) -> StepOutput:
+    _, loss = model(batch[:, :-1], batch[:, 1:])
+    return StepOutput(loss, {"targets": float(batch[:, 1:].numel())}, tokens=batch[:, 1:].numel())
 
 
 def mean_loss(model: GPT, rows: torch.Tensor) -> float:
@@ -67,9 +64,10 @@ def test_a_few_steps_lower_the_loss_and_log_every_step():
     before = mean_loss(model, rows)
     logged = []
     config = FinetuneConfig(max_steps=20, batch_size=8, lr=1e-2)
-    steps = finetune_loop(model, lm_batches(rows, 8), lm_step(model), config, on_step=lambda n, row: logged.append((n, row)))
-    assert steps == 20 and [n for n, _ in logged] == list(range(1, 21))
-    assert set(logged[0][1]) == {"loss", "lr", "grad_norm", "tokens"} and logged[0][1]["tokens"] == 8 * 12
+    result = finetune_loop(model, lm_batches(rows, 8), lm_step, config, on_step=lambda n, row: logged.append((n, row)))
+    assert result.steps == 20 and [n for n, _ in logged] == list(range(1, 21))
+    assert {"loss", "lr", "grad_norm", "targets", "tokens_per_s", "tokens"} <= set(logged[0][1])
+    assert logged[0][1]["targets"] == 8 * 12 and logged[-1][1]["tokens"] == 20 * 8 * 12
     assert mean_loss(model, rows) < before * 0.7
     assert not model.training  # left in eval mode for evaluation
 
@@ -93,7 +91,7 @@ def gradients_at_first_step(model: GPT, batches: Batches, config: FinetuneConfig
 
     handle = register_optimizer_step_pre_hook(record)
     try:
-        finetune_loop(model, batches, lm_step(model), config)
+        finetune_loop(model, batches, lm_step, config)
     finally:
         handle.remove()
     return seen
@@ -119,7 +117,7 @@ def test_freeze_keeps_the_lower_blocks_and_embeddings_bit_identical():
     config = FinetuneConfig(freeze="all-but-last:1", max_steps=3, lr=1e-2)
     assert prepare_trainable(model, config) is None
     before = copy.deepcopy(model.state_dict())
-    finetune_loop(model, lm_batches(rows, 8), lm_step(model), config)
+    finetune_loop(model, lm_batches(rows, 8), lm_step, config)
     after = model.state_dict()
     frozen = [n for n in before if n.startswith(("embed.", "blocks.0.")) or (n.startswith("head.") and model.config.tie_embeddings)]
     trained = [n for n in before if n.startswith("blocks.1.") and n.endswith("weight")]
@@ -134,7 +132,7 @@ def test_lora_trains_only_the_adapters():
     lora = prepare_trainable(model, config)
     assert lora is not None and lora.rank == 2 and len(lora_layers(model)) == model.config.n_layer
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-    finetune_loop(model, lm_batches(rows, 8), lm_step(model), config)
+    finetune_loop(model, lm_batches(rows, 8), lm_step, config)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if n.endswith("lora_b"))
 
@@ -142,10 +140,10 @@ def test_lora_trains_only_the_adapters():
 def test_a_non_finite_loss_stops_the_run_with_advice():
     model = tiny_gpt()
 
-    def step(batch) -> StepOutput:
-        return StepOutput(model(batch[:, :-1], batch[:, 1:])[1] * float("nan"))
+    def step(m, batch) -> StepOutput:
+        return StepOutput(m(batch[:, :-1], batch[:, 1:])[1] * float("nan"))
 
-    with pytest.raises(TrainingError, match="not finite at step 1; lower the learning rate"):
+    with pytest.raises(TrainingError, match="not finite for 2 steps in a row .step 2.; lower the learning rate"):
         finetune_loop(model, lm_batches(copy_task(), 8), step, FinetuneConfig(max_steps=2))
 
 
@@ -153,7 +151,7 @@ def test_nothing_to_train_is_a_config_error():
     model = tiny_gpt()
     model.requires_grad_(False)
     with pytest.raises(ConfigError, match="every parameter is frozen"):
-        finetune_loop(model, lm_batches(copy_task(), 8), lm_step(model), FinetuneConfig(max_steps=1))
+        finetune_loop(model, lm_batches(copy_task(), 8), lm_step, FinetuneConfig(max_steps=1))
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -30,15 +30,12 @@ from scratchlm.interop.gguf import (
 )
 from scratchlm.model import GPT, ModelConfig, get_preset
 from scratchlm.model.sampling import FINISHED, SamplingConfig, generate_tokens
-from scratchlm.tokenizer import Tokenizer, import_gguf_tokenizer, train_bpe
+from scratchlm.tokenizer import Tokenizer, import_gguf_tokenizer
 from scratchlm.tokenizer.pretokenize import GPT4_PATTERN, LLAMA3_PATTERN
 
 from conftest import VARIED_TEXT
 
-TRAIN_TEXT = (
-    "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
-    "Numbers 1 2 3 and 日本語のテキスト, русский текст, emoji 🙂 end.\n"
-) * 20
+# `tokenizer`: conftest's, trained on TINY_TEXT with GPT-4's pattern, the default.
 
 # One tiny model per GGUF family. Sizes that transformers' GGUF loader needs: Qwen3Config has
 # no GGUF key for the head size and assumes 128; GPT2Config assumes 1024 positions and a 4x MLP.
@@ -56,11 +53,6 @@ SMOLLM2_PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     VARIED_TEXT[:160],
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)  # GPT-4's pattern, the default
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> GPT:

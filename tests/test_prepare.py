@@ -5,7 +5,6 @@ memory, and output that pretraining reads."""
 import csv
 import gzip
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +20,6 @@ from scratchlm.text.embedded import embedded_documents
 from scratchlm.data.prepare import load_prepare_config, prepare
 from scratchlm.data.shards import TokenShards
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.tokenizer import train_bpe
 
 NO_FILTERS = {"filters": {"enabled": "false"}}
 
@@ -32,9 +30,9 @@ def documents() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(embedded_sample, tmp_path_factory) -> Path:
+def tokenizer_path(corpus_tokenizer, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_bpe([embedded_sample], 512, workers=1).save(path)
+    corpus_tokenizer.save(path)
     return path
 
 
@@ -242,28 +240,20 @@ def test_output_folder_rules_and_paths_relative_to_the_config(documents, tokeniz
         prepare(config, tmp_path / "busy", progress=False)
 
 
-def test_cli_runs_the_pipeline_and_pretraining_reads_its_shards(documents, tokenizer_path, tmp_path):
+def test_cli_runs_the_pipeline_and_pretraining_reads_its_shards(documents, tokenizer_path, tmp_path, cli):
     root = tmp_path / "in"
     root.mkdir()
     (root / "docs.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in documents[:200]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "scratchlm.cli", "data", "prepare", "--input", str(root), "--text-field", "content", "--out", str(tmp_path / "out"),
-         "--tokenizer", str(tokenizer_path), "--val-fraction", "0.1", "--set", "filters.enabled=false", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert "200 documents:" in run.stdout and "train and" in run.stdout
-    train = subprocess.run(
-        [sys.executable, "-m", "scratchlm.cli", "pretrain", "--data", str(tmp_path / "out"), "--out", str(tmp_path / "run"), "--max-steps", "2",
-         "--set", "model=cpu-tiny", "--set", "micro_batch=2", "--set", "samples=0", "--set", "eval_tokens=512", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert train.returncode == 0, train.stderr
+    run = cli("data", "prepare", "--input", root, "--text-field", "content", "--out", tmp_path / "out",
+              "--tokenizer", tokenizer_path, "--val-fraction", "0.1", "--set", "filters.enabled=false", "--quiet")
+    assert run.status == 0, run.err
+    assert "200 documents:" in run.out and "train and" in run.out
+    train = cli("pretrain", "--data", tmp_path / "out", "--out", tmp_path / "run", "--max-steps", "2",
+                "--set", "model=cpu-tiny", "--set", "micro_batch=2", "--set", "samples=0", "--set", "eval_tokens=512", "--quiet")
+    assert train.status == 0, train.err
 
-    bad = subprocess.run([sys.executable, "-m", "scratchlm.cli", "data", "prepare", "--input", str(root), "--out", str(tmp_path / "o2"), "--set", "minhash.num_perms=64"],
-                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "did you mean 'num_perm'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("data", "prepare", "--input", root, "--out", tmp_path / "o2", "--set", "minhash.num_perms=64")
+    assert bad.status == 2 and bad.err.count("\n") == 1 and "did you mean 'num_perm'" in bad.err and "Traceback" not in bad.err
 
 
 MEMORY_PROBE = """

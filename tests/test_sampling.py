@@ -22,24 +22,12 @@ from scratchlm.model.sampling import (
     sample_next,
 )
 from scratchlm.model.sampling import MAX_NUM_SAMPLES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_TEMPERATURE, new_generator
-from scratchlm.tokenizer import train_bpe
+from scratchlm.tokenizer.tokens import document_start  # what evaluation scores texts after
+from scratchlm.tokenizer import Tokenizer, train_bpe
 
-TRAIN_TEXT = (
-    "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
-    "Numbers 1 2 3 and 日本語のテキスト, русский текст, emoji 🙂 end.\n"
-) * 20
+from conftest import TINY_TEXT as TRAIN_TEXT  # the text of conftest's `tokenizer` and `model`
+
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=20)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
 
 
 def steps_of(model, prompt_ids, config, eot_id=None) -> list[list[int]]:
@@ -359,6 +347,27 @@ def test_empty_prompt_without_eot_raises_config_error():
 
 def test_prompt_may_contain_special_tokens(tokenizer):
     assert encode_prompt(tokenizer, "<|endoftext|>") == [tokenizer.eot_id]
+
+
+def _with_bos(tokenizer, add_bos_token: bool):
+    """`tokenizer` as a Llama-3-style model's: <|im_start|> declared as BOS, added or not."""
+    metadata = {"bos_token_id": tokenizer.special_tokens["<|im_start|>"], "add_bos_token": add_bos_token}
+    return Tokenizer(tokenizer.ranks, tokenizer.special_tokens, tokenizer.pattern, metadata=metadata)
+
+
+def test_generation_starts_where_evaluation_scores_from_for_a_model_that_adds_bos(tokenizer):
+    bos_tokenizer = _with_bos(tokenizer, add_bos_token=True)
+    bos = bos_tokenizer.special_tokens["<|im_start|>"]
+    assert document_start(bos_tokenizer) == encode_prompt(bos_tokenizer, "") == [bos]
+    assert encode_prompt(bos_tokenizer, "The quick") == [bos, *tokenizer.encode("The quick")]
+    # a prompt that already opens with BOS (a rendered chat template) does not get a second one
+    assert encode_prompt(bos_tokenizer, "<|im_start|>x") == [bos, *tokenizer.encode("x")]
+
+
+def test_a_declared_bos_that_is_not_added_leaves_the_prompt_alone(tokenizer):
+    plain = _with_bos(tokenizer, add_bos_token=False)
+    assert document_start(plain) == encode_prompt(plain, "") == [tokenizer.eot_id]
+    assert encode_prompt(plain, "The quick") == tokenizer.encode("The quick")
 
 
 # ---- properties of the text layer ------------------------------------------------------------

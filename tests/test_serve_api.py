@@ -19,38 +19,24 @@ from collections.abc import Iterator, Sequence
 import httpx
 import openai
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from scratchlm.cli import main
 from scratchlm.errors import ConfigError
-from scratchlm.model import GPT, get_preset
+from scratchlm.model import GPT
 from scratchlm.model.folder import save_model_folder
 from scratchlm.serve import server as server_module
 from scratchlm.tokenizer.chat_template import chat_stop_ids
 from scratchlm.serve.engine import Generation
 from scratchlm.serve.server import ServerThread, _sampling_error, create_app, uvicorn_config
-from scratchlm.tokenizer import train_bpe
 from serve_helpers import submitted_generations, wait_until
 
-TRAIN_TEXT = (
-    "The quick brown fox jumps over the lazy dog. A café in the old town serves crème brûlée.\n"
-    "Numbers 1 2 3 and 日本語のテキスト, русский текст, emoji 🙂 end.\n"
-) * 20
 NAME = "tiny"
 KEY = "sk-test-key"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe([TRAIN_TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()  # 128 positions
+# `tokenizer` and `model` (128 positions) are conftest's.
 
 
 @pytest.fixture(scope="module")

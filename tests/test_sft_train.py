@@ -13,9 +13,9 @@ from scratchlm.finetune.sft_data import encode_conversations
 from scratchlm.finetune.sft_train import SFTConfig, answer_loss, finetune_sft, sft_batches, sft_step
 from scratchlm.finetune.trainer import finetune_loop, prepare_trainable, save_finetuned
 from scratchlm.interop import load_pretrained
-from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
-from scratchlm.tokenizer import train_bpe
+
+from conftest import tiny_gpt, tiny_tokenizer
 
 QA = [
     ("What does len do?", "It returns the number of items."),
@@ -30,12 +30,7 @@ TEXT = " ".join(f"{q} {a}" for q, a in QA) * 20
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe([TEXT], vocab_size=300, workers=1, min_frequency=1)
-
-
-def tiny_gpt(tokenizer, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    return tiny_tokenizer(TEXT)
 
 
 def conversations(repeat: int = 4) -> list[list[dict]]:
@@ -53,7 +48,7 @@ def train(model, tokenizer, config: SFTConfig):
     examples, _ = encode_conversations(tokenizer, conversations(), 128)
     adapters = prepare_trainable(model, config)
     batches = sft_batches(examples, config, 128, 0, torch.device("cpu"))
-    finetune_loop(model, batches, lambda batch: sft_step(model, batch), config)
+    finetune_loop(model, batches, sft_step, config)
     return adapters
 
 
@@ -154,6 +149,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: seconds
 def test_cli_sft_end_to_end_writes_the_run_folder_and_reports_bad_lines(tokenizer, tmp_path):
     base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)
     data = write_jsonl(tmp_path / "train.jsonl", conversations(), ("not json", '{"messages": [{"role": "user", "content": "hi"}]}'))
@@ -174,6 +170,7 @@ def test_cli_sft_end_to_end_writes_the_run_folder_and_reports_bad_lines(tokenize
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 5] and sum("loss" in r for r in rows) == 5
 
 
+@pytest.mark.slow  # fresh interpreters import torch: seconds each
 def test_cli_sft_bad_input_is_one_line_and_a_nonzero_exit(tokenizer, tmp_path):
     base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)
     data = write_jsonl(tmp_path / "train.jsonl", conversations(1))
@@ -185,3 +182,39 @@ def test_cli_sft_bad_input_is_one_line_and_a_nonzero_exit(tokenizer, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")  # a run that fails before training writes nothing
     with pytest.raises(InputFileError):
         finetune_sft(base, tmp_path / "nope.jsonl", tmp_path / "d", SFTConfig(), progress=False)
+
+
+def training_rows(run: Path) -> dict[int, dict]:
+    """Each logged step's numbers that do not depend on the clock."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in rows}
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sft_run_resumes_to_the_same_losses_and_bit_identical_weights(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)
+    data = write_jsonl(tmp_path / "train.jsonl", conversations())
+    # LoRA dropout draws random numbers every step: resuming must restore the RNG too.
+    args = [str(base), "--data", str(data), "--lora", "--lora-dropout", "0.1", "--lr", "1e-2", "--max-steps", "8",
+            "--batch-size", "4", "--samples", "0", "--checkpoint-every", "3", "--quiet"]
+    assert run_cli(*args, "--out", str(tmp_path / "whole")).returncode == 0
+    killed = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_at_step.py")), "5", "finetune", "sft",
+                             *args, "--out", str(tmp_path / "killed")], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "killed" / "model").exists() and (tmp_path / "killed" / "checkpoints" / "step_000003").is_dir()
+    resumed = run_cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert training_rows(tmp_path / "killed") == training_rows(tmp_path / "whole")
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    again = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_resuming_a_run_without_checkpoints_is_one_line(tokenizer, tmp_path):
+    base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)
+    data = write_jsonl(tmp_path / "train.jsonl", conversations(1))
+    (tmp_path / "run").mkdir()
+    done = run_cli(str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--resume")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nothing to resume" in done.stderr, done.stderr

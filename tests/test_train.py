@@ -19,20 +19,14 @@ from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.tokenizer import train_bpe
 from scratchlm.train.config import load_train_config
 from scratchlm.errors import TrainingError
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 from scratchlm.train.metrics import read_metrics
 from scratchlm.model.folder import load_model
 
 TINY = ["model=cpu-tiny", "micro_batch=4", "samples=0", "log_every=1", "eval_every=5", "eval_tokens=2048", "warmup_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def shards(embedded_sample, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(embedded_sample)
-    tokenizer = train_bpe([embedded_sample], 512, workers=1)
-    tokenize_files([root / "corpus.txt"], tokenizer, root / "shards")
-    return root / "shards"
+# `shards`: conftest's (the embedded sample, a 512-token tokenizer); copy it before changing it.
 
 
 def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -72,7 +66,7 @@ def test_pretrain_lowers_loss_and_writes_the_run_folder(shards, tmp_path):
 
 def test_bits_per_byte_is_loss_per_byte_in_bits(shards, tmp_path):
     from scratchlm.tokenizer.tokens import token_byte_lengths
-    from scratchlm.train.loop import evaluate
+    from scratchlm.train.pretrain import evaluate
 
     model, tokenizer = GPTFromScratch(shards)
     data = TokenShards.open(shards)
@@ -96,7 +90,7 @@ def GPTFromScratch(shards):
     return GPT(get_preset("cpu-tiny").replace(vocab_size=512)).eval(), tokenizer
 
 
-KILLED_AT_STEP = Path(__file__).with_name("pretrain_killed_at_step.py")
+KILLED_AT_STEP = Path(__file__).with_name("killed_at_step.py")
 
 
 @pytest.mark.slow
@@ -123,6 +117,7 @@ def test_resume_after_sigkill_reproduces_losses_and_weights(shards, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # three fresh interpreters import torch, two of them as a process group
 def test_data_parallel_on_two_processes_matches_one_process(shards, tmp_path):
     common = ["pretrain", "--data", str(shards), "--quiet", "--set", "model=cpu-tiny", "--set", "micro_batch=2",
               "--set", "batch_tokens=512", "--set", "samples=0", "--set", "log_every=1", "--set", "eval_every=1000",
@@ -175,6 +170,7 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(shards, tmp_path, monkeyp
         (["--set", "samples=-1"], "samples must be >= 0"),
     ],
 )
+@pytest.mark.slow  # a fresh interpreter per case imports torch: seconds each
 def test_pretrain_user_errors_are_one_line(shards, tmp_path, extra, message):
     (tmp_path / "short.txt").write_text("too short")
     extra = [str(tmp_path / "short.txt") if e == "VALTEXT" else e for e in extra]
@@ -206,6 +202,7 @@ def test_resume_with_a_different_model_is_refused(shards, tmp_path):
         pretrain(shards, tmp_path / "run", changed, progress=False)
 
 
+@pytest.mark.slow  # four fresh interpreters import torch
 def test_generate_streams_a_continuation_from_a_run_folder(shards, tmp_path):
     pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=3"]), progress=False)
     result = cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
@@ -221,6 +218,7 @@ def test_generate_streams_a_continuation_from_a_run_folder(shards, tmp_path):
     assert cut.returncode == 0 and "the model sees its last" in cut.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter, then 8 s of training
 def test_quickstart_end_to_end_with_a_tiny_budget(tmp_path):
     result = cli("quickstart", "--out", str(tmp_path / "qs"), "--max-time", "8s", "--quiet",
                  "--set", "model=cpu-tiny", "--set", "eval_tokens=4096", "--set", "samples=1", "--set", "sample_tokens=20",
@@ -329,7 +327,7 @@ def test_every_gpu_device_name_gets_the_nccl_backend(device, backend):
 
 
 def test_pretraining_joins_the_process_group_on_the_device_it_was_given(shards, tmp_path, monkeypatch):
-    import scratchlm.train.loop as loop
+    import scratchlm.train.pretrain as loop
 
     given = []
 

@@ -94,8 +94,8 @@ def compare_models(
     progress: bool = True,
     log=print,
 ) -> Comparison:
-    """Evaluate each model in `sources` (any format `load_pretrained` opens) on the same text and tasks."""
-    from scratchlm.interop import load_pretrained, model_kind
+    """Evaluate each model in `sources` (anything `open_model` opens) on the same text and tasks."""
+    from scratchlm.interop import model_kind, open_model
 
     if len(sources) < 2:
         raise ConfigError("compare needs at least two models")
@@ -109,7 +109,8 @@ def compare_models(
     reports = []
     for label, source in zip(labels, sources):
         log(f"[{label}] loading {source}")
-        model, tokenizer = load_pretrained(source, device)
+        opened = open_model(source, device)
+        model, tokenizer = opened.model, opened.tokenizer
         reports.append(evaluate_model(model, tokenizer, tasks=tasks, text=text, stride=stride, batch_size=batch_size,
                                       limit=limit, truncate=truncate, progress=progress))
         del model  # free it before the next model loads

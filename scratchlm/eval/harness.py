@@ -27,17 +27,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
+from scratchlm.errors import ConfigError, InputFileError, ScratchLMError, first_line
 from scratchlm.eval.scoring import (
-    document_start,
     generate_completions,
     rolling_token_nats,
     score_continuations,
     split_context,
 )
+from scratchlm.tokenizer.tokens import document_start
 from scratchlm.model import GPT
 from scratchlm.model.sampling import SamplingConfig
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.tokens import check_fits_model
 
 MODEL_NAME = "scratchlm"  # the adapter's name in lm-eval's model registry
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until when a task names no limit
@@ -131,11 +132,7 @@ class _ScratchLMEvalMethods:
             raise ConfigError(f"ScratchLMEval: batch_size must be a whole number, not {batch_size!r} (no 'auto' search)") from None
         if batch < 1:
             raise ConfigError(f"ScratchLMEval: batch_size must be >= 1, not {batch}")
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ConfigError(
-                f"ScratchLMEval: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                f"{model.config.vocab_size}; they were not trained together"
-            )
+        check_fits_model(tokenizer, model.config.vocab_size, "ScratchLMEval")
         self.model, self.tokenizer = model, tokenizer
         self.source = str(pretrained) if pretrained is not None else "in-memory model"
         self.batch_size, self.truncate, self.stride = batch, bool(truncate), stride
@@ -299,7 +296,6 @@ def run_harness(
     except (ConnectionError, OSError) as exc:
         # The task library downloads its datasets from the Hugging Face hub (requests and
         # huggingface_hub errors are ConnectionError / OSError subclasses).
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise InputFileError(f"lm-eval could not load a task's dataset ({first_line}); its task library needs the "
+        raise InputFileError(f"lm-eval could not load a task's dataset ({first_line(exc)}); its task library needs the "
                              "network, or local task YAML files given with include_path") from None
 

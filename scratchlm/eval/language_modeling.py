@@ -18,10 +18,10 @@ import numpy as np
 
 from scratchlm.data.shards import TokenShards
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.eval.scoring import document_start, rolling_token_nats
+from scratchlm.eval.scoring import rolling_token_nats
 from scratchlm.model import GPT
 from scratchlm.tokenizer import Tokenizer, TokenizerFormatError, load_tokenizer
-from scratchlm.tokenizer.tokens import token_byte_lengths  # the training loop's validation bpb counts bytes the same way
+from scratchlm.tokenizer.tokens import check_fits_model, document_start, same_ids, token_byte_lengths  # bpb counts bytes as the training loop does
 
 LN2 = math.log(2.0)
 
@@ -60,19 +60,11 @@ class LanguageModelScore:
         }
 
 
-def _check_vocabulary(model: GPT, tokenizer: Tokenizer) -> None:
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
-            "they were not trained together"
-        )
-
-
 def evaluate_text(
     model: GPT, tokenizer: Tokenizer, text: str, *, stride: int | None = None, batch_size: int = 8, progress: bool = False
 ) -> LanguageModelScore:
     """Score every token of `text` (special-token strings in it are plain text)."""
-    _check_vocabulary(model, tokenizer)
+    check_fits_model(tokenizer, model.config.vocab_size)
     ids = tokenizer.encode_ordinary(text)
     if not ids:
         raise ConfigError("the text to score is empty")
@@ -91,8 +83,7 @@ def evaluate_text(
 
 def _check_shard_tokenizer(shards: TokenShards, tokenizer: Tokenizer) -> None:
     """Shards record their tokenizer's content hash; that hash also covers the name and metadata,
-    so on a mismatch the tokenizer.json beside the shards decides: same pattern, ranks and special
-    tokens encode the same text to the same ids."""
+    so on a mismatch the tokenizer.json beside the shards decides whether it gives the same ids."""
     expected = shards.manifest.get("tokenizer_sha256")
     if expected is None or expected == tokenizer.content_hash:
         return
@@ -102,7 +93,7 @@ def _check_shard_tokenizer(shards: TokenShards, tokenizer: Tokenizer) -> None:
             theirs = load_tokenizer(beside)
         except TokenizerFormatError as exc:
             raise InputFileError(f"{beside}: cannot read the shards' tokenizer ({exc})") from None
-        if theirs.pattern == tokenizer.pattern and theirs.ranks == tokenizer.ranks and theirs.special_tokens == tokenizer.special_tokens:
+        if same_ids(theirs, tokenizer):
             return
     raise ConfigError(
         f"{shards.path}: shards were made with a different tokenizer (sha256 {expected[:12]}…) than the model's "
@@ -126,7 +117,7 @@ def evaluate_shards(
     Like the training loop's validation bits per byte, predictions of special tokens (the
     <|endoftext|> between documents) are left out of all three counts: they stand for no bytes,
     and with them bits per byte would no longer be a ratio of text."""
-    _check_vocabulary(model, tokenizer)
+    check_fits_model(tokenizer, model.config.vocab_size)
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"max_tokens must be >= 1, not {max_tokens}")
     shards = TokenShards.open(shards_dir)

@@ -12,6 +12,11 @@
   character is 3 bytes and typically more than one token, a Latin letter 1 byte, so per
   character a CJK answer would be penalised for being written in CJK.
 - classification: a multiple choice over the labels, " " + label after the task's template.
+  A classifier (a model folder of kind "classifier") instead reads each text as it was trained
+  to, and its head picks the label; its labels are matched to the task's by name (exact, else
+  ignoring case and surrounding spaces), and a label only one side has is named in the result's
+  note. Tasks of the other kinds and the language-modelling scores need a language model:
+  `evaluate_model` skips them for a classifier and says so (`EvalReport.skipped`).
 - generation: greedy completions, compared with the references.
 
 Every example gets a record (its fields, the prediction, the scores, whether it was right), so
@@ -36,11 +41,14 @@ from scratchlm.atomic_io import write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError, ScratchLMError
 from scratchlm.eval.language_modeling import LanguageModelScore, evaluate_shards, evaluate_text
 from scratchlm.eval.metrics import accuracy, confusion_matrix, exact_match, generation_metrics, macro_f1, token_f1
-from scratchlm.eval.scoring import ContinuationScore, document_start, greedy_generate, score_continuations, split_context
+from scratchlm.eval.scoring import ContinuationScore, greedy_generate, score_continuations, split_context
+from scratchlm.tokenizer.tokens import document_start
 from scratchlm.eval.tasks import Task, format_classification_prompt, load_task, references
 from scratchlm.model import GPT
+from scratchlm.model.classifier import TextClassifier
 from scratchlm.model.info import architecture
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.tokens import check_fits_model
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_PREFIX = "predictions-"
@@ -58,6 +66,7 @@ class TaskResult:
     confusion_matrix: list[list[int]] | None = None  # [true][predicted] counts
     seconds: float = 0.0
     source: str | None = None
+    note: str | None = None  # something the reader must know to trust the numbers (labels that do not match)
 
     @property
     def examples_per_second(self) -> float:
@@ -68,6 +77,8 @@ class TaskResult:
         out: dict[str, Any] = {"kind": self.kind, "n": self.n, "metrics": dict(self.metrics),
                                "seconds": self.seconds, "examples_per_second": self.examples_per_second,
                                "source": self.source}
+        if self.note is not None:
+            out["note"] = self.note
         if self.labels is not None:
             out["labels"] = list(self.labels)
             out["confusion_matrix"] = [list(row) for row in self.confusion_matrix or []]
@@ -92,6 +103,7 @@ class EvalReport:
     tasks: list[TaskResult] = field(default_factory=list)
     language_modeling: list[LanguageModelResult] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # batch_size, limit, truncate, stride
+    skipped: dict[str, str] = field(default_factory=dict)  # what was asked for but not run, and why
     seconds: float = 0.0
     created: str = ""  # UTC time the evaluation finished, ISO 8601
 
@@ -109,6 +121,7 @@ class EvalReport:
                             "scratchlm": getattr(scratchlm, "__version__", None), "platform": platform.platform()},
             "language_modeling": {r.name: r.to_dict() for r in self.language_modeling},
             "tasks": {r.task: r.to_dict() for r in self.tasks},
+            "skipped": dict(self.skipped),
         }
 
     def summary(self) -> str:
@@ -120,12 +133,15 @@ class EvalReport:
         for r in self.tasks:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if not k.endswith("_stderr"))
             lines.append(f"{r.task:<28} {shown}  ({r.n} examples, {r.examples_per_second:.1f}/s)")
+            if r.note:
+                lines.append(f"{'':<28} note: {r.note}")
+        lines += [f"{name:<28} skipped: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
 
 # ---- one task ------------------------------------------------------------------------------
 def run_task(
-    model: GPT,
+    model: GPT | TextClassifier,
     tokenizer: Tokenizer,
     task: Task,
     *,
@@ -134,10 +150,13 @@ def run_task(
     truncate: bool = False,
     progress: bool = False,
 ) -> TaskResult:
-    """Evaluate `model` on the first `limit` examples of `task` (all when None)."""
+    """Evaluate `model` on the first `limit` examples of `task` (all when None). A classifier
+    runs classification tasks only."""
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, not {limit}")
-    _check_vocabulary(model, tokenizer)
+    if isinstance(model, TextClassifier):
+        return _run_classifier_task(model, task, limit, batch_size)
+    check_fits_model(tokenizer, model.config.vocab_size)
     examples = task.examples[:limit]
     started = time.perf_counter()
     labels = matrix = None
@@ -150,12 +169,6 @@ def run_task(
     return TaskResult(task=task.name, kind=task.kind, n=len(examples), metrics=metrics, records=records,
                       labels=labels, confusion_matrix=matrix, seconds=time.perf_counter() - started,
                       source=str(task.source) if task.source else None)
-
-
-def _check_vocabulary(model: GPT, tokenizer: Tokenizer) -> None:
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
-                          "they were not trained together")
 
 
 def _base_record(task: Task, index: int, example: dict[str, Any]) -> dict[str, Any]:
@@ -255,6 +268,58 @@ def _classification(model, tokenizer, task, examples, batch_size, truncate, prog
     return metrics, records, labels, confusion_matrix(predictions, truths, labels)
 
 
+def _run_classifier_task(classifier: TextClassifier, task: Task, limit: int | None, batch_size: int) -> TaskResult:
+    if task.kind != "classification":
+        raise ConfigError(f"task {task.name!r} is a {task.kind} task, which needs a language model; "
+                          "a classifier runs classification tasks only")
+    examples = task.examples[:limit]
+    started = time.perf_counter()
+    labels = list(task.settings["labels"])
+    mapping, note = _match_labels(task, classifier.labels, labels)
+    probabilities = _located(task, range(len(examples)), lambda: classifier.probabilities(
+        [ex["text"] for ex in examples], batch_size=batch_size))
+    records, predictions, truths = [], [], []
+    for index, (example, probs) in enumerate(zip(examples, probabilities)):
+        # The head's most probable label among those the task knows: a label the task lacks
+        # cannot be scored right or wrong.
+        prediction = mapping[max(mapping, key=lambda ours: probs[ours])]
+        predictions.append(prediction)
+        truths.append(example["label"])
+        records.append({
+            **_base_record(task, index, example),
+            "text": example["text"], "label": example["label"], "prediction": prediction,
+            "probabilities": probs, "correct": prediction == example["label"],
+        })
+    acc = accuracy(predictions, truths)
+    metrics = {"accuracy": acc, "macro_f1": macro_f1(predictions, truths), "accuracy_stderr": _stderr(acc, len(truths))}
+    return TaskResult(task=task.name, kind=task.kind, n=len(examples), metrics=metrics, records=records,
+                      labels=labels, confusion_matrix=confusion_matrix(predictions, truths, labels),
+                      seconds=time.perf_counter() - started, source=str(task.source) if task.source else None, note=note)
+
+
+def _label_key(label: str) -> str:
+    return label.strip().casefold()
+
+
+def _match_labels(task: Task, ours: Sequence[str], theirs: Sequence[str]) -> tuple[dict[str, str], str | None]:
+    """({classifier label: task label}, a note naming the labels only one side has). Names match
+    exactly, else ignoring case and surrounding spaces ("Spam" is "spam"); no label in common
+    is a ConfigError, since every prediction would be meaningless."""
+    exact = {label: label for label in ours if label in theirs}
+    loose = {_label_key(label): label for label in theirs}
+    mapping = {label: exact.get(label) or loose.get(_label_key(label)) for label in ours}
+    mapping = {k: v for k, v in mapping.items() if v is not None}
+    if not mapping:
+        raise ConfigError(f"task {task.name!r}: its labels ({', '.join(theirs)}) share none with the classifier's "
+                          f"({', '.join(ours)}); evaluate it on a task with the labels it was trained on")
+    problems = []
+    if unused := [label for label in ours if label not in mapping]:
+        problems.append(f"the classifier's {', '.join(unused)} not in the task (never predicted)")
+    if missing := [label for label in theirs if label not in mapping.values()]:
+        problems.append(f"the task's {', '.join(missing)} not among the classifier's labels (always scored wrong)")
+    return mapping, "label sets differ: " + "; ".join(problems) if problems else None
+
+
 def _generation(model, tokenizer, task, examples, truncate, progress):
     prompts = [ex["prompt"] for ex in examples]
     refs = [references(ex) for ex in examples]
@@ -278,11 +343,17 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 # ---- a whole evaluation --------------------------------------------------------------------
-def describe_model(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
+def describe_model(model: GPT | TextClassifier, tokenizer: Tokenizer) -> dict[str, Any]:
     """What the report says about the model: enough to tell two results apart."""
+    extra = {}
+    if isinstance(model, TextClassifier):
+        extra = {"kind": "classifier", "labels": list(model.labels), "pooling": model.model.pooling,
+                 "max_length": model.max_length}
+        model = model.model
     config = model.config
     parameter = next(model.parameters(), None)
     return {
+        **extra,
         "parameters": sum(p.numel() for p in model.parameters()),  # tied weights counted once
         "summary": architecture(config),
         "config": config.to_dict(),
@@ -293,7 +364,7 @@ def describe_model(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def evaluate_model(
-    model: GPT,
+    model: GPT | TextClassifier,
     tokenizer: Tokenizer,
     *,
     tasks: Sequence[str | Path] = (),
@@ -307,7 +378,8 @@ def evaluate_model(
 ) -> EvalReport:
     """Language-modelling scores of `text` (a Path is a file to read; a str is the text itself)
     and of the validation split of the token `shards` folder, then each task (file paths or
-    builtin names). Every task file is read and checked before the model runs."""
+    builtin names). Every task file is read and checked before the model runs. A classifier
+    runs the classification tasks; the rest is skipped and listed in `EvalReport.skipped`."""
     if isinstance(tasks, (str, Path)):
         tasks = [tasks]  # a lone name would otherwise be iterated letter by letter
     loaded = [load_task(t) for t in tasks]
@@ -319,6 +391,9 @@ def evaluate_model(
         seen[task.name] = task
     if not loaded and text is None and shards is None:
         raise ConfigError("nothing to evaluate: give tasks, a text or a shards folder")
+    skipped: dict[str, str] = {}
+    if isinstance(model, TextClassifier):
+        loaded, text, shards, skipped = _classifier_share(loaded, text, shards)
     started = time.perf_counter()
     lm_results = []
     if text is not None:
@@ -334,9 +409,22 @@ def evaluate_model(
                for task in loaded]
     return EvalReport(
         model=describe_model(model, tokenizer), tasks=results, language_modeling=lm_results,
-        settings={"batch_size": batch_size, "limit": limit, "truncate": truncate, "stride": stride},
+        settings={"batch_size": batch_size, "limit": limit, "truncate": truncate, "stride": stride}, skipped=skipped,
         seconds=time.perf_counter() - started, created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+
+
+def _classifier_share(tasks: list[Task], text, shards) -> tuple[list[Task], None, None, dict[str, str]]:
+    """The part of an evaluation a classifier can run (its classification tasks) and what is
+    skipped, with why; nothing left to run is a ConfigError."""
+    why = "needs a language model (this is a classifier)"
+    skipped = {name: why for name, given in (("text", text), ("shards", shards)) if given is not None}
+    skipped |= {task.name: f"a {task.kind} task {why}" for task in tasks if task.kind != "classification"}
+    kept = [task for task in tasks if task.kind == "classification"]
+    if not kept:
+        raise ConfigError("a classifier runs classification tasks only, and none was given "
+                          "(--tasks with a classification task file or builtin)")
+    return kept, None, None, skipped
 
 
 def _read_text(text: str | Path) -> tuple[str, str]:

@@ -36,20 +36,8 @@ from scratchlm.tokenizer import Tokenizer
 
 
 # ---- text -> tokens ------------------------------------------------------------------------
-def document_start(tokenizer: Tokenizer) -> list[int]:
-    """The token a model saw before the first token of every training document.
-
-    Models that always get a beginning-of-sequence token (`add_bos_token`, Llama 2/3) start from
-    it. Otherwise <|endoftext|>: our own models, GPT-2 and SmolLM2 were trained on documents
-    joined by it. SmolLM2's "bos" is <|im_start|>, the opening of a chat turn, which would put
-    every plain text inside a malformed chat message. Scoring after the start token means the
-    first real token of a text is scored too, from the state the model was trained to start in."""
-    bos = tokenizer.metadata.get("bos_token_id")
-    if bos is not None and tokenizer.metadata.get("add_bos_token"):
-        return [int(bos)]
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id]
-    return [int(bos)] if bos is not None else []
+# `document_start` (the token scoring starts after) lives with the tokenizer, so that sampling
+# starts generation from the same token; imported here for the runner and the harness.
 
 
 def split_context(

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-from torch import Tensor
-
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.finetune.records import RecordError, RecordReport, read_jsonl
+from scratchlm.model.classifier import fit_ids  # the model layer's, which inference shares
 from scratchlm.tokenizer import Tokenizer
 
 LongPolicy = Literal["truncate", "drop"]
@@ -166,18 +164,6 @@ class EncodedTexts:
     dropped: int = 0
 
 
-def fit_ids(ids: list[int], max_length: int, end_id: int | None) -> list[int] | None:
-    """`ids` with the end token appended, cut to `max_length` (keeping the end token, the
-    position "last" pooling reads); None when it does not fit and is not to be cut (caller
-    decides). Why an end token: a pretrained LM's state at a text's final token is about
-    predicting what comes next; a fixed closing token gives every text the same read-out slot."""
-    tail = [end_id] if end_id is not None else []
-    full = ids + tail
-    if len(full) <= max_length:
-        return full
-    return ids[: max_length - len(tail)] + tail
-
-
 def encode_texts(
     tokenizer: Tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int, long: LongPolicy = "truncate"
 ) -> EncodedTexts:
@@ -201,15 +187,3 @@ def encode_texts(
         out.ids.append(fitted)
         out.labels.append(label)
     return out
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(ids (B, longest), lengths (B,)): rows padded on the right. With a causal model a pad only
-    affects positions after it, so real tokens compute exactly as they would unpadded."""
-    if not rows:
-        raise ValueError("no rows to pad")
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)

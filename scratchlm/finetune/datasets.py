@@ -5,7 +5,7 @@ so that an installed scratchlm, not only a checkout, can train on them:
     shipped_dataset("instructions_train")  # .../scratchlm/finetune/data/instructions_train.jsonl
 
 On the command line `--data builtin:NAME` names the same files (`resolve_data_path`). They are
-written by `python -m scratchlm.finetune.make_datasets`, which says how each was made.
+written by `python tools/make_datasets.py` (a development script, not installed), which says how each was made.
 """
 
 import difflib

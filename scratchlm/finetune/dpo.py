@@ -20,6 +20,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scratchlm.data.feedback_records import reply_key
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.records import (
     Message,
@@ -189,7 +190,7 @@ def load_preferences(path: str | Path) -> tuple[list[PreferenceExample], RecordR
     no_pair: set[int] = set()  # feedback records with a rating but no edited answer
     for number, record in read_jsonl(path, report):
         if _is_feedback_record(record):
-            reply = record.get("reply_id") or record.get("id") or f"line {number}"
+            reply = reply_key(record.get("reply_id"), record.get("id"), f"line {number}")
             if reply in feedback_lines:
                 report.superseded.append(feedback_lines[reply])
             feedback_lines[reply] = number

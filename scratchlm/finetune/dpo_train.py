@@ -20,7 +20,6 @@ open it), adapter.safetensors (with LoRA), metrics.jsonl, loss.png, results.json
 import copy
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -29,9 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from scratchlm.devices import peak_memory_mb, reset_peak_memory
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.devices import parse_device
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.dpo import (
     EncodedPair,
@@ -54,12 +51,12 @@ from scratchlm.finetune.sft_data import (
     check_truncation,
 )
 from scratchlm.finetune.trainer import (
+    load_base,
     Batches,
     FinetuneConfig,
     StepOutput,
     finetune_loop,
     model_device,
-    check_out,
     prepare_trainable,
     run_folder,
     with_default_lr,
@@ -69,6 +66,9 @@ from scratchlm.finetune.trainer import (
     write_loss_curve,
 )
 from scratchlm.model.model import GPT
+from scratchlm.tokenizer.tokens import same_ids
+from scratchlm.train.loop import LoopResult, Run
+from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.devices import autocast_dtype
 
@@ -215,11 +215,6 @@ def evaluate_preferences(model: nn.Module, data: EncodedPairs, reference: Refere
 
 
 # ---- the reference ---------------------------------------------------------------------------
-def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
-    # The ids are what the two models share; a name or a chat template in the metadata may differ.
-    return a.ranks == b.ranks and a.special_tokens == b.special_tokens and a.vocab_size == b.vocab_size
-
-
 def load_reference(path: str | Path, tokenizer: Tokenizer, device: torch.device, block_size: int) -> GPT:
     """The reference model at `path`, frozen and in eval mode; ConfigError unless its tokenizer
     gives the same ids as the policy's (log-probabilities of different token sequences do not
@@ -227,7 +222,7 @@ def load_reference(path: str | Path, tokenizer: Tokenizer, device: torch.device,
     from scratchlm.interop import load_pretrained
 
     reference, ref_tokenizer = load_pretrained(path, device)
-    if not _same_vocabulary(tokenizer, ref_tokenizer):
+    if not same_ids(tokenizer, ref_tokenizer):
         raise ConfigError(f"reference {path}: its tokenizer differs from the model's; DPO needs both to read the same token ids")
     if reference.config.block_size < block_size:
         raise ConfigError(f"reference {path}: its context ({reference.config.block_size}) is shorter than --max-length "
@@ -237,18 +232,19 @@ def load_reference(path: str | Path, tokenizer: Tokenizer, device: torch.device,
 
 # ---- training ------------------------------------------------------------------------------
 def train_dpo(model: nn.Module, train: EncodedPairs, config: DPOConfig, pad_id: int,
-              reference: ReferenceLogprobs | nn.Module, on_step=None, progress: bool = False) -> int:
-    """The DPO loss of each batch of pairs, trained by the shared loop (`trainer.finetune_loop`).
-    `reference` is either the precomputed log-probabilities of `train.pairs` (looked up by pair
-    index) or a frozen model scored on each batch. Returns the optimizer steps taken."""
+              reference: ReferenceLogprobs | nn.Module, on_step=None, progress: bool = False,
+              run: Run | None = None, metrics: MetricsLog | None = None) -> LoopResult:
+    """The DPO loss of each batch of pairs, trained by the shared loop (`trainer.finetune_loop`,
+    whose `run` and `metrics` these are). `reference` is either the precomputed log-probabilities
+    of `train.pairs` (looked up by pair index) or a frozen model scored on each batch."""
 
     def epoch(generator: torch.Generator):
         for rows in shuffled_groups(len(train.pairs), config.batch_size, generator):
             yield rows, collate_preferences([train.pairs[i] for i in rows], pad_id)
 
-    def step(batch) -> StepOutput:
+    def step(policy: nn.Module, batch) -> StepOutput:
         rows, pairs = batch
-        chosen, rejected = preference_logprobs(model, pairs)
+        chosen, rejected = preference_logprobs(policy, pairs)
         if isinstance(reference, ReferenceLogprobs):
             ref_chosen, ref_rejected = reference.chosen[rows], reference.rejected[rows]
         else:
@@ -257,10 +253,11 @@ def train_dpo(model: nn.Module, train: EncodedPairs, config: DPOConfig, pad_id: 
         out = dpo_loss(chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), config.beta, config.label_smoothing)
         return StepOutput(out.loss, {"reward_accuracy": out.accuracy.item(), "margin": out.margins.mean().item(),
                                      "chosen_reward": out.chosen_rewards.mean().item(),
-                                     "rejected_reward": out.rejected_rewards.mean().item()})
+                                     "rejected_reward": out.rejected_rewards.mean().item()},
+                          tokens=pairs.input_ids.numel())
 
     batches = Batches(epoch, math.ceil(len(train.pairs) / config.batch_size))
-    return finetune_loop(model, batches, step, config, on_step=on_step, progress=progress, desc="dpo")
+    return finetune_loop(model, batches, step, config, run, metrics, on_step=on_step, progress=progress, desc="dpo")
 
 
 # ---- the whole run ---------------------------------------------------------------------------
@@ -301,23 +298,16 @@ def _references(model: GPT, tokenizer: Tokenizer, train: EncodedPairs, held: Enc
 
 def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, config: DPOConfig,
                  eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
-                 note: Callable[[str], None] | None = None) -> DPOResult:
+                 note: Callable[[str], None] | None = None, resume: bool = False) -> DPOResult:
     """Train the model at `model_path` (anything `load_pretrained` opens) by DPO on the
     preference pairs of `data`, measure it on `eval_path` or a held-out split before and after,
-    and write the run folder `out`."""
-    from scratchlm.interop import load_pretrained
-    from scratchlm.train.metrics import MetricsLog
-
+    and write the run folder `out`. `resume` continues the run in `out` from its latest
+    checkpoint (`config.checkpoint_every`), with the same settings."""
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
     say = note or (lambda _: None)
     train_examples, held_examples, reports = load_splits(load_preferences, data, eval_path, config.val_fraction, config.seed)  # bad data fails before a model loads
-    for report in reports:
-        say(report.summary())
-    check_out(out, force)
-    device = parse_device(config.device)
-    say(f"loading {model_path}")
-    model, tokenizer = load_pretrained(model_path, device)
+    model, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say)
     config = with_default_lr(config, FULL_LR, LORA_LR, model)
     block_size = config.context(model.config.block_size)
     train = encode_pairs(tokenizer, train_examples, block_size, config.truncate, str(data))
@@ -336,15 +326,13 @@ def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, conf
     before, _ = evaluate_preferences(model, held, held_ref, config, pad_id)
     say(f"held-out before: log-prob accuracy {before['logp_accuracy']:.4f} (DPO loss log 2, rewards 0: the policy is the reference)")
     say(f"training {trainable:,} of {total:,} parameters ({config.method()}) at lr {config.lr:g}")
-    with run_folder(out, force):
+    with run_folder(out, force, resume):
         log = MetricsLog(out / "metrics.jsonl")
-        log.write(_val_row(0, before))
-        start_memory = reset_peak_memory(device)
-        start = time.perf_counter()
-        steps = train_dpo(model, train, config, pad_id, reference, progress=progress,
-                          on_step=lambda n, row: log.write({"step": n, **row}))
-        seconds = time.perf_counter() - start
-        peak = peak_memory_mb(device)
+        if not resume:
+            log.write(_val_row(0, before))
+        trained = train_dpo(model, train, config, pad_id, reference, progress=progress,
+                            run=Run(out, device, resume=resume), metrics=log)
+        steps, seconds, peak, start_memory = trained.steps, trained.seconds, trained.peak_memory_mb, trained.start_memory_mb
         after, margins = evaluate_preferences(model, held, held_ref, config, pad_id)
         log.write(_val_row(steps, after))
         save_finetuned(out, model, tokenizer, lora)

@@ -24,7 +24,7 @@ A review is a rating ("up" or "down") and/or an edited answer. What each becomes
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.atomic_io import write_text_atomic
+from scratchlm.atomic_io import check_writable_file, write_text_atomic
+from scratchlm.data.feedback_records import latest_per_reply, reply_key
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.records import Message, RecordError, RecordReport, parse_messages, read_jsonl, text_field
-from scratchlm.tokenizer.chat_template import chat_stop_ids, render_chat
+from scratchlm.tokenizer.chat_template import chat_stop_ids, has_chat_template, render_chat
 from scratchlm.model.sampling import SamplingConfig, encode_prompt, generate
 from scratchlm.tokenizer import Tokenizer
 
@@ -84,7 +85,7 @@ def load_prompts(path: str | Path) -> tuple[list[tuple[str, list[Message]]], Rec
 def prompt_text(tokenizer: Tokenizer, messages: Sequence[Message]) -> str:
     """The text the model continues: its chat template, or for a model without one the last
     user message as plain text (a base model completes text; it does not hold conversations)."""
-    if tokenizer.metadata.get("chat_template") or {"<|im_start|>", "<|im_end|>"} <= tokenizer.special_tokens.keys():
+    if has_chat_template(tokenizer):
         return render_chat(tokenizer, messages)
     return messages[-1]["content"]
 
@@ -157,6 +158,46 @@ def write_review_file(path: str | Path, candidates: Sequence[Candidate]) -> Path
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+@dataclass
+class Selection:
+    """What `select_for_review` wrote: the chosen answers, out of how many were scored."""
+
+    out: Path
+    chosen: list[Candidate]
+    scored: int
+
+
+def select_for_review(
+    model_path: str | Path,
+    prompts_path: str | Path,
+    out: str | Path,
+    top: int = 20,
+    method: str = "entropy",
+    max_new_tokens: int = 64,
+    device: str = "cpu",
+    note: Callable[[str], None] | None = None,
+) -> Selection:
+    """The whole select step: answer every prompt of `prompts_path` with the model at
+    `model_path`, score the answers by `method`, and write the `top` most uncertain to `out` for
+    review. Everything a user can get wrong (the output path, --top, --method, the prompts file)
+    fails before the model loads; `note` hears the prompts file's report."""
+    from scratchlm.interop import load_pretrained
+
+    out = Path(out)
+    check_writable_file(out)
+    most_uncertain([], top)  # a bad --top fails now, not after every prompt is answered
+    if method not in METHODS:
+        raise ConfigError(f"feedback: method must be one of {', '.join(METHODS)}, not {method!r}")
+    prompts, report = load_prompts(prompts_path)
+    if note is not None:
+        note(report.summary())
+    model, tokenizer = load_pretrained(model_path, device)
+    candidates = score_prompts(model, tokenizer, prompts, method, max_new_tokens)
+    chosen = most_uncertain(candidates, top)
+    write_review_file(out, chosen)
+    return Selection(out, chosen, len(candidates))
+
+
 # ---- build -----------------------------------------------------------------------------------
 @dataclass
 class Review:
@@ -205,7 +246,7 @@ def _review(record: dict, line: int, path: str) -> Review:
         except json.JSONDecodeError:
             raise RecordError("field 'messages' is not a JSON list of messages") from None
     answer_key = "completion" if "completion" in record else "answer"  # the web page's name, or ours
-    key = str(record.get("reply_id") or record.get("id") or f"{path}:{line}")
+    key = reply_key(record.get("reply_id"), record.get("id"), f"{path}:{line}")
     return Review(key, parse_messages(messages, "messages"), text_field(record, answer_key), rating,
                   _optional_text(record, "edited"))
 
@@ -226,7 +267,7 @@ def load_reviews(paths: Sequence[str | Path]) -> tuple[list[Review], BuildReport
     """Every review in the files (review files from `select`, JSONL or CSV, and the web chat
     page's feedback.jsonl), the latest review of each reply only."""
     build = BuildReport()
-    latest: dict[str, Review] = {}
+    reviews: list[Review] = []
     for path in map(Path, paths):
         report = RecordReport(str(path), kind="reviews")
         build.reports.append(report)
@@ -237,9 +278,10 @@ def load_reviews(paths: Sequence[str | Path]) -> tuple[list[Review], BuildReport
                 report.reject(line, str(error) if isinstance(error, RecordError) else f"missing field {error}")
                 continue
             report.kept.append(line)
-            build.replaced += review.key in latest
-            latest[review.key] = review
-    return list(latest.values()), build
+            reviews.append(review)
+    latest, replaced = latest_per_reply(reviews, lambda r: r.key)
+    build.replaced += len(replaced)
+    return latest, build
 
 
 def build_datasets(paths: Sequence[str | Path], sft_out: str | Path | None, dpo_out: str | Path | None) -> BuildReport:

@@ -46,7 +46,7 @@ from scratchlm.finetune.records import (
     read_jsonl,
     text_field,
 )
-from scratchlm.tokenizer.chat_template import chat_stop_ids, chat_template, render_chat
+from scratchlm.tokenizer.chat_template import chat_stop_ids, has_chat_template, render_chat
 from scratchlm.tokenizer import Tokenizer
 
 IGNORE = -100  # the ignore_index GPT.forward passes to cross_entropy
@@ -146,15 +146,6 @@ class EncodeStats:
             self.truncated += 1
         else:
             self.kept += 1
-
-
-def has_chat_template(tokenizer: Tokenizer) -> bool:
-    """Whether conversations are rendered with a template (the model's own, or ChatML)."""
-    try:
-        chat_template(tokenizer)
-    except ConfigError:
-        return False
-    return True
 
 
 def _end_of_answer(ids: list[int], stop_ids: tuple[int, ...]) -> int:

@@ -21,7 +21,6 @@ LoRA merged), adapter.safetensors (with LoRA), metrics.jsonl, loss.png, results.
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from scratchlm.devices import peak_memory_mb, reset_peak_memory
 from scratchlm.atomic_io import write_text_atomic
-from scratchlm.devices import parse_device
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.dpo import sequence_logprobs
 from scratchlm.finetune.feedback import prompt_text
@@ -50,12 +47,12 @@ from scratchlm.finetune.sft_data import (
     stack_rows,
 )
 from scratchlm.finetune.trainer import (
+    load_base,
     Batches,
     FinetuneConfig,
     StepOutput,
     finetune_loop,
     model_device,
-    check_out,
     prepare_trainable,
     run_folder,
     with_default_lr,
@@ -65,6 +62,8 @@ from scratchlm.finetune.trainer import (
     write_loss_curve,
 )
 from scratchlm.model.model import GPT
+from scratchlm.train.loop import Run
+from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer.chat_template import chat_stop_ids
 from scratchlm.model.sampling import SamplingConfig, generate
 from scratchlm.tokenizer import Tokenizer
@@ -145,7 +144,7 @@ def sft_step(model: GPT, batch: tuple[Tensor, ...]) -> StepOutput:
     """The model's own loss on a batch: mean cross-entropy over the labelled (assistant) tokens."""
     idx, targets, *docs = batch
     _, loss = model(idx, targets, documents=docs[0] if docs else None)
-    return StepOutput(loss, {"answer_tokens": float((targets != IGNORE).sum())})
+    return StepOutput(loss, {"answer_tokens": float((targets != IGNORE).sum())}, tokens=idx.numel())
 
 
 @torch.no_grad()
@@ -214,23 +213,16 @@ def _encode(tokenizer: Tokenizer, conversations, context: int, config: SFTConfig
 
 def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, config: SFTConfig,
                  eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
-                 note: Callable[[str], None] | None = None) -> SFTResult:
+                 note: Callable[[str], None] | None = None, resume: bool = False) -> SFTResult:
     """Fine-tune the model at `model_path` (anything `load_pretrained` opens) on the
     conversations of `data`, measure it on `eval_path` or a held-out split before and after,
-    and write the run folder `out` (see the module docstring)."""
-    from scratchlm.interop import load_pretrained
-    from scratchlm.train.metrics import MetricsLog
-
+    and write the run folder `out` (see the module docstring). `resume` continues the run in
+    `out` from its latest checkpoint (`config.checkpoint_every`), with the same settings."""
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
     say = note or (lambda _: None)
     train_conv, held_conv, reports = load_splits(load_instructions, data, eval_path, config.val_fraction, config.seed)  # bad data fails before the model loads
-    for report in reports:
-        say(report.summary())
-    check_out(out, force)
-    device = parse_device(config.device)
-    say(f"loading {model_path}")
-    model, tokenizer = load_pretrained(model_path, device)
+    model, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say)
     config = with_default_lr(config, FULL_LR, LORA_LR, model)
     context = config.context(model.config.block_size)
     train, train_stats = _encode(tokenizer, train_conv, context, config, str(data))
@@ -247,17 +239,17 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
     trainable, total = trainable_parameters(model)
     batches = sft_batches(train, config, context, pad_id, device)
     say(f"training {trainable:,} of {total:,} parameters ({config.method()}) at lr {config.lr:g}")
-    with run_folder(out, force):
-        log = MetricsLog(out / "metrics.jsonl")
-        log.write({"step": 0, "val_loss": before["loss"]})
-        start_memory = reset_peak_memory(device)
-        start = time.perf_counter()
-        steps = finetune_loop(model, batches, lambda batch: sft_step(model, batch), config, progress=progress, desc="sft",
-                              on_step=lambda n, row: log.write({"step": n, **row}))
-        seconds = time.perf_counter() - start
-        peak = peak_memory_mb(device)
-        after = answer_loss(model, held, pad_id, config.batch_size)
-        log.write({"step": steps, "val_loss": after["loss"]})
+    latest: dict = {}
+
+    def held_out(m: nn.Module) -> dict[str, float]:
+        latest.update(answer_loss(m, held, pad_id, config.batch_size))
+        return {"val_loss": latest["loss"]}
+
+    with run_folder(out, force, resume):
+        trained = finetune_loop(model, batches, sft_step, config, run=Run(out, device, resume=resume),
+                                metrics=MetricsLog(out / "metrics.jsonl"), evaluate=held_out, progress=progress, desc="sft")
+        after = dict(latest)  # the loop's evaluation at the end
+        steps, seconds, peak, start_memory = trained.steps, trained.seconds, trained.peak_memory_mb, trained.start_memory_mb
         answers_after = sample_answers(model, tokenizer, prompts, config.sample_tokens)
         save_finetuned(out, model, tokenizer, lora)
         write_loss_curve(out, f"instruction SFT: {out.name}")

@@ -1,47 +1,45 @@
-"""The one training loop of every fine-tuning method: classification, instruction SFT and DPO.
+"""What every fine-tuning method shares: classification, instruction SFT and DPO.
 
 A method brings two things: a stream of batches (`batches(generator)` yields one epoch's
 batches in an order drawn from `generator`) and a step function that turns a batch into a loss
-(`step(batch) -> StepOutput`, with what to log beside it). The loop owns the rest, the same for
-all three: which parameters train (`prepare_trainable`: everything, a freeze, or LoRA), AdamW
-with weight decay on matrices only, linear warmup then cosine decay, gradient accumulation,
-autocast, clipping, a stop on a non-finite loss, a progress bar, and one `on_step` callback per
-optimizer step for the run's metrics.jsonl.
+(`step(model, batch) -> StepOutput`, with what to log beside it). `finetune_loop` hands them to
+the one training loop of the project (`scratchlm.train.loop`, which pretraining runs through
+too) with what fine-tuning adds: which parameters train (`prepare_trainable`: everything, a
+freeze, or LoRA), AdamW with weight decay on matrices only, linear warmup then cosine decay over
+a budget counted in epochs. Checkpoints, exact resume, the non-finite policy, metrics,
+throughput and peak memory come from the loop.
 
     config = FinetuneConfig(lora=True, lr=1e-3, epochs=2)
     lora = prepare_trainable(model, config)
-    steps = finetune_loop(model, batches, len(examples) // 8, step, config, on_step=log)
-
-Pretraining keeps its own loop (scratchlm/train/loop.py): it streams token shards against a
-token or time budget, checkpoints and resumes, and runs under torchrun; fine-tuning runs are
-minutes to hours over a small data set counted in epochs, on one device.
+    result = finetune_loop(model, batches, step, config, run=Run(out, device), metrics=MetricsLog(out / "metrics.jsonl"))
 """
 
 import math
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from scratchlm.devices import autocast_dtype
-from scratchlm.errors import ConfigError, TrainingError
+from scratchlm.devices import PRECISIONS
+from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from scratchlm.finetune.records import RecordReport
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.metrics import plot_loss_curve, read_metrics
+from scratchlm.train.loop import LoopConfig, LoopResult, Run, StepOutput, train_loop
+from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 
 B = TypeVar("B")
 T = TypeVar("T")
 C = TypeVar("C", bound="FinetuneConfig")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # ---- what trains ---------------------------------------------------------------------------
@@ -106,6 +104,9 @@ class FinetuneConfig:
     dtype: str = "auto"  # autocast: auto (bf16 on GPUs, float32 on CPU) | float32 | bfloat16 | float16
     seed: int = 0
     device: str = "cpu"
+    checkpoint_every: int | None = None  # steps between checkpoints of the run folder (for --resume); None: none
+    max_nonfinite: int = 5  # non-finite losses in a row before the run stops (a non-finite step is skipped)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
 
     def __post_init__(self) -> None:
         checks = [
@@ -113,10 +114,12 @@ class FinetuneConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max steps must be at least 1, not {self.max_steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),
             (self.grad_accum >= 1, f"grad accum must be at least 1, not {self.grad_accum}"),
+            (self.checkpoint_every is None or self.checkpoint_every >= 1, f"checkpoint every must be at least 1, not {self.checkpoint_every}"),
+            (self.max_nonfinite >= 1, f"max nonfinite must be at least 1, not {self.max_nonfinite}"),
             (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"lr must be a positive number, not {self.lr}"),
             (0.0 <= self.warmup_fraction < 1.0, f"warmup fraction must be in [0, 1), not {self.warmup_fraction}"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min lr ratio must be in [0, 1], not {self.min_lr_ratio}"),
-            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}"),
+            (self.dtype in PRECISIONS, f"dtype must be one of {', '.join(PRECISIONS)}, not {self.dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -210,14 +213,6 @@ def total_steps(config: FinetuneConfig, batches_per_epoch: int) -> int:
 
 # ---- the loop ------------------------------------------------------------------------------
 @dataclass
-class StepOutput:
-    """A batch's loss (what the optimizer minimises) and measurements logged beside it."""
-
-    loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
 class Batches(Generic[B]):
     """A training set as batches: `epoch(generator)` yields one pass in a random order drawn
     from `generator`; `per_epoch` is how many batches one pass gives."""
@@ -236,68 +231,72 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class EpochTask(Generic[B]):
+    """A data set counted in epochs as a task of the one training loop: micro-batch `index` is
+    batch `index % per_epoch` of epoch `index // per_epoch`. The epochs' orders are drawn one
+    after another from one generator seeded with `seed`, so a resumed run (which redraws the
+    epochs before its own) and an uninterrupted one see the same batches."""
+
+    def __init__(self, batches: Batches[B], step: Callable[[nn.Module, B], StepOutput], seed: int) -> None:
+        self.batches, self.step_fn = batches, step
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.current = -1, []
+
+    def batch(self, index: int) -> B:
+        epoch, position = divmod(index, self.batches.per_epoch)
+        while self.epoch < epoch:
+            self.epoch += 1
+            self.current = list(self.batches.epoch(self.generator))
+        return self.current[position]
+
+    def step(self, model: nn.Module, batch: B) -> StepOutput:
+        return self.step_fn(model, batch)
+
+
 def finetune_loop(
     model: nn.Module,
     batches: Batches[B],
-    step: Callable[[B], StepOutput],
+    step: Callable[[nn.Module, B], StepOutput],
     config: FinetuneConfig,
+    run: Run | None = None,
+    metrics: MetricsLog | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     progress: bool = False,
     desc: str = "fine-tuning",
-) -> int:
-    """Train the parameters of `model` that require grad; returns the optimizer steps taken.
-    `on_step(n, row)` sees each step (n from 1) with its loss, lr, gradient norm and the
-    step function's metrics, averaged over the accumulated batches."""
-    from tqdm import tqdm
-
+) -> LoopResult:
+    """Train the parameters of `model` that require grad through the one training loop
+    (`scratchlm.train.loop.train_loop`): AdamW with weight decay on matrices only, linear warmup
+    then cosine decay over `total_steps`, a row in `metrics` per step. `step(model, batch)` gives
+    a batch's loss under the module being trained. With `run` (a run folder) it checkpoints every
+    `config.checkpoint_every` steps and resumes when `run.resume`; `evaluate(model)` runs before
+    the first step and at the end. `on_step(n, row)` sees each step's row (n from 1)."""
+    if config.lr is None:
+        raise ConfigError("no learning rate: set lr, or let the method's run pick its default (default_lr)")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
-    if config.lr is None:
-        raise ConfigError("no learning rate: set lr, or let the method's run pick its default (default_lr)")
     device = model_device(model)
     decay = [p for p in params if p.dim() >= 2]  # no decay on norms' gains and biases
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    amp = autocast_dtype(device, config.dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients underflow unscaled
     total = total_steps(config, batches.per_epoch)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def stream() -> Iterator[B]:
-        while True:
-            yield from batches.epoch(generator)
-
-    source = stream()
-    model.train()
-    with tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        for n in range(total):
-            lr = config.lr * lr_factor(n, total, config.warmup_fraction, config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums: dict[str, float] = {}
-            for _ in range(config.grad_accum):
-                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                    out = step(next(source))
-                scaler.scale(out.loss / config.grad_accum).backward()
-                for key, value in {"loss": out.loss.item(), **out.metrics}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
-            if not math.isfinite(sums["loss"]):
-                raise TrainingError(f"{desc}: the loss is not finite at step {n + 1}; lower the learning rate (lr={config.lr})")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            row = {"loss": sums.pop("loss"), "lr": lr, "grad_norm": float(grad_norm), **sums}
-            if on_step is not None:
-                on_step(n + 1, row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-    model.eval()
-    return total
+    loop_config = LoopConfig(
+        lr=config.lr, schedule=lambda n, _: lr_factor(n, total, config.warmup_fraction, config.min_lr_ratio),
+        max_steps=total, grad_accum=config.grad_accum, grad_clip=config.grad_clip, dtype=config.dtype, log_every=1,
+        evaluate_at_start=evaluate is not None, checkpoint_every=config.checkpoint_every if run is not None else None,
+        max_nonfinite=config.max_nonfinite, spike_after=int(total * config.warmup_fraction),
+        activation_checkpointing=config.activation_checkpointing, desc=desc, progress=progress,
+    )
+    if run is None:
+        run = Run(Path(os.devnull), device)
+    elif not run.identity:  # what a checkpoint must match: the method and every trainable tensor's shape
+        run.identity = {"method": desc, **{name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}}
+    on_row = None if on_step is None else (lambda row: on_step(row["step"], row) if "loss" in row else None)
+    return train_loop(model, optimizer, EpochTask(batches, step, config.seed), loop_config, run,
+                      metrics or MetricsLog(Path(os.devnull), enabled=False), evaluate, on_row)
 
 
 # ---- run folders ---------------------------------------------------------------------------
@@ -317,14 +316,21 @@ def prepare_out(out: Path, force: bool) -> None:
     check_out(out, force)
     for name in ("metrics.jsonl", "adapter.safetensors"):
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # another run's: resuming from them would mix two runs
     out.mkdir(parents=True, exist_ok=True)
 
 
 @contextmanager
-def run_folder(out: Path, force: bool) -> Iterator[Path]:
+def run_folder(out: Path, force: bool, resume: bool = False) -> Iterator[Path]:
     """`prepare_out` for the body of a run. If the run fails or is interrupted and the folder
     did not exist before, it is removed: a half-written run folder would look finished and
-    block the rerun of the same command. A folder the user already had (--force) is left."""
+    block the rerun of the same command. A folder the user already had (--force) is left. With
+    `resume`, the folder must hold the run's checkpoints, and is left as it is."""
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise InputFileError(f"{out}: nothing to resume (no checkpoints/; runs checkpoint with --checkpoint-every N)")
+        yield out
+        return
     existed = out.exists()
     prepare_out(out, force)
     try:
@@ -366,6 +372,24 @@ def load_splits(load: Callable[[Path], tuple[list[T], RecordReport]], data: Path
     except ConfigError as error:
         raise ConfigError(f"{report.summary(limit=1)}; {error}") from None
     return train, held, reports
+
+
+def load_base(model_path: str | Path, out: Path, force: bool, resume: bool, device_name: str,
+              reports: Sequence[RecordReport], say: Callable[[str], None]) -> tuple[GPT, Tokenizer, torch.device]:
+    """How every method's run goes on once its data is read and checked: say what was read,
+    refuse a run folder in use (unless resuming it), and load the base model, float32 on the
+    config's device."""
+    from scratchlm.devices import parse_device
+    from scratchlm.interop import load_pretrained
+
+    for report in reports:
+        say(report.summary())
+    if not resume:
+        check_out(out, force)
+    device = parse_device(device_name)
+    say(f"loading {model_path}")
+    model, tokenizer = load_pretrained(model_path, device)
+    return model, tokenizer, device
 
 
 def save_finetuned(out: Path, model: GPT, tokenizer: Tokenizer, lora: LoRAConfig | None) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.interop.load import load_pretrained, model_kind
+from scratchlm.interop.load import load_pretrained, model_format
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.info import architecture
 from scratchlm.model.model import count_params
@@ -38,7 +38,7 @@ def import_model(source: str | Path, out: str | Path, pattern: str | None = None
     folder: config.json, model.safetensors, tokenizer.json and chat_template.jinja."""
     start = time.perf_counter()
     source, out = Path(source), Path(out)
-    kind = model_kind(source)
+    kind = model_format(source)
     _check_new_output(out)
     model, tokenizer = load_pretrained(source, pattern=pattern)
     save_model_folder(out, model, tokenizer)
@@ -55,7 +55,7 @@ def export_model(source: str | Path, fmt: ExportFormat, out: str | Path, dtype: 
     dtype = dtype or EXPORT_DTYPES[fmt][0]
     if dtype not in EXPORT_DTYPES[fmt]:
         raise ConfigError(f"export: dtype {dtype!r} is not available for {fmt}; choose one of {', '.join(EXPORT_DTYPES[fmt])}")
-    kind = model_kind(source)
+    kind = model_format(source)
     if fmt == "hf":
         _check_new_output(out)
     elif out.is_dir():

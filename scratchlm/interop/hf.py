@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from scratchlm.devices import TORCH_DTYPES
 from scratchlm.atomic_io import OutputFileError, default_mode, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError, ModelFormatError
 from scratchlm.model.config import ModelConfig
@@ -49,7 +50,7 @@ from scratchlm.tokenizer.formats import read_json
 
 IMPORT_FAMILIES = ("gpt2", "llama", "mistral", "qwen3")
 EXPORT_FAMILIES = ("gpt2", "llama", "qwen3")
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_DTYPES = TORCH_DTYPES  # what safetensors files of Hugging Face models hold
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Model types we know and refuse, with the reason: more useful than "unknown model type".

@@ -1,95 +1,246 @@
-"""scratchlm's model folder: what `pretrain` writes as RUN/model and `scratchlm import` writes.
+"""scratchlm's model folder: what `pretrain` writes as RUN/model, `scratchlm import` writes, and
+`finetune classify` writes as its run folder.
 
     FOLDER/model.safetensors   weights (safetensors: loading them runs no code)
-    FOLDER/config.json         ModelConfig
+    FOLDER/config.json         the header below
     FOLDER/tokenizer.json      the tokenizer, in scratchlm's format (chat template in its metadata)
     FOLDER/chat_template.jinja the chat template as a file of its own, when the model has one
+
+config.json is a versioned header, so a reader knows what it holds before it builds anything:
+
+    {"format": "scratchlm-model", "format_version": 1,
+     "kind": "language-model" | "classifier",
+     "architecture": "<one line, scratchlm.model.info.architecture>",
+     "tokenizer": "tokenizer.json",
+     "model": {ModelConfig},
+     "labels": [...], "pooling": "last" | "mean", "max_length": N}     <- classifiers only
+
+Older folders still load: a flat config.json (the ModelConfig's keys at the top level, a
+language model) and the first classifier folder ("format": "scratchlm-classifier", weights in
+classifier.safetensors, the config under "model_config").
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_weights, save_model
 
 from scratchlm.atomic_io import write_text_atomic, written_atomically
 from scratchlm.errors import InputFileError
+from scratchlm.model.classifier import POOLINGS, SequenceClassifier, TextClassifier
 from scratchlm.model.config import ModelConfig
+from scratchlm.model.info import architecture
 from scratchlm.model.model import GPT, allocate_on_cpu
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
+from scratchlm.tokenizer.formats import read_json
 
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.jinja"
+FORMAT = "scratchlm-model"
+FORMAT_VERSION = 1  # raise it when a reader of this version could misread a newer folder
+OLD_CLASSIFIER_FORMAT = "scratchlm-classifier"  # the first classifier folders
+OLD_CLASSIFIER_WEIGHTS = "classifier.safetensors"
+
+ModelKind = Literal["language-model", "classifier"]
+KINDS = ("language-model", "classifier")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
-def is_model_folder(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / WEIGHTS).is_file() and (p / "config.json").is_file() and _is_our_config(p / "config.json")
+@dataclass
+class FolderHeader:
+    """What a model folder's config.json says it holds."""
+
+    kind: ModelKind
+    config: ModelConfig
+    labels: list[str] | None = None  # classifiers: the class names, in head order
+    pooling: str = "last"
+    max_length: int | None = None  # classifiers: texts are cut to this many tokens
+    weights: str = WEIGHTS
+    tokenizer: str = TOKENIZER
 
 
-def _is_our_config(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "n_layer" in data and "n_embd" in data
+def model_header(config_path: Path) -> FolderHeader | None:
+    """The header of a model folder's config.json; None when it is JSON but not ours (a Hugging
+    Face config.json, a training run's config). A header ours but broken is an InputFileError."""
+    data = read_json(config_path)
+    if not isinstance(data, dict):
+        return None
+    if data.get("format") == FORMAT:
+        return _versioned_header(data, config_path)
+    if data.get("format") == OLD_CLASSIFIER_FORMAT:
+        return _classifier_header(data, config_path, data.get("model_config"), OLD_CLASSIFIER_WEIGHTS)
+    if "n_layer" in data and "n_embd" in data:  # the flat config.json before format_version 1
+        return FolderHeader("language-model", ModelConfig.from_dict(data))
+    return None
 
 
-def save_model_folder(folder: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
-    """Write `model` and `tokenizer` into `folder` (created if needed); each file atomically."""
+def _versioned_header(data: dict, where: Path) -> FolderHeader:
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputFileError(f"{where}: format_version must be a whole number >= 1, not {version!r}")
+    if version > FORMAT_VERSION:
+        raise InputFileError(f"{where}: model folder format_version {version} is newer than this scratchlm reads "
+                             f"({FORMAT_VERSION}); upgrade scratchlm")
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise InputFileError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    tokenizer = data.get("tokenizer", TOKENIZER)
+    if not isinstance(tokenizer, str) or not tokenizer or Path(tokenizer).name != tokenizer:
+        raise InputFileError(f"{where}: tokenizer must name a file in the folder, not {tokenizer!r}")
+    if kind == "classifier":
+        header = _classifier_header(data, where, data.get("model"), WEIGHTS)
+    else:
+        header = FolderHeader("language-model", _model_config(data.get("model"), where))
+    header.tokenizer = tokenizer
+    return header
+
+
+def _classifier_header(data: dict, where: Path, config: object, weights: str) -> FolderHeader:
+    labels, pooling, max_length = data.get("labels"), data.get("pooling", "last"), data.get("max_length")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise InputFileError(f"{where}: a classifier needs \"labels\", a list of at least two names")
+    if pooling not in POOLINGS:
+        raise InputFileError(f"{where}: pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    model_config = _model_config(config, where)
+    if max_length is None:
+        max_length = model_config.block_size
+    if not isinstance(max_length, int) or not 2 <= max_length <= model_config.block_size:
+        raise InputFileError(f"{where}: max_length must be a whole number from 2 to the context "
+                             f"({model_config.block_size}), not {max_length!r}")
+    return FolderHeader("classifier", model_config, list(labels), pooling, max_length, weights)
+
+
+def _model_config(data: object, where: Path) -> ModelConfig:
+    if not isinstance(data, dict):
+        raise InputFileError(f"{where}: no model config (\"model\" must be an object of ModelConfig fields)")
+    return ModelConfig.from_dict(data)
+
+
+def save_model_folder(folder: str | Path, model: GPT | SequenceClassifier, tokenizer: Tokenizer, *,
+                      labels: list[str] | None = None, max_length: int | None = None) -> Path:
+    """Write `model` and `tokenizer` into `folder` (created if needed); each file atomically.
+    A SequenceClassifier is saved with its `labels` (one per head output) and the `max_length`
+    its texts are cut to."""
     folder = Path(folder)
+    header = _header_dict(model, labels, max_length)
     folder.mkdir(parents=True, exist_ok=True)
     with written_atomically(folder / WEIGHTS) as tmp:
         save_model(model, str(tmp))
-    write_text_atomic(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
-    tokenizer.save(folder / "tokenizer.json")
+    write_text_atomic(folder / CONFIG, json.dumps(header, indent=2) + "\n")
+    tokenizer.save(folder / TOKENIZER)
     template = tokenizer.metadata.get("chat_template")
     if template:
         write_text_atomic(folder / CHAT_TEMPLATE, template)
     return folder
 
 
+def _header_dict(model: GPT | SequenceClassifier, labels: list[str] | None, max_length: int | None) -> dict:
+    kind: ModelKind = "classifier" if isinstance(model, SequenceClassifier) else "language-model"
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+              "architecture": architecture(model.config), "tokenizer": TOKENIZER, "model": model.config.to_dict()}
+    if kind == "classifier":
+        if labels is None or len(labels) != model.score.out_features:
+            raise ValueError(f"a classifier with {model.score.out_features} outputs needs as many labels, not {labels!r}")
+        header.update(labels=list(labels), pooling=model.pooling, max_length=max_length or model.config.block_size)
+    elif labels is not None:
+        raise ValueError("labels are for a classifier; this is a language model")
+    return header
+
+
+def read_folder_header(folder: Path) -> FolderHeader:
+    """The header of the model folder `folder`; an InputFileError when it is not one."""
+    config_path = folder / CONFIG
+    if not config_path.is_file():
+        raise InputFileError(f"{folder}: no {CONFIG} beside the weights")
+    header = model_header(config_path)
+    if header is None:
+        raise InputFileError(f"{config_path}: not a scratchlm model config")
+    if not (folder / header.weights).is_file():
+        raise InputFileError(f"{folder}: no {header.weights} here")
+    return header
+
+
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", config: ModelConfig | None = None,
                       tokenizer_path: str | Path | None = None) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer of a model folder. `config` and `tokenizer_path` stand in for a
-    folder that holds only weights (a training checkpoint)."""
+    """The language model and tokenizer of a model folder. `config` and `tokenizer_path` stand
+    in for a folder that holds only weights (a training checkpoint)."""
     folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise InputFileError(f"{folder}: no {WEIGHTS} here")
     if config is None:
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise InputFileError(f"{folder}: no config.json beside the weights")
-        config = ModelConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        header = read_folder_header(folder)
+        if header.kind != "language-model":
+            raise InputFileError(f"{folder}: holds a {header.kind}, not a language model")
+        config, tokenizer_path = header.config, folder / header.tokenizer
+    elif not (folder / WEIGHTS).is_file():
+        raise InputFileError(f"{folder}: no {WEIGHTS} here")
+    model = _load_weights(_empty_gpt(config), folder / WEIGHTS)
+    model.to(device).eval()
+    return model, load_tokenizer(tokenizer_path or folder / TOKENIZER)
+
+
+def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> TextClassifier:
+    """The classifier in the model folder `folder` (old classifier folders too)."""
+    folder = Path(folder)
+    header = read_folder_header(folder)
+    if header.kind != "classifier":
+        raise InputFileError(f"{folder}: holds a {header.kind}, not a classifier")
+    assert header.labels is not None and header.max_length is not None  # a classifier header has both
+    model = SequenceClassifier(_empty_gpt(header.config), len(header.labels), header.pooling)
+    model = _load_weights(model, folder / header.weights)
+    model.to(device).eval()
+    return TextClassifier(model, load_tokenizer(folder / header.tokenizer), header.labels, header.max_length)
+
+
+def _empty_gpt(config: ModelConfig) -> GPT:
     with torch.device("meta"):  # no random initialisation of weights about to be overwritten
         model = GPT(config)
-    model = allocate_on_cpu(model)
-    missing, unexpected = load_weights(model, str(folder / WEIGHTS), strict=False)
+    return allocate_on_cpu(model)
+
+
+def _load_weights(model: M, path: Path) -> M:
+    try:
+        missing, unexpected = load_weights(model, str(path), strict=False)
+    except (SafetensorError, OSError) as exc:
+        raise InputFileError(f"{path}: not a safetensors file ({exc})") from None
     if missing or unexpected:
-        raise InputFileError(f"{folder}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
-    model.to(device).eval()
-    return model, load_tokenizer(tokenizer_path or folder / "tokenizer.json")
+        raise InputFileError(f"{path}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
+    return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """A trained model and its tokenizer from a run folder, its model folder or a checkpoint."""
+def open_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT | TextClassifier, Tokenizer, Path]:
+    """What a run folder, a model folder or a checkpoint folder holds: (a language model or a
+    classifier, its tokenizer, the folder the weights are in)."""
     p = Path(path)
     if (p / "model" / WEIGHTS).is_file():
         p = p / "model"
+    config_path = p / CONFIG
+    if config_path.is_file() and model_header(config_path) is not None:
+        if read_folder_header(p).kind == "classifier":
+            classifier = load_classifier(p, device)
+            return classifier, classifier.tokenizer, p
+        return (*load_model_folder(p, device), p)
     if not (p / WEIGHTS).is_file():
         raise InputFileError(f"{p}: no model here (expected a run folder, a model folder, a checkpoint folder, "
                              "a GGUF file or a Hugging Face checkpoint folder)")
-    if (p / "config.json").is_file():
-        return load_model_folder(p, device)
     # A checkpoint folder holds weights only; config and tokenizer live in its run. A run killed
     # before it wrote model/ still has the config in the checkpoint and the data's tokenizer.
     run = p.parent.parent
-    if (run / "model" / "config.json").is_file():
-        return load_model_folder(p, device, _config(run / "model" / "config.json"), run / "model" / "tokenizer.json")
+    run_header = model_header(run / "model" / CONFIG) if (run / "model" / CONFIG).is_file() else None
+    if run_header is not None:
+        return (*load_model_folder(p, device, run_header.config, run / "model" / run_header.tokenizer), p)
     state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
-    data = Path(json.loads((run / "config.json").read_text())["data"])
-    return load_model_folder(p, device, ModelConfig.from_dict(state["model_config"]), data / "tokenizer.json")
+    data = Path(json.loads((run / CONFIG).read_text())["data"])
+    return (*load_model_folder(p, device, ModelConfig.from_dict(state["model_config"]), data / TOKENIZER), p)
 
 
-def _config(path: Path) -> ModelConfig:
-    return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """A trained language model and its tokenizer from a run folder, its model folder or a checkpoint."""
+    model, tokenizer, folder = open_folder(path, device)
+    if isinstance(model, TextClassifier):
+        raise InputFileError(f"{folder}: holds a classifier, not a language model")
+    return model, tokenizer

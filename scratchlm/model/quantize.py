@@ -16,10 +16,10 @@ Both change the numbers a little: greedy text can part ways with float32's after
 import torch
 from torch import Tensor, nn
 
+from scratchlm.devices import TORCH_DTYPES
 from scratchlm.errors import ConfigError
 from scratchlm.model.model import GPT, rope_tables
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("none", "int8")
 
 
@@ -44,9 +44,9 @@ class Int8Linear(nn.Module):
 
 
 def cast_for_inference(model: GPT, dtype: str) -> GPT:
-    if dtype not in DTYPES:
-        raise ConfigError(f"inference dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    model = model.to(DTYPES[dtype])
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"inference dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    model = model.to(TORCH_DTYPES[dtype])
     if model.config.positions == "rope":
         model.rope_cos, model.rope_sin = rope_tables(model.config, model.config.block_size, model.rope_cos.device)
     return model

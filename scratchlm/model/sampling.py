@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from scratchlm.errors import ConfigError, ContextTooLongError
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.tokens import check_fits_model, document_start, encode_text_start
 
 FINISHED = -1  # a sample's slot in the steps after it drew a stop token (generate_tokens)
 
@@ -527,13 +528,15 @@ class CompletionStream:
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Token ids of the prompt, special tokens included. An empty prompt starts from
-    <|endoftext|>, the token a model trained on concatenated documents sees before each one."""
+    """Token ids of the prompt, special tokens included, after BOS for a model that always gets
+    one (`encode_text_start`). An empty prompt is the document start alone (`document_start`:
+    BOS, else <|endoftext|>), the same start evaluation scores texts from."""
     if prompt:
-        return tokenizer.encode(prompt, allowed_special="all")
-    if tokenizer.eot_id is None:
+        return encode_text_start(tokenizer, prompt)
+    start = document_start(tokenizer)
+    if not start:
         raise ConfigError("sampling: the prompt is empty and the tokenizer has no <|endoftext|> token to start from; give a prompt")
-    return [tokenizer.eot_id]
+    return start
 
 
 @dataclass
@@ -549,11 +552,7 @@ class Completion:
 
 
 def check_vocabularies(model: nn.Module, tokenizer: Tokenizer) -> None:
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"sampling: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
-            "they were not trained together"
-        )
+    check_fits_model(tokenizer, model.config.vocab_size, "sampling")
 
 
 def settle(stream: CompletionStream, step: TokenStep, tokenizer: Tokenizer) -> tuple[str, str | None]:

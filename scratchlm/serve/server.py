@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP API that `scratchlm serve` runs: `GET /v1/models`,
 `POST /v1/completions` and `POST /v1/chat/completions` (whole replies or server-sent events),
-`GET /health`, and the web chat page of `scratchlm.serve.web`.
+`GET /health`, and the web chat page of `scratchlm.serve.web`. A classifier (a model folder of
+kind "classifier") is served on `POST /v1/classify` instead, and the generation routes answer it
+with a 400 saying so.
 
 Every request becomes one `Generation` per choice on the app's one `Scheduler`, which batches the
 generations of all concurrent requests into the same forward passes; nothing here runs the model.
@@ -55,6 +57,7 @@ from scratchlm.tokenizer.chat_template import (
     render_chat,
 )
 from scratchlm.serve.engine import Generation, Scheduler, ServerBusyError, TextEvent
+from scratchlm.model.classifier import TextClassifier
 from scratchlm.model.sampling import SamplingConfig, encode_prompt
 from scratchlm.serve.web import DEFAULT_FEEDBACK_MAX_BYTES, MAX_MESSAGES, openai_error, web_routes
 from scratchlm.tokenizer import Tokenizer
@@ -64,6 +67,7 @@ log = logging.getLogger("scratchlm.serve")
 DEFAULT_MAX_TOKENS = 256  # when a request gives none: OpenAI's 16 cuts most chat replies short
 MAX_N = 8  # choices per prompt (fewer when the queue is shorter: a request must fit in it)
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_CLASSIFY_INPUTS = 32  # texts in one /v1/classify request
 MAX_STOP = 4  # stop strings, OpenAI's limit
 MAX_CONTENT_PARTS = 256  # text parts in one message
 MAX_NAME_CHARS = 256  # `model`, `user`, a message's `name`
@@ -452,6 +456,14 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
 
 
+class ClassifyRequest(_Request):
+    """POST /v1/classify: one text or a list of them as `input` (the shape of OpenAI's
+    moderations and embeddings); `model`, when given, must name the served model."""
+
+    model: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CLASSIFY_INPUTS)]
+
+
 # ---- from a request to generations ------------------------------------------------------------
 @dataclass
 class _Prompt:
@@ -738,6 +750,8 @@ class _Served:
     max_token_chars: int  # the most characters one token stands for
     max_queue: int
     scheduler: Scheduler | None = None
+    classifier: TextClassifier | None = None  # set when a classifier is served (`model` is then its network)
+    classifier_lock: threading.Lock = field(default_factory=threading.Lock)  # one forward pass at a time
 
     @property
     def context(self) -> int:
@@ -753,6 +767,12 @@ class _Served:
         """No token stands for more than `max_token_chars` characters, so a longer text has
         more tokens than the context holds."""
         return self.context * self.max_token_chars
+
+    def check_generates(self) -> None:
+        """A 400 for a generation request to a classifier, before anything else is checked."""
+        if self.classifier is not None:
+            raise APIError(400, f"{self.name!r} is a classifier: it does not generate text; send its texts to "
+                           "POST /v1/classify")
 
     def running_scheduler(self) -> Scheduler:
         if self.scheduler is None:
@@ -774,7 +794,7 @@ def default_max_body(context: int) -> int:
 
 
 def create_app(
-    model: nn.Module,
+    model: nn.Module | TextClassifier,
     tokenizer: Tokenizer,
     model_name: str,
     *,
@@ -786,7 +806,8 @@ def create_app(
     allowed_hosts: Sequence[str] = (),
     feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES,
 ) -> FastAPI:
-    """The API for `model` under the name `model_name`. Its scheduler starts with the app's
+    """The API for `model` (a language model, or a classifier served on /v1/classify) under
+    the name `model_name`. Its scheduler starts with the app's
     lifespan and stops with it (a `TestClient` must be used as a context manager). With
     `api_key`, every `/v1/` route needs `Authorization: Bearer <api_key>`; `/` and `/health` stay
     open. The web page's feedback goes to `feedback_path` (default: feedback.jsonl here), a file
@@ -797,11 +818,16 @@ def create_app(
     if api_key is not None and not api_key:
         raise ConfigError("serve: the API key is empty; give a key or none")
     longest_token = max([*map(len, tokenizer.ranks), *map(len, tokenizer.special_tokens), 1])
-    served = _Served(model, tokenizer, model_name, int(time.time()), longest_token, max_queue)
+    classifier = model if isinstance(model, TextClassifier) else None
+    network = classifier.model if classifier is not None else model
+    served = _Served(network, tokenizer, model_name, int(time.time()), longest_token, max_queue, classifier=classifier)
     body_limit = default_max_body(served.context) if max_body is None else max_body
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if classifier is not None:  # nothing to schedule: a classification is one forward pass
+            yield
+            return
         served.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         try:
             yield
@@ -825,12 +851,16 @@ def create_app(
     @app.get("/health")
     def health() -> dict[str, Any]:
         scheduler = served.scheduler
-        return {"status": "ok" if scheduler is not None else "starting", "model": served.name,
+        ready = scheduler is not None or classifier is not None
+        return {"status": "ok" if ready else "starting", "model": served.name,
                 "active": scheduler.active if scheduler else 0, "waiting": scheduler.waiting if scheduler else 0}
 
     def model_card() -> dict[str, Any]:
-        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "scratchlm",
+        card = {"id": served.name, "object": "model", "created": served.created, "owned_by": "scratchlm",
                 "max_model_len": served.context}
+        if classifier is not None:
+            card.update(kind="classifier", labels=list(classifier.labels))
+        return card
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -849,6 +879,10 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _chat(served, body, request)
 
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest):
+        return await run_in_threadpool(_classify, served, body)
+
     feedback = Path(feedback_path) if feedback_path is not None else DEFAULT_FEEDBACK_PATH
     # A record holds a chat request's conversation and the reply twice (as completion and as
     # rejected, or edited and chosen): twice the body cap.
@@ -863,6 +897,7 @@ def _check_stream_options(body: SamplingFields) -> bool:
 
 
 async def _complete(served: _Served, body: CompletionRequest, request: Request):
+    served.check_generates()
     _check_model(body.model, served.name)
     _unsupported(body.logprobs, "logprobs", "token log-probabilities are not returned")
     _unsupported(body.suffix, "suffix", "no fill-in-the-middle")
@@ -925,6 +960,7 @@ def _chat_prompt(served: "_Served", messages: list[ChatMessage]) -> list[int]:
 
 
 async def _chat(served: _Served, body: ChatCompletionRequest, request: Request):
+    served.check_generates()
     _check_model(body.model, served.name)
     _unsupported(body.logprobs, "logprobs", "token log-probabilities are not returned")
     _unsupported(body.top_logprobs, "top_logprobs", "token log-probabilities are not returned")
@@ -969,6 +1005,29 @@ async def _chat(served: _Served, body: ChatCompletionRequest, request: Request):
     choices = [{"index": i, "message": {"role": "assistant", "content": "".join(r.text)}, "logprobs": None,
                 "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     return envelope("chat.completion", choices, _usage(len(prompt_ids), sum(r.completion_tokens for r in results)))
+
+
+def _classify(served: _Served, body: ClassifyRequest) -> dict[str, Any]:
+    """Each input's label and the probability of every label (one forward pass per call, as
+    many run at once as the lock lets: the model is shared)."""
+    classifier = served.classifier
+    if classifier is None:
+        raise APIError(400, f"{served.name!r} is a language model; /v1/classify needs a classifier (a model "
+                       "folder of kind \"classifier\", which `scratchlm finetune classify` writes)", "model")
+    if body.model is not None:
+        _check_model(body.model, served.name)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    try:
+        ids = classifier.encode(texts)
+    except ConfigError as exc:  # an empty text and no end token to read it by
+        raise APIError(400, f"input: {exc}", "input") from None
+    with served.classifier_lock:
+        probabilities = classifier.probabilities_of(ids)
+    results = [{"object": "classification", "index": i, "label": max(probs, key=probs.__getitem__), "probabilities": probs}
+               for i, probs in enumerate(probabilities)]
+    tokens = sum(map(len, ids))
+    return {"id": f"clf-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": served.name,
+            "data": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 # ---- running it ----------------------------------------------------------------------------
@@ -1050,21 +1109,28 @@ def run_server(
 ) -> None:
     """Load the model at `model_path` (in `dtype`, `quantize`d: see `scratchlm.model.quantize`)
     and serve it until Ctrl-C (or SIGTERM). Prints the URL. The limits are `create_app`'s."""
-    from scratchlm.interop import load_pretrained
-    from scratchlm.model.quantize import prepare_for_inference
+    from scratchlm.interop import model_kind, open_model
+    from scratchlm.serve.load import load_for_inference
 
     check_limits(max_batch, max_queue, max_body, feedback_max_bytes)  # before the seconds a model takes to load
+    classifier = model_kind(model_path) == "classifier"
+    if classifier and (dtype, quantize) != ("float32", "none"):
+        raise ConfigError(f"serve: {model_path} is a classifier, served in float32; leave out --dtype and --quantize")
     sock = listen_socket(host, port)
     try:
-        model, tokenizer = load_pretrained(model_path, device)
-        model = prepare_for_inference(model, dtype, quantize)
+        if classifier:
+            opened = open_model(model_path, device)
+            model, tokenizer = opened.model, opened.tokenizer
+        else:
+            model, tokenizer = load_for_inference(model_path, device, dtype, quantize)
         path = Path(model_path)
         name = model_name or (path.stem if path.is_file() else path.resolve().name)
         app = create_app(model, tokenizer, name, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                          feedback_path=feedback_path, max_body=max_body, allowed_hosts=allowed_hosts,
                          feedback_max_bytes=feedback_max_bytes)
         url = _url(sock)
-        print(f"serving {name} at {url}/v1 (OpenAI API) and {url}/ (chat page); Ctrl-C stops", flush=True)
+        routes = f"{url}/v1/classify (classifier)" if classifier else f"{url}/v1 (OpenAI API) and {url}/ (chat page)"
+        print(f"serving {name} at {routes}; Ctrl-C stops", flush=True)
         if api_key is None and not is_loopback_host(host):
             print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the "
                   "model", file=sys.stderr, flush=True)

@@ -53,6 +53,7 @@ from pydantic import (
 )
 
 from scratchlm.atomic_io import OutputFileError, check_writable_file
+from scratchlm.data import feedback_records
 from scratchlm.errors import InputFileError
 from scratchlm.model.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 
@@ -240,10 +241,8 @@ def read_feedback(path: str | Path) -> list[PreferenceRecord]:
 def latest_per_reply(records: Iterable[PreferenceRecord]) -> list[PreferenceRecord]:
     """The last record of each reply (records without a `reply_id` each stand alone), in the
     order the replies were first rated: what a fine-tuning set should hold."""
-    latest: dict[str, PreferenceRecord] = {}
-    for record in records:
-        latest[record.reply_id or record.id] = record
-    return list(latest.values())
+    latest, _ = feedback_records.latest_per_reply(records, lambda r: feedback_records.reply_key(r.reply_id, r.id, ""))
+    return latest
 
 
 # ---- HTTP ---------------------------------------------------------------------------------

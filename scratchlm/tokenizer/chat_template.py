@@ -84,13 +84,26 @@ class RenderLimits:
     max_chars: int = 10_000_000  # the rendered text, and any string or list built on the way
 
 
-def chat_template(tokenizer: Tokenizer) -> str:
-    """The model's own template, else ChatML when the tokenizer has its two tokens."""
+def _template_or_none(tokenizer: Tokenizer) -> str | None:
     own = tokenizer.metadata.get("chat_template")
     if own:
         return own
     if {"<|im_start|>", "<|im_end|>"} <= tokenizer.special_tokens.keys():
         return CHATML_TEMPLATE
+    return None
+
+
+def has_chat_template(tokenizer: Tokenizer) -> bool:
+    """Whether conversations are rendered with a template (the model's own, or ChatML); a
+    model without one completes plain text."""
+    return _template_or_none(tokenizer) is not None
+
+
+def chat_template(tokenizer: Tokenizer) -> str:
+    """The model's own template, else ChatML when the tokenizer has its two tokens."""
+    template = _template_or_none(tokenizer)
+    if template is not None:
+        return template
     raise ConfigError(
         "chat: the model has no chat template and its tokenizer lacks the ChatML tokens <|im_start|> and <|im_end|>; "
         "use `scratchlm generate` for plain text completion"

@@ -13,7 +13,7 @@ from functools import cache
 import regex
 import tiktoken
 
-from scratchlm.errors import ConfigError
+from scratchlm.errors import ConfigError, first_line
 
 # GPT-2 (Radford et al. 2019): contractions, optionally space-prefixed letter / digit / symbol
 # runs, and whitespace that leaves its last space to the following word.
@@ -68,7 +68,7 @@ def resolve_pattern(pattern: str) -> str:
     try:
         tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
     except ValueError as exc:
-        raise ConfigError(f"pattern {pattern!r} is not supported by the encoder (tiktoken): {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"pattern {pattern!r} is not supported by the encoder (tiktoken): {first_line(exc)}") from None
     return pattern
 
 

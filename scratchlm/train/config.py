@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from scratchlm.config import build, check_keys, load_toml, merge, parse_overrides
+from scratchlm.config import load_config, parse_overrides
 from scratchlm.errors import ConfigError
 from scratchlm.units import parse_duration
 
@@ -96,31 +96,35 @@ class TrainConfig:
 
 def load_train_config(recipe: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> TrainConfig:
     """Defaults, then the recipe file, then `key=value` overrides."""
-    data = dict(base or {})
-    if recipe is not None:
-        from_file = load_toml(recipe)
-        check_keys(TrainConfig, from_file, str(recipe))
-        data = merge(data, from_file)
-    from_cli = parse_overrides(overrides or [])
-    check_keys(TrainConfig, from_cli, "--set")
-    return build(TrainConfig, merge(data, from_cli), str(recipe) if recipe is not None else "config")
+    return load_config(TrainConfig, recipe, overrides, base)
 
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Fine-tuning recipes live apart, so pretraining's list of built-in recipes holds only its own.
+FINETUNE_RECIPES_DIR = RECIPES_DIR / "finetune"
 
 
-def builtin_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+def builtin_recipes(folder: Path = RECIPES_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.toml"))
 
 
-def resolve_recipe(recipe: str | Path | None) -> Path:
-    """A recipe file path, or the name of a built-in recipe; None means `cpu-default`."""
+def resolve_recipe(recipe: str | Path | None, folder: Path = RECIPES_DIR) -> Path:
+    """A recipe file path, or the name of a built-in recipe in `folder`; None means `cpu-default`."""
     if recipe is None:
         return RECIPES_DIR / "cpu-default.toml"
     path = Path(recipe)
     if path.is_file():
         return path
-    builtin = RECIPES_DIR / f"{recipe}.toml"
+    builtin = folder / f"{recipe}.toml"
     if builtin.is_file():
         return builtin
-    raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe ({', '.join(builtin_recipes())})")
+    raise ConfigError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe ({', '.join(builtin_recipes(folder))})")
+
+
+def pretrain_recipe(recipe: str | Path | None, overrides: list[str]) -> Path:
+    """The recipe a pretraining run starts from: the one named; else, when the overrides set
+    init_from (continued pretraining), `continued-pretraining`, whose gentle learning rate
+    suits a model that has already learnt; else `cpu-default`."""
+    if recipe is None and "init_from" in parse_overrides(overrides):
+        recipe = "continued-pretraining"
+    return resolve_recipe(recipe)

@@ -1,9 +1,9 @@
-"""`scratchlm pretrain ...` that SIGKILLs itself right after it logs step KILL_AT: a kill at a
-known point of the run, for test_train.py's resume test. Polling for a checkpoint and then
-killing raced the training loop: a fast machine could finish the run first, a slow one be
-killed at any step.
+"""A `scratchlm` training command (pretrain, finetune sft, ...) that SIGKILLs itself right
+after it logs step KILL_AT: a kill at a known point of the run, for the resume tests. Polling
+for a checkpoint and then killing raced the training loop: a fast machine could finish the run
+first, a slow one be killed at any step.
 
-    python tests/pretrain_killed_at_step.py KILL_AT pretrain --data ... --out ...
+    python tests/killed_at_step.py KILL_AT pretrain --data ... --out ...
 """
 
 import os

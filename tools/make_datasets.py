@@ -1,7 +1,7 @@
 """Write the data sets shipped in scratchlm/finetune/data/: seeded, so a rerun gives the same
 bytes (the files are committed; this script is how they were made and how to remake them).
 
-    python -m scratchlm.finetune.make_datasets            # writes scratchlm/finetune/data/
+    python tools/make_datasets.py            # writes scratchlm/finetune/data/
 
 spam_train.jsonl, spam_eval.jsonl: short messages labelled "spam" or "ham", {"text", "label"}
 per line. Ham is the talk of people working with Python (its vocabulary taken from the CPython

@@ -1,6 +1,6 @@
 """Generate the builtin tasks (scratchlm/eval/builtin/*.jsonl) from CPython's own documentation.
 
-    python -m scratchlm.eval.make_builtin_tasks [--out FOLDER]
+    python tools/make_builtin_tasks.py [--out FOLDER]
 
 The source is `pydoc_data.topics`, the English reference pages behind `help()`, present offline
 in every Python; most of it is in the quickstart's training text (scratchlm/text/embedded.py),
@@ -185,7 +185,7 @@ def build_builtin_tasks(topics: Sequence[str] | None = None) -> dict[str, str]:
     topics = pydoc_topics() if topics is None else list(topics)
     sentences = prose_sentences(topics)
     frequency = prose_word_counts(topics)
-    metadata = {"generator": "python -m scratchlm.eval.make_builtin_tasks", "seed": SEED,
+    metadata = {"generator": "python tools/make_builtin_tasks.py", "seed": SEED,
                 "pydoc_topics_sha256": topics_sha256(topics)}
 
     def header(name: str, kind: str, description: str, **options: Any) -> dict[str, Any]:
@@ -224,7 +224,7 @@ def write_builtin_tasks(out_dir: str | Path = BUILTIN_DIR) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scratchlm.eval.make_builtin_tasks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/make_builtin_tasks.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=BUILTIN_DIR, help=f"folder to write (default {BUILTIN_DIR})")
     args = parser.parse_args(argv)
     for path in write_builtin_tasks(args.out):

@@ -1,0 +1,17 @@
+"""Opening a model to answer with: the one loader `generate`, `chat` and `serve` share, so the
+three run the same weights in the same precision."""
+
+from pathlib import Path
+
+from scratchlm.interop import load_pretrained
+from scratchlm.model.model import GPT
+from scratchlm.model.quantize import prepare_for_inference
+from scratchlm.tokenizer import Tokenizer
+
+
+def load_for_inference(path: str | Path, device: str = "cpu", dtype: str = "float32",
+                       quantize: str = "none") -> tuple[GPT, Tokenizer]:
+    """The model at `path` (anything `load_pretrained` opens) on `device`, cast to `dtype` or
+    quantized (`scratchlm.model.quantize.prepare_for_inference`), and its tokenizer."""
+    model, tokenizer = load_pretrained(path, device)
+    return prepare_for_inference(model, dtype, quantize), tokenizer
