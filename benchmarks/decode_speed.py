@@ -83,24 +83,25 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
 
-    from scratchlm.interop import load_pretrained
+    from scratchlm.interop import open_model
     from scratchlm.model.sampling import SamplingConfig, generate
     from scratchlm.model.quantize import prepare_for_inference
 
     path = smollm2_path()
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    base, tokenizer = load_pretrained(path)
+    opened = open_model(path, kind="language-model")
+    base, tokenizer = opened.model, opened.tokenizer
     ids = tokenizer.encode(PROMPT)
     sides = {"transformers float32": lambda: time_hf(hf, ids, args.new_tokens)}
     if args.static_cache:
         sides["transformers float32, static cache"] = lambda: time_hf(hf, ids, args.new_tokens, cache_implementation="static")
     models = {}
     for mode in args.modes.split(","):
-        model, _ = load_pretrained(path)
+        model = open_model(path, kind="language-model").model
         models[mode] = prepare_for_inference(model, "float32" if mode == "int8" else mode, "int8" if mode == "int8" else "none")
         sides[f"scratchlm {mode}"] = (lambda m: lambda: time_ours(m, ids, args.new_tokens))(models[mode])
     if args.compile:
-        compiled, _ = load_pretrained(path)
+        compiled = open_model(path, kind="language-model").model
         compiled.forward = torch.compile(compiled.forward, dynamic=True)
         time_ours(compiled, ids, 8)  # compile outside the timed runs
         sides["scratchlm float32 + torch.compile"] = lambda: time_ours(compiled, ids, args.new_tokens)

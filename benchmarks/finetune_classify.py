@@ -2,7 +2,7 @@
 last N blocks only (transfer learning), and LoRA. Held-out accuracy and macro F1 before and
 after, trainable parameters, training wall time and peak resident memory.
 
-    scratchlm quickstart                       # or any model load_pretrained opens
+    scratchlm quickstart                       # or any model open_model opens
     python benchmarks/finetune_classify.py runs/quickstart/run [--epochs 3 | --max-steps N] [--last-blocks 1]
                                            [--lr 1e-3] [--lora-lr 3e-3] [--device cpu] [--out FILE.json]
 
@@ -30,7 +30,8 @@ def run_method(args: argparse.Namespace) -> dict:
     """One method in this process; returns its numbers."""
     import torch
 
-    from scratchlm.finetune.classify import ClassifyConfig, finetune_classifier
+    from scratchlm.finetune.classify import finetune_classifier
+    from scratchlm.finetune.config import ClassifyConfig
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     common = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size, "seed": 0,

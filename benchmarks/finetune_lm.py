@@ -3,7 +3,7 @@ about CPython's documentation): held-out answer loss before and after SFT; held-
 accuracy and reward margin before and after DPO; trainable parameters, training wall time and
 peak memory of each run.
 
-    scratchlm quickstart                                    # or any model load_pretrained opens
+    scratchlm quickstart                                    # or any model open_model opens
     python benchmarks/finetune_lm.py runs/quickstart/run [--runs sft-full,sft-lora,dpo-full,dpo-lora]
            [--epochs N] [--max-steps N] [--batch-size N] [--max-length N] [--set run:--flag=value ...] [--out FILE.json]
 

@@ -11,11 +11,20 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from scratchlm.errors import ConfigError, InputFileError
 
 T = TypeVar("T")
+
+# Names a config field may take that more than one stage checks, kept here because this module
+# imports no torch: the command line builds its flags from configs that check them.
+# The precisions a user may name; `devices.TORCH_DTYPES` maps each but "auto" (decided per device
+# by `devices.autocast_dtype`) to its torch dtype.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# How a classifier pools the hidden states (scratchlm/model/classifier.py).
+Pooling = Literal["last", "mean"]
+POOLINGS = ("last", "mean")
 
 
 def load_toml(path: str | Path) -> dict:

@@ -41,10 +41,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-# The precisions a user may name, and the torch dtype of each; "auto" (a training or
-# evaluation precision, not a storage one) is decided per device by `autocast_dtype`.
+# The torch dtype of each precision a user may name (`scratchlm.config.PRECISIONS`, whose names
+# live there so configs check them without importing torch); "auto" (a training or evaluation
+# precision, not a storage one) is decided per device by `autocast_dtype`.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISIONS = ("auto", *TORCH_DTYPES)
 
 
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:

@@ -26,11 +26,11 @@ def _on_alarm(signum, frame):
 
 def _openers(kind: str):
     """(name, function) pairs: every way a user's command opens a file of this kind."""
-    from scratchlm.interop.load import load_pretrained
+    from scratchlm.interop.load import open_model
     from scratchlm.tokenizer import load_tokenizer
 
     if kind == "gguf":
-        return [("model", load_pretrained), ("tokenizer", load_tokenizer)]
+        return [("model", open_model), ("tokenizer", load_tokenizer)]
     return [("tokenizer", load_tokenizer)]
 
 

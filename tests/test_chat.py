@@ -10,7 +10,7 @@ import pytest
 
 from scratchlm.cli import main
 from scratchlm.errors import ConfigError, ContextTooLongError
-from scratchlm.interop import load_pretrained
+from scratchlm.interop import open_model
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.serve.chat import ChatSession, default_max_new_tokens, run_chat
@@ -533,7 +533,8 @@ def test_chat_command_with_piped_input_prints_only_the_replies(model_folder):
     result = subprocess.run([sys.executable, "-m", "scratchlm.cli", "chat", str(model_folder), "--temperature", "0",
                              "--max-new-tokens", "8"], input=lines, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    model, tokenizer = load_pretrained(model_folder)
+    opened = open_model(model_folder, kind="language-model")
+    model, tokenizer = opened.model, opened.tokenizer
     session = ChatSession(tokenizer, config=SamplingConfig(temperature=0, max_new_tokens=8))
     reply = session.reply(model, "The interpreter")
     assert result.stdout == f"{reply}\n{reply}\n"  # /reset: the same message gets the same greedy reply

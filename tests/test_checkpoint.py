@@ -1,6 +1,7 @@
 """Checkpoints survive what stops real runs: step counts past six digits, power cuts (fsync before
 each rename), a damaged latest checkpoint (resume falls back to the one before), a torn last line
-of metrics.jsonl, and a disk that fills up while a checkpoint is written."""
+of metrics.jsonl, and a disk that fills up while a checkpoint is written. A checkpoint of a plain
+model is a model folder that `open_model` opens; older weights-only checkpoints still open."""
 
 import errno
 import json
@@ -15,11 +16,15 @@ from safetensors import SafetensorError
 
 from scratchlm.atomic_io import OutputFileError
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.interop import open_model
+from scratchlm.model.classifier import SequenceClassifier, TextClassifier
 from scratchlm.train import checkpoint as checkpoint_module
 from scratchlm.train.checkpoint import load_checkpoint, save_checkpoint
 from scratchlm.train.config import load_train_config
 from scratchlm.train.pretrain import pretrain
 from scratchlm.train.metrics import MetricsLog, read_metrics
+
+from conftest import tiny_gpt
 
 TINY = ["model=cpu-tiny", "micro_batch=4", "samples=0", "log_every=1", "eval_every=1000", "eval_tokens=1024",
         "warmup_steps=2", "checkpoint_every=2", "max_steps=4"]
@@ -307,11 +312,11 @@ def test_metrics_log_is_fsynced_before_each_checkpoint(shards, tmp_path, monkeyp
     real_fsync, real_save = os.fsync, checkpoint_module.save_checkpoint
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
 
-    def save_checking_the_log(run_dir, step, *args):
+    def save_checking_the_log(run_dir, step, *args, **kwargs):
         assert (run_dir / "metrics.jsonl").stat().st_ino in synced
         assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == step
         synced.clear()
-        return real_save(run_dir, step, *args)
+        return real_save(run_dir, step, *args, **kwargs)
 
     monkeypatch.setattr("scratchlm.train.loop.save_checkpoint", save_checking_the_log)
     pretrain(shards, run, load_train_config(None, TINY), progress=False)
@@ -351,3 +356,73 @@ def test_a_full_disk_while_writing_an_output_is_one_line_and_keeps_the_old_file(
             atomic_io.save_figure_atomic(plt.figure(), target)
     assert target.read_bytes() == b"the old file"
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary file left
+
+
+# ---- a checkpoint is a model folder --------------------------------------------------------
+def ids_of(tokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer.encode("The quick brown fox, a café.")])
+
+
+def test_a_language_model_checkpoint_opens_as_a_model_folder_with_the_same_logits(tokenizer, tmp_path):
+    model = tiny_gpt(tokenizer, seed=3)
+    folder = save_checkpoint(tmp_path, 5, model, small_state(5), tokenizer)
+    opened = open_model(folder)
+    assert (opened.kind, opened.format) == ("language-model", "scratchlm")
+    assert json.loads((folder / "config.json").read_text())["format"] == "scratchlm-model"
+    with torch.no_grad():  # same float32 weights, same CPU arithmetic: the same bits
+        torch.testing.assert_close(opened.model(ids_of(tokenizer))[0], model(ids_of(tokenizer))[0], rtol=0, atol=0)
+    assert load_checkpoint(folder, tiny_gpt(tokenizer), CONFIG)["step"] == 5  # and it still resumes
+
+
+def test_a_classifier_checkpoint_opens_with_its_labels_and_max_length(tokenizer, tmp_path):
+    classifier = SequenceClassifier(tiny_gpt(tokenizer, seed=4), 2).eval()
+    folder = save_checkpoint(tmp_path, 2, classifier, small_state(2), tokenizer, labels=["ham", "spam"], max_length=16)
+    opened = open_model(folder)
+    assert opened.kind == "classifier" and opened.labels == ["ham", "spam"] and opened.model.max_length == 16
+    texts = ["The quick brown fox jumps over the lazy dog. " * 4, "café"]
+    expected = TextClassifier(classifier, tokenizer, ["ham", "spam"], 16).probabilities(texts)
+    assert opened.model.probabilities(texts) == expected
+
+
+def test_a_lora_checkpoint_stays_weights_only(tokenizer, tmp_path):
+    """Adapter weights have no place in the folder header, so the checkpoint holds what resume
+    needs and nothing that would claim to be a plain model."""
+    from scratchlm.finetune.lora import LoRAConfig, apply_lora
+
+    folder = save_checkpoint(tmp_path, 1, apply_lora(tiny_gpt(tokenizer), LoRAConfig(rank=2)), small_state(1), tokenizer)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "state.pt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="folders cannot be fsynced here (Windows)")
+def test_a_checkpoints_model_folder_files_are_fsynced_before_the_rename(tokenizer, tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", Path(b).name)))[0])
+    final = save_checkpoint(tmp_path, 7, tiny_gpt(tokenizer), small_state(7), tokenizer)
+    rename = events.index(("replace", "step_000007"))
+    synced = {("fsync", (final / name).stat().st_ino) for name in ("config.json", "tokenizer.json", "model.safetensors", ".")}
+    assert synced <= set(events[:rename])
+
+
+@pytest.mark.slow
+def test_a_pretraining_checkpoint_opens_like_the_final_model_and_old_ones_still_open(finished_run, tmp_path):
+    """The last checkpoint (step 4, the end of the run) holds the model that wrote RUN/model.
+    A checkpoint of before checkpoints were model folders (weights and state.pt) still opens:
+    with the config and tokenizer of RUN/model, or, for a run killed before it wrote model/,
+    the config in state.pt and the tokenizer of the run's data."""
+    run = copy_run(finished_run, tmp_path)
+    checkpoint = run / "checkpoints" / "step_000004"
+    final = open_model(run)
+    ids = ids_of(final.tokenizer)
+    with torch.no_grad():
+        expected = final.model(ids)[0]
+        assert (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer.json").is_file()
+        torch.testing.assert_close(open_model(checkpoint).model(ids)[0], expected, rtol=0, atol=0)
+        for name in ("config.json", "tokenizer.json"):
+            (checkpoint / name).unlink()
+        torch.testing.assert_close(open_model(checkpoint).model(ids)[0], expected, rtol=0, atol=0)
+        shutil.rmtree(run / "model")
+        old = open_model(checkpoint)
+        assert old.tokenizer.encode("The quick brown fox") == final.tokenizer.encode("The quick brown fox")
+        torch.testing.assert_close(old.model(ids)[0], expected, rtol=0, atol=0)

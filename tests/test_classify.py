@@ -8,7 +8,6 @@ import torch
 
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.finetune.classify import (
-    ClassifyConfig,
     build_classifier,
     evaluate,
     finetune_classifier,
@@ -23,8 +22,9 @@ from scratchlm.finetune.classify_data import (
     load_labelled_texts,
     split_held_out,
 )
+from scratchlm.finetune.config import ClassifyConfig, parse_freeze
 from scratchlm.finetune.lora import lora_layers
-from scratchlm.finetune.trainer import lr_factor, parse_freeze
+from scratchlm.finetune.trainer import lr_factor
 from scratchlm.model.classifier import SequenceClassifier, pad_right, pool_hidden, predict
 from scratchlm.model.folder import load_classifier, save_model_folder
 

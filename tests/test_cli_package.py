@@ -4,6 +4,8 @@ recipe, load-and-quantize, feedback select)."""
 
 import argparse
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,14 +14,12 @@ import pytest
 from scratchlm.cli import build_parser
 from scratchlm.cli.finetune import finetune_config
 from scratchlm.cli.flags import Flag, add_config_flags, given_flags
-from scratchlm.config import load_config
+from scratchlm.config import PRECISIONS, load_config
+from scratchlm.devices import TORCH_DTYPES
 from scratchlm.errors import ConfigError
 from scratchlm.eval.suite import choose_suite, default_tasks
-from scratchlm.finetune.classify import ClassifyConfig
-from scratchlm.finetune.dpo_train import DPOConfig
+from scratchlm.finetune.config import ClassifyConfig, DPOConfig, FinetuneConfig, SFTConfig
 from scratchlm.finetune.feedback import select_for_review
-from scratchlm.finetune.sft_train import SFTConfig
-from scratchlm.finetune.trainer import FinetuneConfig
 from scratchlm.model.quantize import Int8Linear
 from scratchlm.serve.load import load_for_inference
 from scratchlm.train.config import FINETUNE_RECIPES_DIR, RECIPES_DIR, builtin_recipes, pretrain_recipe
@@ -135,6 +135,19 @@ def test_load_config_order_and_errors(tmp_path):
     assert (config.epochs, config.seed, config.batch_size) == (4, 3, 5)
     with pytest.raises(ConfigError, match=r"--set: unknown key 'nope'"):
         load_config(ClassifyConfig, None, ["nope=1"])
+
+
+# ---- a parser without torch ---------------------------------------------------------------------
+def test_building_the_parser_imports_no_torch():
+    """Every command builds the whole parser first, and torch takes over a second to import: the
+    flags come from torch-free configs, so `scratchlm --help` and `scratchlm tokenizer` stay fast."""
+    code = "import sys; from scratchlm.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_the_precision_names_are_those_devices_maps_to_dtypes():
+    assert PRECISIONS == ("auto", *TORCH_DTYPES)
 
 
 # ---- policy in the library ----------------------------------------------------------------------

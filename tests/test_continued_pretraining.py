@@ -14,7 +14,7 @@ from scratchlm.cli import main
 from scratchlm.data.shards import TokenShards
 from scratchlm.data.tokenize import tokenize_files
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.interop import load_pretrained
+from scratchlm.interop import open_model
 from scratchlm.model import get_preset
 from scratchlm.tokenizer import train_bpe
 from scratchlm.train.config import load_train_config
@@ -71,7 +71,7 @@ def val_rows(run: Path) -> list[dict]:
 def test_step_zero_logs_the_loaded_models_loss_on_the_validation_data(root, continued):
     first = read_metrics(continued / "metrics.jsonl")[0]
     assert first["step"] == 0 and set(first) == {"step", "val_loss", "val_bpb"}
-    model, _ = load_pretrained(root / "base" / "model")
+    model = open_model(root / "base" / "model", kind="language-model").model
     shards = TokenShards.open(root / "domain")
     tokens = torch.from_numpy(shards.read("val", 0, min(shards.tokens("val"), 2049)))
     windows = (len(tokens) - 1) // 64
@@ -101,7 +101,7 @@ def test_shorter_windows_keep_the_models_context_and_untrained_position_rows(roo
                                              f"init_from={tmp_path / 'base'}"])
     pretrain(root / "domain", tmp_path / "continued", config, progress=False)
     before, after = load_file(tmp_path / "base" / "model" / "model.safetensors"), load_file(tmp_path / "continued" / "model" / "model.safetensors")
-    model, _ = load_pretrained(tmp_path / "continued")
+    model = open_model(tmp_path / "continued", kind="language-model").model
     assert model.config.block_size == 128 and after["pos_embed.weight"].shape[0] == 128
     assert not torch.equal(after["pos_embed.weight"][:32], before["pos_embed.weight"][:32])
     assert torch.equal(after["pos_embed.weight"][32:], before["pos_embed.weight"][32:])

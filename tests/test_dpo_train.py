@@ -9,9 +9,9 @@ import torch
 
 from scratchlm.cli import main
 from scratchlm.errors import ConfigError
+from scratchlm.finetune.config import DPOConfig
 from scratchlm.finetune.dpo import PreferenceExample
 from scratchlm.finetune.dpo_train import (
-    DPOConfig,
     ReferenceLogprobs,
     encode_pairs,
     evaluate_preferences,

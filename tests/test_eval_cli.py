@@ -11,7 +11,7 @@ import torch
 
 from scratchlm.cli import main
 from scratchlm.eval.compare import TOKENIZER_NOTE, compare_models, model_labels
-from scratchlm.interop import load_pretrained
+from scratchlm.interop import open_model
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.folder import save_model_folder
 from scratchlm.tokenizer import train_bpe
@@ -94,7 +94,8 @@ def test_compare_numbers_equal_each_models_own_evaluation(models, text_file):
 
     comparison = compare_models(models, text=text_file, progress=False, log=lambda *_: None)
     for folder, row in zip(models, comparison.rows()):
-        model, tokenizer = load_pretrained(folder)
+        opened = open_model(folder, kind="language-model")
+        model, tokenizer = opened.model, opened.tokenizer
         alone = evaluate_model(model, tokenizer, text=text_file, progress=False)
         assert row["text bits/byte"] == pytest.approx(alone.language_modeling[0].score.bits_per_byte, rel=1e-9)
 

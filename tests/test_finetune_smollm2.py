@@ -7,9 +7,10 @@ import math
 
 import pytest
 
-from scratchlm.finetune.dpo_train import DPOConfig, finetune_dpo
-from scratchlm.finetune.sft_train import SFTConfig, finetune_sft
-from scratchlm.interop import load_pretrained
+from scratchlm.finetune.config import DPOConfig, SFTConfig
+from scratchlm.finetune.dpo_train import finetune_dpo
+from scratchlm.finetune.sft_train import finetune_sft
+from scratchlm.interop import open_model
 
 QA = [
     ("What does the Python module `shlex` do?", "A lexical analyzer class for simple shell-like syntaxes."),
@@ -31,7 +32,7 @@ def test_lora_sft_on_smollm2_lowers_answer_loss_and_keeps_its_chat_template(smol
     result = finetune_sft(smollm2_gguf, data, tmp_path / "sft", config, eval_path=data, progress=False)
     assert result.after["loss"] < result.before["loss"]
     assert result.trainable_params < 0.05 * result.total_params  # adapters only: the tied head is not adapted
-    model, tokenizer = load_pretrained(result.model_dir)
+    tokenizer = open_model(result.model_dir, kind="language-model").tokenizer
     assert tokenizer.vocab_size == 49152 and "<|im_start|>" in tokenizer.metadata.get("chat_template", "")
     assert (tmp_path / "sft" / "adapter.safetensors").is_file()
 

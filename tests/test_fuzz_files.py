@@ -484,7 +484,7 @@ def test_layout_check_accepts_smollm2(smollm2_gguf):
 def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
     import pathlib
 
-    from scratchlm.interop.load import model_kind
+    from scratchlm.interop.load import detect_model
 
     locked = tmp_path / "model.gguf"
     locked.write_bytes(b"GGUF")
@@ -496,15 +496,15 @@ def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch)
         return real_open(self, *args, **kwargs)
 
     monkeypatch.setattr(pathlib.Path, "open", refuse)
-    for opening in (model_kind, load_tokenizer):
+    for opening in (detect_model, load_tokenizer):
         with pytest.raises(InputFileError, match=r"model\.gguf: cannot read \(Permission denied\)"):
             opening(locked)
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe", b"{", b'{"model_type": ' + b"9" * 5000 + b"}", b"[" * 100_000])
 def test_a_model_folders_unreadable_config_is_one_line_naming_it(tmp_path, content):
-    from scratchlm.interop.load import model_kind
+    from scratchlm.interop.load import detect_model
 
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(InputFileError, match=r"config\.json: not a JSON file"):
-        model_kind(tmp_path)
+        detect_model(tmp_path)

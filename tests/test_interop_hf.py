@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from scratchlm.atomic_io import OutputFileError
 from scratchlm.errors import ModelFormatError, ScratchLMError
-from scratchlm.interop import load_pretrained
+from scratchlm.interop import open_model
 from scratchlm.interop.hf import config_from_hf, export_hf, from_hf_state_dict, import_hf, to_hf_state_dict
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.tokenizer import Tokenizer, save_hf_tokenizer, to_hf_tokenizer_json, train_bpe
@@ -110,9 +110,9 @@ def test_sharded_checkpoint_imports_shard_by_shard(tokenizer, tmp_path):
     assert_same_logits(ours, theirs, token_batch())
 
 
-def test_load_pretrained_opens_a_hugging_face_folder(tokenizer, tmp_path):
+def test_open_model_opens_a_hugging_face_folder(tokenizer, tmp_path):
     theirs = hf_model("qwen3")
-    ours, _ = load_pretrained(save_hf_folder(theirs, tokenizer, tmp_path))
+    ours = open_model(save_hf_folder(theirs, tokenizer, tmp_path), kind="language-model").model
     assert not ours.training
     assert_same_logits(ours, theirs, token_batch())
 

@@ -10,9 +10,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.finetune.config import DEFAULT_TARGETS, LoRAConfig
 from scratchlm.finetune.lora import (
-    DEFAULT_TARGETS,
-    LoRAConfig,
     LoRALinear,
     apply_lora,
     load_adapter,

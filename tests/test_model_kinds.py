@@ -10,11 +10,12 @@ from fastapi.testclient import TestClient
 
 from scratchlm.cli import main
 from scratchlm.errors import InputFileError
-from scratchlm.finetune.classify import ClassifyConfig, finetune_classifier
-from scratchlm.interop import load_pretrained, model_kind, open_model
+from scratchlm.finetune.classify import finetune_classifier
+from scratchlm.finetune.config import ClassifyConfig
+from scratchlm.interop import detect_model, open_model
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.classifier import SequenceClassifier, TextClassifier
-from scratchlm.model.folder import FORMAT_VERSION, load_classifier, load_model, save_model_folder
+from scratchlm.model.folder import FORMAT_VERSION, load_classifier, save_model_folder
 from scratchlm.serve.server import create_app
 from scratchlm.tokenizer import train_bpe
 
@@ -41,7 +42,7 @@ def classifier_folder(tokenizer, tmp_path_factory):
     base = save_model_folder(root / "base", tiny_gpt(tokenizer), tokenizer)
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in PAIRS * 4), encoding="utf-8")
-    finetune_classifier(base, data, root / "spam", ClassifyConfig(max_steps=2, val_fraction=0.25), progress=False)
+    finetune_classifier(base, data, root / "spam", ClassifyConfig(max_steps=2, val_fraction=0.25, checkpoint_every=2), progress=False)
     return root / "spam"
 
 
@@ -68,14 +69,23 @@ def test_a_classifier_folder_has_the_header_and_its_labels(classifier_folder):
     assert (classifier_folder / "model.safetensors").is_file() and not (classifier_folder / "classifier.safetensors").exists()
     opened = open_model(classifier_folder)
     assert opened.kind == "classifier" and opened.labels == ["ham", "spam"] and isinstance(opened.model, TextClassifier)
-    assert model_kind(classifier_folder) == "classifier" and model_kind(classifier_folder.parent / "base") == "language-model"
+    assert detect_model(classifier_folder).kind == "classifier" and detect_model(classifier_folder.parent / "base").kind == "language-model"
+
+
+def test_a_classifier_runs_checkpoint_opens_as_the_classifier_it_was(classifier_folder):
+    """Step 2 is the last step: the checkpoint holds the weights the run folder was saved with."""
+    checkpoint = open_model(classifier_folder / "checkpoints" / "step_000002")
+    final = open_model(classifier_folder)
+    assert (checkpoint.kind, checkpoint.labels, checkpoint.model.max_length) == ("classifier", final.labels, final.model.max_length)
+    texts = [text for text, _ in PAIRS]
+    assert checkpoint.model.probabilities(texts) == final.model.probabilities(texts)
 
 
 def test_an_old_flat_config_still_opens(tokenizer, tmp_path):
     model = tiny_gpt(tokenizer)
     folder = save_model_folder(tmp_path / "old", model, tokenizer)
     (folder / "config.json").write_text(json.dumps(model.config.to_dict()), encoding="utf-8")  # before format_version 1
-    loaded, _ = load_model(folder)
+    loaded = open_model(folder, kind="language-model").model
     assert loaded.config == model.config
     assert open_model(folder).kind == "language-model"
 
@@ -113,7 +123,7 @@ def test_a_classifier_with_the_wrong_number_of_labels_is_not_saved(tokenizer, tm
 # ---- the kinds kept apart ----------------------------------------------------------------------
 def test_a_language_model_command_refuses_a_classifier_in_one_line(classifier_folder, capsys):
     with pytest.raises(InputFileError, match=r"spam: holds a classifier, and this needs a language-model"):
-        load_pretrained(classifier_folder)
+        open_model(classifier_folder, kind="language-model")
     assert main(["generate", str(classifier_folder), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a classifier" in err

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.finetune.config import SFTConfig
 from scratchlm.finetune.lora import load_adapter, merge_lora
 from scratchlm.finetune.sft_data import encode_conversations
-from scratchlm.finetune.sft_train import SFTConfig, answer_loss, finetune_sft, sft_batches, sft_step
+from scratchlm.finetune.sft_train import answer_loss, finetune_sft, sft_batches, sft_step
 from scratchlm.finetune.trainer import finetune_loop, prepare_trainable, save_finetuned
-from scratchlm.interop import load_pretrained
+from scratchlm.interop import open_model
 from scratchlm.model.folder import save_model_folder
 
 from conftest import tiny_gpt, tiny_tokenizer
@@ -123,7 +124,7 @@ def test_saved_model_folder_gives_the_trained_models_logits(tokenizer, tmp_path,
     with torch.no_grad():
         trained, _ = model(idx)  # with LoRA: the unmerged adapters
     save_finetuned(tmp_path, model, tokenizer, adapters)
-    loaded, _ = load_pretrained(tmp_path / "model")
+    loaded = open_model(tmp_path / "model", kind="language-model").model
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], trained, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(trained, tiny_gpt(tokenizer)(idx)[0], atol=1e-3)
@@ -170,15 +171,14 @@ def test_cli_sft_end_to_end_writes_the_run_folder_and_reports_bad_lines(tokenize
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 5] and sum("loss" in r for r in rows) == 5
 
 
-@pytest.mark.slow  # fresh interpreters import torch: seconds each
-def test_cli_sft_bad_input_is_one_line_and_a_nonzero_exit(tokenizer, tmp_path):
+def test_cli_sft_bad_input_is_one_line_and_a_nonzero_exit(tokenizer, tmp_path, cli):
     base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)
     data = write_jsonl(tmp_path / "train.jsonl", conversations(1))
-    missing = run_cli(str(base), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "a"))
-    too_long = run_cli(str(base), "--data", str(data), "--out", str(tmp_path / "b"), "--max-length", "4096")
-    garbage = run_cli(str(base), "--data", str(write_jsonl(tmp_path / "bad.jsonl", [], ("{", "[1]"))), "--out", str(tmp_path / "c"))
+    missing = cli("finetune", "sft", str(base), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "a"))
+    too_long = cli("finetune", "sft", str(base), "--data", str(data), "--out", str(tmp_path / "b"), "--max-length", "4096")
+    garbage = cli("finetune", "sft", str(base), "--data", str(write_jsonl(tmp_path / "bad.jsonl", [], ("{", "[1]"))), "--out", str(tmp_path / "c"))
     for done, message in ((missing, "nope.jsonl"), (too_long, "--max-length 4096"), (garbage, "bad.jsonl")):
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+        assert done.status == 2 and done.err.count("\n") == 1 and message in done.err, done.err
     assert not any((tmp_path / name).exists() for name in "abc")  # a run that fails before training writes nothing
     with pytest.raises(InputFileError):
         finetune_sft(base, tmp_path / "nope.jsonl", tmp_path / "d", SFTConfig(), progress=False)
@@ -212,9 +212,9 @@ def test_a_sigkilled_sft_run_resumes_to_the_same_losses_and_bit_identical_weight
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
 
 
-def test_resuming_a_run_without_checkpoints_is_one_line(tokenizer, tmp_path):
+def test_resuming_a_run_without_checkpoints_is_one_line(tokenizer, tmp_path, cli):
     base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)
     data = write_jsonl(tmp_path / "train.jsonl", conversations(1))
     (tmp_path / "run").mkdir()
-    done = run_cli(str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--resume")
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nothing to resume" in done.stderr, done.stderr
+    done = cli("finetune", "sft", base, "--data", data, "--out", tmp_path / "run", "--resume")
+    assert done.status == 2 and done.err.count("\n") == 1 and "nothing to resume" in done.err, done.err

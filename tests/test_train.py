@@ -21,7 +21,7 @@ from scratchlm.train.config import load_train_config
 from scratchlm.errors import TrainingError
 from scratchlm.train.pretrain import pretrain
 from scratchlm.train.metrics import read_metrics
-from scratchlm.model.folder import load_model
+from scratchlm.interop import open_model
 
 TINY = ["model=cpu-tiny", "micro_batch=4", "samples=0", "log_every=1", "eval_every=5", "eval_tokens=2048", "warmup_steps=2"]
 
@@ -29,7 +29,12 @@ TINY = ["model=cpu-tiny", "micro_batch=4", "samples=0", "log_every=1", "eval_eve
 # `shards`: conftest's (the embedded sample, a 512-token tokenizer); copy it before changing it.
 
 
-def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+def open_lm(path):
+    opened = open_model(path, kind="language-model")
+    return opened.model, opened.tokenizer
+
+
+def run_subprocess(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scratchlm.cli", *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
 
@@ -60,7 +65,7 @@ def test_pretrain_lowers_loss_and_writes_the_run_folder(shards, tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "bits per byte" in report and "Sample 1" in report
     assert len(summary.samples) == 2
-    model, tokenizer = load_model(tmp_path / "run")
+    model, tokenizer = open_lm(tmp_path / "run")
     assert tokenizer.vocab_size == 512 and model.config.vocab_size == 512
 
 
@@ -98,7 +103,7 @@ def test_resume_after_sigkill_reproduces_losses_and_weights(shards, tmp_path):
     args = ["pretrain", "--data", str(shards), "--quiet", "--set", "model=cpu-tiny", "--set", "micro_batch=8",
             "--set", "samples=0", "--set", "log_every=1", "--set", "eval_every=1000", "--set", "checkpoint_every=5",
             "--max-steps", "20"]
-    whole = cli(*args, "--out", str(tmp_path / "whole"))
+    whole = run_subprocess(*args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     # Killed right after logging step 13, between two checkpoints: the resume starts from step 10
     # and must drop the rows of steps 11 to 13 that it redoes.
@@ -108,7 +113,7 @@ def test_resume_after_sigkill_reproduces_losses_and_weights(shards, tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (killed_dir / "checkpoints" / "latest").read_text().strip() == "step_000010"
     assert max(r["step"] for r in read_metrics(killed_dir / "metrics.jsonl")) == 13
-    resumed = cli(*args, "--out", str(killed_dir), "--resume")
+    resumed = run_subprocess(*args, "--out", str(killed_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert losses(killed_dir) == losses(tmp_path / "whole")
@@ -122,7 +127,7 @@ def test_data_parallel_on_two_processes_matches_one_process(shards, tmp_path):
     common = ["pretrain", "--data", str(shards), "--quiet", "--set", "model=cpu-tiny", "--set", "micro_batch=2",
               "--set", "batch_tokens=512", "--set", "samples=0", "--set", "log_every=1", "--set", "eval_every=1000",
               "--max-steps", "8"]
-    single = cli(*common, "--out", str(tmp_path / "one"))
+    single = run_subprocess(*common, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -170,14 +175,13 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(shards, tmp_path, monkeyp
         (["--set", "samples=-1"], "samples must be >= 0"),
     ],
 )
-@pytest.mark.slow  # a fresh interpreter per case imports torch: seconds each
-def test_pretrain_user_errors_are_one_line(shards, tmp_path, extra, message):
+def test_pretrain_user_errors_are_one_line(shards, tmp_path, cli, extra, message):
     (tmp_path / "short.txt").write_text("too short")
     extra = [str(tmp_path / "short.txt") if e == "VALTEXT" else e for e in extra]
-    result = cli("pretrain", "--data", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "2", *extra)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    result = cli("pretrain", "--data", shards, "--out", tmp_path / "run", "--max-steps", "2", *extra)
+    assert result.status == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.err
 
 
 def test_missing_shards_and_mismatched_tokenizer_are_refused(shards, tmp_path):
@@ -205,22 +209,22 @@ def test_resume_with_a_different_model_is_refused(shards, tmp_path):
 @pytest.mark.slow  # four fresh interpreters import torch
 def test_generate_streams_a_continuation_from_a_run_folder(shards, tmp_path):
     pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=3"]), progress=False)
-    result = cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
+    result = run_subprocess("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The ") and len(result.stdout) > 5
-    again = cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
+    again = run_subprocess("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "15", "--seed", "1")
     assert again.stdout == result.stdout
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 60  # longer than the tiny model's context
-    refused = cli("generate", str(tmp_path / "run"), "--prompt", long_prompt, "--max-new-tokens", "5")
+    refused = run_subprocess("generate", str(tmp_path / "run"), "--prompt", long_prompt, "--max-new-tokens", "5")
     assert refused.returncode == 2 and refused.stdout == ""  # nothing printed before the error
     assert refused.stderr.startswith("scratchlm: error:") and "--truncate" in refused.stderr and "Traceback" not in refused.stderr
-    cut = cli("generate", str(tmp_path / "run"), "--prompt", long_prompt, "--max-new-tokens", "5", "--truncate")
+    cut = run_subprocess("generate", str(tmp_path / "run"), "--prompt", long_prompt, "--max-new-tokens", "5", "--truncate")
     assert cut.returncode == 0 and "the model sees its last" in cut.stderr
 
 
 @pytest.mark.slow  # a fresh interpreter, then 8 s of training
 def test_quickstart_end_to_end_with_a_tiny_budget(tmp_path):
-    result = cli("quickstart", "--out", str(tmp_path / "qs"), "--max-time", "8s", "--quiet",
+    result = run_subprocess("quickstart", "--out", str(tmp_path / "qs"), "--max-time", "8s", "--quiet",
                  "--set", "model=cpu-tiny", "--set", "eval_tokens=4096", "--set", "samples=1", "--set", "sample_tokens=20",
                  timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -295,7 +299,7 @@ def test_trained_model_exports_to_transformers_with_the_same_logits(shards, tmp_
                                              "model_config.tie_embeddings=false"])
     pretrain(shards, tmp_path / "run", config, progress=False)
     export_model(tmp_path / "run", "hf", tmp_path / "hf")
-    ours, tokenizer = load_model(tmp_path / "run")
+    ours, tokenizer = open_lm(tmp_path / "run")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer.encode("The value of an expression is computed from its operands.")])
     with torch.no_grad():
@@ -315,7 +319,7 @@ def test_pretraining_with_a_vocabulary_that_is_not_a_multiple_of_64_writes_its_r
     summary = pretrain(tmp_path / "shards", tmp_path / "run", config, progress=False)
     assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "loss.png").is_file()
     assert len(summary.samples) == 2 and "Sample 2" in (tmp_path / "run" / "report.md").read_text()
-    model, loaded = load_model(tmp_path / "run")
+    model, loaded = open_lm(tmp_path / "run")
     assert loaded.vocab_size == vocab_size and model.config.vocab_size % 64 == 0 and model.config.vocab_size > vocab_size
 
 

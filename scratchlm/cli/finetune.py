@@ -9,13 +9,11 @@ from pathlib import Path
 
 from scratchlm.cli.common import MODEL_HELP, argument_type
 from scratchlm.cli.flags import Flag, add_config_flags, given_flags
+from scratchlm.config import PRECISIONS
+from scratchlm.finetune.config import ClassifyConfig, DPOConfig, SFTConfig  # torch-free: the flags come from them
 
 
 def add_commands(stages: argparse._SubParsersAction) -> None:
-    from scratchlm.finetune.classify import ClassifyConfig
-    from scratchlm.finetune.dpo_train import DPOConfig
-    from scratchlm.finetune.sft_train import SFTConfig
-
     ft = stages.add_parser("finetune", help="fine-tune a model for a task",
                            description="Post-training: fine-tune a pretrained model for a task.")
     cmds = ft.add_subparsers(title="commands", metavar="COMMAND")
@@ -79,8 +77,6 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
 # field missing here still gets a flag (`add_config_flags`); give it help here.
 def _shared_flags(unit: str, lr_default: str) -> dict[str, Flag | str]:
     """`FinetuneConfig`'s fields; `unit` is what a batch counts, `lr_default` the --lr default in words."""
-    from scratchlm.devices import PRECISIONS
-
     return {
         "freeze": Flag("none (train everything), embeddings, or all-but-last:N (only the last N blocks, the final norm "
                        "and an untied head) (default: none)", metavar="WHAT"),
@@ -175,7 +171,7 @@ def finetune_config(cls: type, args: argparse.Namespace):
 
 
 def _finetune_classify(args: argparse.Namespace) -> int:
-    from scratchlm.finetune.classify import ClassifyConfig, finetune_classifier
+    from scratchlm.finetune.classify import finetune_classifier
 
     config = finetune_config(ClassifyConfig, args)
     result = finetune_classifier(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
@@ -193,7 +189,7 @@ def _finetune_classify(args: argparse.Namespace) -> int:
 
 
 def _finetune_sft(args: argparse.Namespace) -> int:
-    from scratchlm.finetune.sft_train import SFTConfig, finetune_sft
+    from scratchlm.finetune.sft_train import finetune_sft
 
     config = finetune_config(SFTConfig, args)
     result = finetune_sft(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
@@ -206,7 +202,7 @@ def _finetune_sft(args: argparse.Namespace) -> int:
 
 
 def _finetune_dpo(args: argparse.Namespace) -> int:
-    from scratchlm.finetune.dpo_train import DPOConfig, finetune_dpo
+    from scratchlm.finetune.dpo_train import finetune_dpo
 
     config = finetune_config(DPOConfig, args)
     result = finetune_dpo(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,

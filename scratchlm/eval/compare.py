@@ -95,7 +95,7 @@ def compare_models(
     log=print,
 ) -> Comparison:
     """Evaluate each model in `sources` (anything `open_model` opens) on the same text and tasks."""
-    from scratchlm.interop import model_kind, open_model
+    from scratchlm.interop import detect_model, open_model
 
     if len(sources) < 2:
         raise ConfigError("compare needs at least two models")
@@ -105,7 +105,7 @@ def compare_models(
     if len(set(labels)) != len(labels):
         raise ConfigError(f"compare: labels must differ, got {', '.join(labels)}")
     for source in sources:  # a missing last model should fail now, not after the others ran
-        model_kind(source)
+        detect_model(source)
     reports = []
     for label, source in zip(labels, sources):
         log(f"[{label}] loading {source}")

@@ -111,7 +111,7 @@ class _ScratchLMEvalMethods:
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         progress: bool = True,
     ) -> None:
-        """`pretrained`: anything `scratchlm.interop.load_pretrained` opens; or an already loaded
+        """`pretrained`: any language model `scratchlm.interop.open_model` opens; or an already loaded
         `model` and `tokenizer`. `stride` is the sliding window's step for loglikelihood_rolling;
         None means the context length, lm-eval's own choice (each window predicts a fresh block).
         `max_batch_size` is accepted for the harness's command line and unused: the batch size is
@@ -120,9 +120,10 @@ class _ScratchLMEvalMethods:
         if (pretrained is None) == (model is None) or (model is None) != (tokenizer is None):
             raise ConfigError("ScratchLMEval: give either pretrained=<path> or both model= and tokenizer=")
         if pretrained is not None:
-            from scratchlm.interop import load_pretrained
+            from scratchlm.interop import open_model
 
-            model, tokenizer = load_pretrained(pretrained, device=device or "cpu")
+            opened = open_model(pretrained, device or "cpu", kind="language-model")
+            model, tokenizer = opened.model, opened.tokenizer
         elif device is not None:
             model = model.to(device)
         assert model is not None and tokenizer is not None
@@ -265,7 +266,7 @@ def run_harness(
     """Run lm-eval `tasks` on a model and return lm-eval's results dict (`results[task][metric]`,
     plus `configs`, `versions`, `n-shot`, `n-samples`, `config`).
 
-    `source_or_model`: a path `load_pretrained` opens, a (model, tokenizer) pair, or a
+    `source_or_model`: a path `open_model` opens, a (model, tokenizer) pair, or a
     `ScratchLMEval`. `device`: where a path's model is loaded (None: the CPU); a loaded model is
     moved there only when a device is named. `bootstrap_iters` is lm-eval's resampling count for
     the standard errors of metrics without a closed form (0 skips them; lm-eval's default is

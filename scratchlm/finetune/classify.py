@@ -38,57 +38,35 @@ from scratchlm.atomic_io import write_text_atomic
 from scratchlm.errors import ConfigError
 from scratchlm.eval.metrics import accuracy, confusion_matrix, macro_f1
 from scratchlm.finetune.classify_data import (
-    LONG_POLICIES,
     EncodedTexts,
     LabelledText,
-    LongPolicy,
     check_labels,
     encode_texts,
     label_names,
     load_labelled_texts,
     split_held_out,
 )
-from scratchlm.finetune.lora import LoRAConfig, merge_lora, save_adapter, trainable_parameters
+from scratchlm.finetune.config import ClassifyConfig, LoRAConfig
+from scratchlm.finetune.lora import merge_lora, save_adapter, trainable_parameters
 from scratchlm.finetune.records import RecordReport
 from scratchlm.finetune.trainer import (
     load_base,
     Batches,
-    FinetuneConfig,
     StepOutput,
     finetune_loop,
     load_splits,
     prepare_trainable,
+    process_group,
     run_folder,
     shuffled_groups,
 )
-from scratchlm.model.classifier import POOLINGS, Pooling, SequenceClassifier, pad_right, predict
+from scratchlm.model.classifier import SequenceClassifier, pad_right, predict
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
+from scratchlm.train.distributed import DistInfo
 from scratchlm.train.loop import LoopResult, Run
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.tokenizer import Tokenizer
-
-
-# ---- settings ------------------------------------------------------------------------------
-@dataclass
-class ClassifyConfig(FinetuneConfig):
-    """The shared fine-tuning settings (`trainer.FinetuneConfig`) plus the classifier's own."""
-
-    pooling: Pooling = "last"
-    max_length: int = 128
-    long: LongPolicy = "truncate"  # a text longer than max_length: truncate or drop
-    val_fraction: float = 0.2  # held-out share when no eval file is given
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}"),
-            (self.long in LONG_POLICIES, f"long must be one of {', '.join(LONG_POLICIES)}, not {self.long!r}"),
-            (self.max_length >= 2, f"max length must be at least 2, not {self.max_length}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -183,15 +161,24 @@ def train_classifier(model: SequenceClassifier, train: EncodedTexts, config: Cla
 def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Path, config: ClassifyConfig,
                         eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
                         note: Callable[[str], None] | None = None, resume: bool = False) -> ClassifyResult:
-    """Fine-tune the model at `model_path` (anything `load_pretrained` opens) to classify the
+    """Fine-tune the model at `model_path` (any language model `open_model` opens) to classify the
     texts of `data`, evaluate on `eval_path` or a held-out split before and after, and write
     the run folder `out`. `resume` continues the run in `out` from its latest checkpoint
-    (`config.checkpoint_every`), with the same settings."""
+    (`config.checkpoint_every`), with the same settings. Under torchrun each rank trains its
+    share of every step, and rank 0 writes the run folder."""
+    with process_group(config.device) as info:
+        return _finetune_classifier(model_path, data, out, config, eval_path, force, progress,
+                                    note if info.is_main else None, resume, info)
+
+
+def _finetune_classifier(model_path: str | Path, data: str | Path, out: str | Path, config: ClassifyConfig,
+                         eval_path: str | Path | None, force: bool, progress: bool, note: Callable[[str], None] | None,
+                         resume: bool, info: DistInfo) -> ClassifyResult:
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
     say = note or (lambda _: None)
     train_records, eval_records, labels, reports = _load_splits(data, eval_path, config)  # bad data fails before the model loads
-    gpt, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say)
+    gpt, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say, info)
     if config.max_length > gpt.config.block_size:
         raise ConfigError(f"--max-length {config.max_length} is longer than the model's context ({gpt.config.block_size})")
     train = _encode(tokenizer, train_records, labels, config, str(data))
@@ -203,24 +190,26 @@ def finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pat
     before = evaluate(model, held, labels, pad_id)
     say(f"held-out before: accuracy {before['accuracy']:.4f}, macro F1 {before['macro_f1']:.4f} ({before['examples']} examples)")
     say(f"training {trainable:,} of {total:,} parameters ({config.method()}) at lr {config.lr:g}")
-    with run_folder(out, force, resume):
-        log = MetricsLog(out / "metrics.jsonl")
+    with run_folder(out, force, resume, main=info.is_main):
+        log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
         if not resume:
             log.write({"step": 0, "val_loss": before["loss"], "val_accuracy": before["accuracy"]})
-        trained = train_classifier(model, train, config, pad_id, progress=progress, run=Run(out, device, resume=resume),
-                                   metrics=log)
+        trained = train_classifier(model, train, config, pad_id, progress=progress, metrics=log, run=Run(
+            out, device, info, resume=resume, tokenizer=tokenizer, labels=labels, max_length=config.max_length))
         steps, seconds = trained.steps, trained.seconds
         after = evaluate(model, held, labels, pad_id)
         log.write({"step": steps, "val_loss": after["loss"], "val_accuracy": after["accuracy"]})
-        if lora is not None:
-            save_adapter(out / "adapter.safetensors", model, lora)
-        save_classifier(out, model, tokenizer, labels, config.max_length)
-        plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"classification fine-tuning: {out.name}")
+        if info.is_main:
+            if lora is not None:
+                save_adapter(out / "adapter.safetensors", model, lora)
+            save_classifier(out, model, tokenizer, labels, config.max_length)
+            plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"classification fine-tuning: {out.name}")
         counts = {"train": len(train.ids), "eval": len(held.ids), "rejected": sum(len(r.rejected) for r in reports),
                   "truncated": train.truncated + held.truncated, "dropped": train.dropped + held.dropped}
         result = ClassifyResult(out, labels, before, after, trainable, total, seconds, steps, counts, reports)
-        write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
-        write_text_atomic(out / "report.md", classify_report(result, config, model_path))
+        if info.is_main:
+            write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
+            write_text_atomic(out / "report.md", classify_report(result, config, model_path))
         return result
 
 

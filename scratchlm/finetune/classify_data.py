@@ -15,15 +15,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.finetune.config import LONG_POLICIES, LongPolicy
 from scratchlm.finetune.records import RecordError, RecordReport, read_jsonl
 from scratchlm.model.classifier import fit_ids  # the model layer's, which inference shares
 from scratchlm.tokenizer import Tokenizer
-
-LongPolicy = Literal["truncate", "drop"]
-LONG_POLICIES = ("truncate", "drop")
 
 
 @dataclass(frozen=True)

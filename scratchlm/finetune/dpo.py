@@ -12,7 +12,6 @@ assistant message labelled, an `EncodedExample` whose shifted `input_ids`/`targe
 the model reads and scores, exactly as `GPT.forward(idx, targets)` takes them for SFT.
 """
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchlm.data.feedback_records import reply_key
-from scratchlm.errors import ConfigError
+from scratchlm.finetune.config import Truncate, check_dpo_settings
 from scratchlm.finetune.records import (
     Message,
     RecordError,
@@ -33,7 +32,6 @@ from scratchlm.finetune.records import (
 from scratchlm.finetune.sft_data import (
     IGNORE,
     EncodedExample,
-    Truncate,
     check_truncation,
     cut_left,
     encode_messages,
@@ -66,15 +64,6 @@ class DPOOutput:
     rejected_rewards: Tensor  # (B,)
     margins: Tensor  # (B,) chosen_rewards - rejected_rewards
     accuracy: Tensor  # scalar: fraction of pairs whose chosen reward is strictly higher
-
-
-def check_dpo_settings(beta: float, label_smoothing: float) -> None:
-    """ConfigError for a beta that is not a positive number or a label smoothing outside [0, 0.5)
-    (at 0.5 every label is a coin toss and the loss has no preference left to learn)."""
-    if not (math.isfinite(beta) and beta > 0):
-        raise ConfigError(f"beta must be a positive number, not {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ConfigError(f"label smoothing must be in [0, 0.5), not {label_smoothing}")
 
 
 def dpo_loss(

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from scratchlm.atomic_io import write_text_atomic
 from scratchlm.errors import ConfigError
+from scratchlm.finetune.config import DPOConfig, Truncate
 from scratchlm.finetune.dpo import (
     EncodedPair,
     PreferenceExample,
-    check_dpo_settings,
     collate_preferences,
     dpo_loss,
     encode_preference,
@@ -44,20 +44,18 @@ from scratchlm.finetune.lora import trainable_parameters
 from scratchlm.finetune.records import RecordReport
 from scratchlm.finetune.sft_data import (
     IGNORE,
-    TRUNCATE_CHOICES,
     EncodedExample,
     EncodeStats,
-    Truncate,
     check_truncation,
 )
 from scratchlm.finetune.trainer import (
     load_base,
     Batches,
-    FinetuneConfig,
     StepOutput,
     finetune_loop,
     model_device,
     prepare_trainable,
+    process_group,
     run_folder,
     with_default_lr,
     save_finetuned,
@@ -67,57 +65,14 @@ from scratchlm.finetune.trainer import (
 )
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer.tokens import same_ids
+from scratchlm.train.distributed import DistInfo
 from scratchlm.train.loop import LoopResult, Run
 from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.devices import autocast_dtype
 
-DEFAULT_MAX_LENGTH = 512  # tokens per side of a pair when the model's context allows it
-FULL_LR, LORA_LR = 1e-4, 1e-3  # DPOConfig's lr by method; see its docstring
+FULL_LR, LORA_LR = 1e-4, 1e-3  # DPOConfig's lr by method; see its docstring in config.py
 REPORT_PAIRS = 4  # held-out pairs shown in report.md with their margin after training
-
-
-# ---- settings ------------------------------------------------------------------------------
-@dataclass
-class DPOConfig(FinetuneConfig):
-    """The shared fine-tuning settings (`trainer.FinetuneConfig`) with DPO's defaults, plus its own.
-
-    `lr` None picks by method and model size (`trainer.default_lr`): 1e-4 for full fine-tuning or
-    a freeze, 1e-3 for LoRA, a tenth of those for a model of 50M parameters or more. LoRA, trains
-    far fewer numbers from a zero update. Tried on the quickstart model with the shipped
-    preference data (held-out DPO loss from 0.693): full, 2 epochs, 1e-4 0.267 (reward accuracy
-    0.89, margin 2.1), 3e-4 0.212 (0.88, 3.5), a big step for a larger model that DPO should only
-    nudge; 60 steps of LoRA, 1e-4 0.660 (margin 0.07, barely moving), 1e-3 0.411 (0.84, 1.1);
-    2 epochs of LoRA at 1e-3 0.272 (0.86, 2.2)."""
-
-    lr: float | None = None  # type: ignore[assignment]  # None: trainer.default_lr(FULL_LR, LORA_LR, ...) for the model
-    epochs: int = 2
-    batch_size: int = 8
-    beta: float = 0.1  # reward scale; lower lets the policy drift further from the reference
-    label_smoothing: float = 0.0  # conservative DPO: the chance a label is wrong
-    reference: str | None = None  # model path of the frozen reference; None: the starting model
-    precompute_reference: bool = True  # reference log-probs once before training, then the reference is freed
-    max_length: int | None = None  # tokens per side of a pair; None: min(512, the model's context)
-    truncate: Truncate = "drop"  # a pair longer than max_length: drop it, or cut its prompt's start ("left")
-    val_fraction: float = 0.1  # held-out share when no eval file is given
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_dpo_settings(self.beta, self.label_smoothing)
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max length must be at least 2, not {self.max_length}")
-        if self.truncate not in TRUNCATE_CHOICES:
-            raise ConfigError(f"truncate must be one of {', '.join(TRUNCATE_CHOICES)}, not {self.truncate!r}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val fraction must be between 0 and 1 (exclusive), not {self.val_fraction}")
-
-    def context(self, block_size: int) -> int:
-        """Tokens per side of a pair for a model of context `block_size`."""
-        if self.max_length is None:
-            return min(DEFAULT_MAX_LENGTH, block_size)
-        if self.max_length > block_size:
-            raise ConfigError(f"--max-length {self.max_length} is longer than the model's context ({block_size})")
-        return self.max_length
 
 
 # ---- pairs as tokens -------------------------------------------------------------------------
@@ -219,9 +174,10 @@ def load_reference(path: str | Path, tokenizer: Tokenizer, device: torch.device,
     """The reference model at `path`, frozen and in eval mode; ConfigError unless its tokenizer
     gives the same ids as the policy's (log-probabilities of different token sequences do not
     compare) and its context holds `block_size` tokens."""
-    from scratchlm.interop import load_pretrained
+    from scratchlm.interop import open_model
 
-    reference, ref_tokenizer = load_pretrained(path, device)
+    opened = open_model(path, device, kind="language-model")
+    reference, ref_tokenizer = opened.model, opened.tokenizer
     if not same_ids(tokenizer, ref_tokenizer):
         raise ConfigError(f"reference {path}: its tokenizer differs from the model's; DPO needs both to read the same token ids")
     if reference.config.block_size < block_size:
@@ -299,15 +255,25 @@ def _references(model: GPT, tokenizer: Tokenizer, train: EncodedPairs, held: Enc
 def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, config: DPOConfig,
                  eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
                  note: Callable[[str], None] | None = None, resume: bool = False) -> DPOResult:
-    """Train the model at `model_path` (anything `load_pretrained` opens) by DPO on the
+    """Train the model at `model_path` (any language model `open_model` opens) by DPO on the
     preference pairs of `data`, measure it on `eval_path` or a held-out split before and after,
     and write the run folder `out`. `resume` continues the run in `out` from its latest
-    checkpoint (`config.checkpoint_every`), with the same settings."""
+    checkpoint (`config.checkpoint_every`), with the same settings. Under torchrun each rank
+    trains its share of every step (a live reference scores each rank's own batches), and rank
+    0 writes the run folder."""
+    with process_group(config.device) as info:
+        return _finetune_dpo(model_path, data, out, config, eval_path, force, progress, note if info.is_main else None,
+                             resume, info)
+
+
+def _finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, config: DPOConfig,
+                  eval_path: str | Path | None, force: bool, progress: bool, note: Callable[[str], None] | None,
+                  resume: bool, info: DistInfo) -> DPOResult:
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
     say = note or (lambda _: None)
     train_examples, held_examples, reports = load_splits(load_preferences, data, eval_path, config.val_fraction, config.seed)  # bad data fails before a model loads
-    model, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say)
+    model, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say, info)
     config = with_default_lr(config, FULL_LR, LORA_LR, model)
     block_size = config.context(model.config.block_size)
     train = encode_pairs(tokenizer, train_examples, block_size, config.truncate, str(data))
@@ -326,23 +292,25 @@ def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, conf
     before, _ = evaluate_preferences(model, held, held_ref, config, pad_id)
     say(f"held-out before: log-prob accuracy {before['logp_accuracy']:.4f} (DPO loss log 2, rewards 0: the policy is the reference)")
     say(f"training {trainable:,} of {total:,} parameters ({config.method()}) at lr {config.lr:g}")
-    with run_folder(out, force, resume):
-        log = MetricsLog(out / "metrics.jsonl")
+    with run_folder(out, force, resume, main=info.is_main):
+        log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main)
         if not resume:
             log.write(_val_row(0, before))
         trained = train_dpo(model, train, config, pad_id, reference, progress=progress,
-                            run=Run(out, device, resume=resume), metrics=log)
+                            run=Run(out, device, info, resume=resume, tokenizer=tokenizer), metrics=log)
         steps, seconds, peak, start_memory = trained.steps, trained.seconds, trained.peak_memory_mb, trained.start_memory_mb
         after, margins = evaluate_preferences(model, held, held_ref, config, pad_id)
         log.write(_val_row(steps, after))
-        save_finetuned(out, model, tokenizer, lora)
-        write_loss_curve(out, f"DPO: {out.name}")
+        if info.is_main:
+            save_finetuned(out, model, tokenizer, lora)
+            write_loss_curve(out, f"DPO: {out.name}")
         counts = {"train": len(train.pairs), "eval": len(held.pairs), "rejected": sum(len(r.rejected) for r in reports),
                   "max_length": block_size, "truncated": sum(s.truncated for s in stats), "dropped": sum(s.dropped for s in stats)}
         samples = [_sample(example, float(margin)) for example, margin in zip(held.examples[:REPORT_PAIRS], margins)]
         result = DPOResult(out, before, after, trainable, total, seconds, steps, peak, counts, reports, samples, start_memory)
-        write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
-        write_text_atomic(out / "report.md", dpo_report(result, config, model_path))
+        if info.is_main:
+            write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
+            write_text_atomic(out / "report.md", dpo_report(result, config, model_path))
         return result
 
 

@@ -181,7 +181,7 @@ def select_for_review(
     `model_path`, score the answers by `method`, and write the `top` most uncertain to `out` for
     review. Everything a user can get wrong (the output path, --top, --method, the prompts file)
     fails before the model loads; `note` hears the prompts file's report."""
-    from scratchlm.interop import load_pretrained
+    from scratchlm.interop import open_model
 
     out = Path(out)
     check_writable_file(out)
@@ -191,7 +191,8 @@ def select_for_review(
     prompts, report = load_prompts(prompts_path)
     if note is not None:
         note(report.summary())
-    model, tokenizer = load_pretrained(model_path, device)
+    opened = open_model(model_path, device, kind="language-model")
+    model, tokenizer = opened.model, opened.tokenizer
     candidates = score_prompts(model, tokenizer, prompts, method, max_new_tokens)
     chosen = most_uncertain(candidates, top)
     write_review_file(out, chosen)

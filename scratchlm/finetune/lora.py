@@ -23,7 +23,6 @@ without the other, so adapting a tied head is refused.
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,63 +33,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchlm.atomic_io import written_atomically
-from scratchlm.config import build
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.finetune.config import LoRAConfig
 
 M = TypeVar("M", bound=nn.Module)
 
-# The linear layers of every block of our GPT (scratchlm/model/model.py): attention's fused
-# query/key/value and output projections, the MLP's (gate+)up and down projections. Hu et al.
-# adapted only queries and values; adapting every linear layer of the block does better at the
-# same parameter budget (QLoRA, Dettmers et al. 2023, section 4).
-DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
 METADATA_KEY = "scratchlm_lora"  # the adapter file's metadata entry holding the LoRAConfig as JSON
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    rank: int = 8
-    # The update is scaled by alpha / rank, so a change of rank needs no new learning rate (Hu et
-    # al. section 4.1: they set alpha once and never tuned it).
-    alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter's input only; the frozen path sees x unchanged
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes; "a,b" or a list also accepted
-
-    def __post_init__(self) -> None:
-        targets = self.targets
-        if isinstance(targets, str):  # from the command line: "attn.qkv,mlp.up"
-            targets = tuple(part.strip() for part in targets.split(","))
-        elif isinstance(targets, list):  # from TOML or JSON
-            targets = tuple(targets)
-        object.__setattr__(self, "targets", targets)
-        checks = [
-            (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
-             f"rank must be a positive integer, not {self.rank!r}"),
-            (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-             and math.isfinite(self.alpha) and self.alpha > 0, f"alpha must be a positive number, not {self.alpha!r}"),
-            (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0.0 <= self.dropout < 1.0,
-             f"dropout must be in [0, 1), not {self.dropout!r}"),
-            (isinstance(targets, tuple) and len(targets) > 0, f"targets must name at least one linear layer, not {self.targets!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"LoRA config: {message}")
-        for target in targets:
-            if not isinstance(target, str) or not target or target != target.strip() or target.startswith(".") or target.endswith("."):
-                raise ConfigError(f"LoRA config: targets: {target!r} is not a module name such as 'attn.qkv'")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["targets"] = list(self.targets)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LoRAConfig":
-        return build(cls, data, "LoRA config")
 
 
 class LoRALinear(nn.Module):
@@ -323,6 +271,6 @@ def load_adapter(path: str | Path, model: M) -> M:
 
 
 __all__ = [
-    "DEFAULT_TARGETS", "LoRAConfig", "LoRALinear", "apply_lora", "linear_layer_kinds", "load_adapter", "lora_layers",
+    "LoRALinear", "apply_lora", "linear_layer_kinds", "load_adapter", "lora_layers",
     "lora_state_dict", "merge_lora", "plan_lora", "read_adapter", "save_adapter", "target_matches", "trainable_parameters",
 ]

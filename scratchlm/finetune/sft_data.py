@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from scratchlm.errors import ConfigError
+from scratchlm.finetune.config import TRUNCATE_CHOICES, Truncate
 from scratchlm.finetune.records import (
     SHAREGPT_ROLES,
     Message,
@@ -50,8 +51,6 @@ from scratchlm.tokenizer.chat_template import chat_stop_ids, has_chat_template, 
 from scratchlm.tokenizer import Tokenizer
 
 IGNORE = -100  # the ignore_index GPT.forward passes to cross_entropy
-Truncate = Literal["drop", "left"]
-TRUNCATE_CHOICES = ("drop", "left")
 TrainOn = Literal["all", "last"]
 TRAIN_ON_CHOICES = ("all", "last")
 

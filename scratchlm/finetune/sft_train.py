@@ -30,16 +30,15 @@ from torch import Tensor, nn
 
 from scratchlm.atomic_io import write_text_atomic
 from scratchlm.errors import ConfigError
+from scratchlm.finetune.config import SFTConfig
 from scratchlm.finetune.dpo import sequence_logprobs
 from scratchlm.finetune.feedback import prompt_text
 from scratchlm.finetune.lora import trainable_parameters
 from scratchlm.finetune.records import Message, RecordReport
 from scratchlm.finetune.sft_data import (
     IGNORE,
-    TRUNCATE_CHOICES,
     EncodedExample,
     EncodeStats,
-    Truncate,
     encode_conversations,
     load_instructions,
     pack_examples,
@@ -49,11 +48,11 @@ from scratchlm.finetune.sft_data import (
 from scratchlm.finetune.trainer import (
     load_base,
     Batches,
-    FinetuneConfig,
     StepOutput,
     finetune_loop,
     model_device,
     prepare_trainable,
+    process_group,
     run_folder,
     with_default_lr,
     save_finetuned,
@@ -62,59 +61,15 @@ from scratchlm.finetune.trainer import (
     write_loss_curve,
 )
 from scratchlm.model.model import GPT
+from scratchlm.train.distributed import DistInfo
 from scratchlm.train.loop import Run
 from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer.chat_template import chat_stop_ids
 from scratchlm.model.sampling import SamplingConfig, generate
 from scratchlm.tokenizer import Tokenizer
 
-DEFAULT_MAX_LENGTH = 512  # rows wider than this cost attention time for little gain on short instructions
-FULL_LR = 5e-4  # SFTConfig's learning rate by method (see its docstring for the measurements)
+FULL_LR = 5e-4  # SFTConfig's learning rate by method (see its docstring in config.py for the measurements)
 LORA_LR = 2e-3
-
-
-# ---- settings ------------------------------------------------------------------------------
-@dataclass
-class SFTConfig(FinetuneConfig):
-    """The shared fine-tuning settings (`trainer.FinetuneConfig`) with SFT's defaults, plus its own.
-
-    `lr` None picks by method and model size (`trainer.default_lr`): 5e-4 for full fine-tuning or
-    a freeze, 2e-3 for LoRA (which trains far fewer numbers, from a zero update), a tenth of those
-    for a model of 50M parameters or more. Measured on the quickstart model with the
-    shipped Python-docs instructions (2 epochs, held-out answer loss from 5.08): full 2e-4 3.63,
-    5e-4 3.53, 1e-3 3.57, 3e-3 3.76; LoRA on the blocks only 1e-3 3.90, 3e-3 3.83, and with
-    the untied head adapted too (the "auto" targets) 2e-3 3.57."""
-
-    lr: float | None = None  # None: trainer.default_lr(FULL_LR, LORA_LR, ...) for the model
-    epochs: int = 2
-    batch_size: int = 8  # rows of max_length tokens when packing, else conversations
-    max_length: int | None = None  # row width and context for truncation; None: min(512, the model's block_size)
-    packing: bool = True  # several examples per row, attention kept inside each (False: one per row, padded)
-    truncate: Truncate = "drop"  # a conversation over max_length: drop it, or cut its start ("left")
-    val_fraction: float = 0.1  # held-out share when no eval file is given
-    samples: int = 3  # held-out prompts answered before and after training, for the report
-    sample_tokens: int = 96  # most tokens per sample answer
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            (self.max_length is None or self.max_length >= 2, f"max length must be at least 2, not {self.max_length}"),
-            (self.truncate in TRUNCATE_CHOICES, f"truncate must be one of {', '.join(TRUNCATE_CHOICES)}, not {self.truncate!r}"),
-            (0.0 < self.val_fraction < 1.0, f"val fraction must be between 0 and 1 (exclusive), not {self.val_fraction}"),
-            (self.samples >= 0, f"samples must be 0 or more, not {self.samples}"),
-            (self.sample_tokens >= 1, f"sample tokens must be at least 1, not {self.sample_tokens}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def context(self, block_size: int) -> int:
-        """The row width and truncation context for a model of `block_size`."""
-        if self.max_length is None:
-            return min(DEFAULT_MAX_LENGTH, block_size)
-        if self.max_length > block_size:
-            raise ConfigError(f"--max-length {self.max_length} is longer than the model's context ({block_size})")
-        return self.max_length
 
 
 # ---- batches and the loss ------------------------------------------------------------------
@@ -214,15 +169,24 @@ def _encode(tokenizer: Tokenizer, conversations, context: int, config: SFTConfig
 def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, config: SFTConfig,
                  eval_path: str | Path | None = None, force: bool = False, progress: bool = True,
                  note: Callable[[str], None] | None = None, resume: bool = False) -> SFTResult:
-    """Fine-tune the model at `model_path` (anything `load_pretrained` opens) on the
+    """Fine-tune the model at `model_path` (any language model `open_model` opens) on the
     conversations of `data`, measure it on `eval_path` or a held-out split before and after,
     and write the run folder `out` (see the module docstring). `resume` continues the run in
-    `out` from its latest checkpoint (`config.checkpoint_every`), with the same settings."""
+    `out` from its latest checkpoint (`config.checkpoint_every`), with the same settings.
+    Under torchrun each rank trains its share of every step, and rank 0 writes the run folder."""
+    with process_group(config.device) as info:
+        return _finetune_sft(model_path, data, out, config, eval_path, force, progress, note if info.is_main else None,
+                             resume, info)
+
+
+def _finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, config: SFTConfig,
+                  eval_path: str | Path | None, force: bool, progress: bool, note: Callable[[str], None] | None,
+                  resume: bool, info: DistInfo) -> SFTResult:
     out = Path(out)
     data, eval_path = Path(data), Path(eval_path) if eval_path is not None else None
     say = note or (lambda _: None)
     train_conv, held_conv, reports = load_splits(load_instructions, data, eval_path, config.val_fraction, config.seed)  # bad data fails before the model loads
-    model, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say)
+    model, tokenizer, device = load_base(model_path, out, force, resume, config.device, reports, say, info)
     config = with_default_lr(config, FULL_LR, LORA_LR, model)
     context = config.context(model.config.block_size)
     train, train_stats = _encode(tokenizer, train_conv, context, config, str(data))
@@ -233,7 +197,7 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
     prompts = [conv[:-1] for conv in held_conv[: config.samples]]  # each ends with its reference answer
     before = answer_loss(model, held, pad_id, config.batch_size)
     say(f"held-out answer loss before: {before['loss']:.4f} (perplexity {before['perplexity']:.2f})")
-    answers_before = sample_answers(model, tokenizer, prompts, config.sample_tokens)
+    answers_before = sample_answers(model, tokenizer, prompts, config.sample_tokens) if info.is_main else []
     torch.manual_seed(config.seed)  # LoRA's A matrices
     lora = prepare_trainable(model, config)
     trainable, total = trainable_parameters(model)
@@ -245,14 +209,16 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
         latest.update(answer_loss(m, held, pad_id, config.batch_size))
         return {"val_loss": latest["loss"]}
 
-    with run_folder(out, force, resume):
-        trained = finetune_loop(model, batches, sft_step, config, run=Run(out, device, resume=resume),
-                                metrics=MetricsLog(out / "metrics.jsonl"), evaluate=held_out, progress=progress, desc="sft")
+    with run_folder(out, force, resume, main=info.is_main):
+        trained = finetune_loop(model, batches, sft_step, config, run=Run(out, device, info, resume=resume, tokenizer=tokenizer),
+                                metrics=MetricsLog(out / "metrics.jsonl", enabled=info.is_main), evaluate=held_out,
+                                progress=progress, desc="sft")
         after = dict(latest)  # the loop's evaluation at the end
         steps, seconds, peak, start_memory = trained.steps, trained.seconds, trained.peak_memory_mb, trained.start_memory_mb
-        answers_after = sample_answers(model, tokenizer, prompts, config.sample_tokens)
-        save_finetuned(out, model, tokenizer, lora)
-        write_loss_curve(out, f"instruction SFT: {out.name}")
+        answers_after = sample_answers(model, tokenizer, prompts, config.sample_tokens) if info.is_main else []
+        if info.is_main:
+            save_finetuned(out, model, tokenizer, lora)
+            write_loss_curve(out, f"instruction SFT: {out.name}")
         samples = [{"prompt": list(p), "reference": conv[-1]["content"], "before": b, "after": a}
                    for p, conv, b, a in zip(prompts, held_conv, answers_before, answers_after)]
         counts = {
@@ -264,8 +230,9 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
             "train_batches_per_epoch": batches.per_epoch,
         }
         result = SFTResult(out, before, after, samples, trainable, total, seconds, steps, peak, context, counts, reports, start_memory)
-        write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
-        write_text_atomic(out / "report.md", sft_report(result, config, model_path))
+        if info.is_main:
+            write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
+            write_text_atomic(out / "report.md", sft_report(result, config, model_path))
         return result
 
 

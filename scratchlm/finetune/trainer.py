@@ -7,7 +7,8 @@ the one training loop of the project (`scratchlm.train.loop`, which pretraining 
 too) with what fine-tuning adds: which parameters train (`prepare_trainable`: everything, a
 freeze, or LoRA), AdamW with weight decay on matrices only, linear warmup then cosine decay over
 a budget counted in epochs. Checkpoints, exact resume, the non-finite policy, metrics,
-throughput and peak memory come from the loop.
+throughput and peak memory come from the loop. The settings (`FinetuneConfig`) live in
+`config.py`, which imports no torch, for the command line.
 
     config = FinetuneConfig(lora=True, lr=1e-3, epochs=2)
     lora = prepare_trainable(model, config)
@@ -22,47 +23,29 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
-from scratchlm.devices import PRECISIONS
+from scratchlm.devices import parse_device, resolve_device
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
+from scratchlm.finetune.config import DEFAULT_TARGETS, FinetuneConfig, FreezeSpec, LoRAConfig, parse_freeze
+from scratchlm.finetune.lora import apply_lora, merge_lora, save_adapter
 from scratchlm.finetune.records import RecordReport
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.distributed import DistInfo, init_distributed, shutdown
 from scratchlm.train.loop import LoopConfig, LoopResult, Run, StepOutput, train_loop
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 
 B = TypeVar("B")
 T = TypeVar("T")
-C = TypeVar("C", bound="FinetuneConfig")
+C = TypeVar("C", bound=FinetuneConfig)
 
 
 # ---- what trains ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FreezeSpec:
-    kind: Literal["none", "embeddings", "all-but-last"]
-    last_blocks: int = 0  # for "all-but-last": how many of the top blocks train
-
-    def __str__(self) -> str:
-        return f"all-but-last:{self.last_blocks}" if self.kind == "all-but-last" else self.kind
-
-
-def parse_freeze(value: str) -> FreezeSpec:
-    """'none', 'embeddings' or 'all-but-last:N' (N >= 0; 0 trains only the final norm and head)."""
-    text = value.strip().lower()
-    if text in ("none", "embeddings"):
-        return FreezeSpec(text)  # type: ignore[arg-type]
-    kind, _, number = text.partition(":")
-    if kind == "all-but-last" and number.isdigit():
-        return FreezeSpec("all-but-last", int(number))
-    raise ConfigError(f"freeze must be none, embeddings or all-but-last:N, not {value!r}")
-
-
 def apply_freeze(model: nn.Module, spec: FreezeSpec) -> nn.Module:
     """Set requires_grad per `spec`, in place, on our GPT or a model built on its modules (the
     classifier): anything with `embed`, `pos_embed` and `blocks`. What is not frozen trains: the
@@ -81,74 +64,6 @@ def apply_freeze(model: nn.Module, spec: FreezeSpec) -> nn.Module:
     return model
 
 
-# ---- settings ------------------------------------------------------------------------------
-@dataclass
-class FinetuneConfig:
-    """The settings every fine-tuning method shares; each method's config adds its own."""
-
-    freeze: str = "none"  # none | embeddings | all-but-last:N
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "auto"  # comma-separated name suffixes, or auto: `default_lora_targets`
-    epochs: int = 3
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 16
-    grad_accum: int = 1  # batches per optimizer step
-    lr: float | None = 1e-3  # None: the method's default for the model (`default_lr`), set once it is loaded
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.1  # of the steps, linear from 0; then cosine to min_lr_ratio
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "auto"  # autocast: auto (bf16 on GPUs, float32 on CPU) | float32 | bfloat16 | float16
-    seed: int = 0
-    device: str = "cpu"
-    checkpoint_every: int | None = None  # steps between checkpoints of the run folder (for --resume); None: none
-    max_nonfinite: int = 5  # non-finite losses in a row before the run stops (a non-finite step is skipped)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"max steps must be at least 1, not {self.max_steps}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, not {self.batch_size}"),
-            (self.grad_accum >= 1, f"grad accum must be at least 1, not {self.grad_accum}"),
-            (self.checkpoint_every is None or self.checkpoint_every >= 1, f"checkpoint every must be at least 1, not {self.checkpoint_every}"),
-            (self.max_nonfinite >= 1, f"max nonfinite must be at least 1, not {self.max_nonfinite}"),
-            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"lr must be a positive number, not {self.lr}"),
-            (0.0 <= self.warmup_fraction < 1.0, f"warmup fraction must be in [0, 1), not {self.warmup_fraction}"),
-            (0.0 <= self.min_lr_ratio <= 1.0, f"min lr ratio must be in [0, 1], not {self.min_lr_ratio}"),
-            (self.dtype in PRECISIONS, f"dtype must be one of {', '.join(PRECISIONS)}, not {self.dtype!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        spec = parse_freeze(self.freeze)
-        if self.lora:
-            if spec.kind != "none":
-                raise ConfigError("LoRA already freezes every base weight; use --lora or --freeze, not both")
-            self.lora_config()  # a bad rank, alpha, dropout or target fails here, before any model loads
-
-    def lora_config(self, model: nn.Module | None = None) -> LoRAConfig:
-        """The adapters' settings; "auto" targets resolved for `model` (the block defaults
-        alone when no model is given, for checking the other fields)."""
-        targets = self.lora_targets
-        if targets.strip() == "auto":
-            targets = default_lora_targets(model) if model is not None else DEFAULT_TARGETS
-        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
-
-    def batch_text(self, unit: str) -> str:
-        """The batch of one optimizer step in words, for reports: "8 pairs" or "2 x 8 pairs"."""
-        return f"{self.batch_size} {unit}" if self.grad_accum == 1 else f"{self.grad_accum} x {self.batch_size} {unit} (accumulated)"
-
-    def method(self) -> str:
-        """What trains, in words, for reports."""
-        if self.lora:
-            return f"LoRA rank {self.lora_rank}, alpha {self.lora_alpha:g}, targets {self.lora_targets}"
-        return "full fine-tuning" if self.freeze == "none" else f"freeze {self.freeze}"
-
-
 def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
     """Every block's linear layers, plus the language-model head when it is untied from the
     token embedding. The chat template's end-of-turn token never occurs in pretraining text, so
@@ -165,7 +80,7 @@ def prepare_trainable(model: nn.Module, config: FinetuneConfig) -> LoRAConfig | 
     """LoRA adapters (every base weight frozen) or `config.freeze` applied to `model`, in place.
     Returns the LoRA config when adapters were added, for `save_adapter`."""
     if config.lora:
-        lora = config.lora_config(model)
+        lora = config.lora_config(default_lora_targets(model))
         apply_lora(model, lora)
         config.lora_targets = ",".join(lora.targets)  # "auto" resolved, for the report and results.json
         return lora
@@ -204,11 +119,12 @@ def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def total_steps(config: FinetuneConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps of a run: `max_steps`, or `epochs` passes of `grad_accum` batches a step."""
+def total_steps(config: FinetuneConfig, batches_per_epoch: int, world: int = 1) -> int:
+    """Optimizer steps of a run: `max_steps`, or `epochs` passes of `grad_accum` batches a step
+    on each of `world` processes (torchrun: each rank trains its own batches of every step)."""
     if batches_per_epoch < 1:
         raise ConfigError("nothing to train on: the training set gives no batch")
-    return config.max_steps or math.ceil(batches_per_epoch * config.epochs / config.grad_accum)
+    return config.max_steps or math.ceil(batches_per_epoch * config.epochs / (config.grad_accum * world))
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -282,7 +198,7 @@ def finetune_loop(
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    total = total_steps(config, batches.per_epoch)
+    total = total_steps(config, batches.per_epoch, run.info.world if run is not None else 1)
     loop_config = LoopConfig(
         lr=config.lr, schedule=lambda n, _: lr_factor(n, total, config.warmup_fraction, config.min_lr_ratio),
         max_steps=total, grad_accum=config.grad_accum, grad_clip=config.grad_clip, dtype=config.dtype, log_every=1,
@@ -297,6 +213,20 @@ def finetune_loop(
     on_row = None if on_step is None else (lambda row: on_step(row["step"], row) if "loss" in row else None)
     return train_loop(model, optimizer, EpochTask(batches, step, config.seed), loop_config, run,
                       metrics or MetricsLog(Path(os.devnull), enabled=False), evaluate, on_row)
+
+
+@contextmanager
+def process_group(device_name: str) -> Iterator[DistInfo]:
+    """The body of a run inside the process group torchrun describes (one process without
+    torchrun: `DistInfo()`), as pretraining runs, and the group left at the end, on errors too.
+    Inside, every rank trains (the loop gives each its own micro-batches and DDP averages the
+    gradients) and evaluates the unwrapped model, which needs no collective; only rank 0
+    writes files and samples answers."""
+    info = init_distributed(parse_device(device_name))  # "cuda:0" too is a GPU: NCCL, not gloo
+    try:
+        yield info
+    finally:
+        shutdown(info)
 
 
 # ---- run folders ---------------------------------------------------------------------------
@@ -321,14 +251,18 @@ def prepare_out(out: Path, force: bool) -> None:
 
 
 @contextmanager
-def run_folder(out: Path, force: bool, resume: bool = False) -> Iterator[Path]:
+def run_folder(out: Path, force: bool, resume: bool = False, main: bool = True) -> Iterator[Path]:
     """`prepare_out` for the body of a run. If the run fails or is interrupted and the folder
     did not exist before, it is removed: a half-written run folder would look finished and
     block the rerun of the same command. A folder the user already had (--force) is left. With
-    `resume`, the folder must hold the run's checkpoints, and is left as it is."""
+    `resume`, the folder must hold the run's checkpoints, and is left as it is. Under torchrun
+    only rank 0 (`main`) creates, clears and removes the folder; the other ranks write nothing."""
     if resume:
         if not (out / "checkpoints").is_dir():
             raise InputFileError(f"{out}: nothing to resume (no checkpoints/; runs checkpoint with --checkpoint-every N)")
+        yield out
+        return
+    if not main:
         yield out
         return
     existed = out.exists()
@@ -375,21 +309,21 @@ def load_splits(load: Callable[[Path], tuple[list[T], RecordReport]], data: Path
 
 
 def load_base(model_path: str | Path, out: Path, force: bool, resume: bool, device_name: str,
-              reports: Sequence[RecordReport], say: Callable[[str], None]) -> tuple[GPT, Tokenizer, torch.device]:
+              reports: Sequence[RecordReport], say: Callable[[str], None],
+              info: DistInfo = DistInfo()) -> tuple[GPT, Tokenizer, torch.device]:
     """How every method's run goes on once its data is read and checked: say what was read,
     refuse a run folder in use (unless resuming it), and load the base model, float32 on the
-    config's device."""
-    from scratchlm.devices import parse_device
-    from scratchlm.interop import load_pretrained
+    config's device (under torchrun a bare "cuda" is this rank's GPU, `resolve_device`)."""
+    from scratchlm.interop import open_model
 
     for report in reports:
         say(report.summary())
     if not resume:
         check_out(out, force)
-    device = parse_device(device_name)
+    device = resolve_device(device_name, info.local_rank)
     say(f"loading {model_path}")
-    model, tokenizer = load_pretrained(model_path, device)
-    return model, tokenizer, device
+    opened = open_model(model_path, device, kind="language-model")
+    return opened.model, opened.tokenizer, device
 
 
 def save_finetuned(out: Path, model: GPT, tokenizer: Tokenizer, lora: LoRAConfig | None) -> Path:

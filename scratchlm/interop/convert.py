@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.interop.load import load_pretrained, model_format
+from scratchlm.interop.load import detect_model, open_model
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.info import architecture
 from scratchlm.model.model import count_params
@@ -38,9 +38,10 @@ def import_model(source: str | Path, out: str | Path, pattern: str | None = None
     folder: config.json, model.safetensors, tokenizer.json and chat_template.jinja."""
     start = time.perf_counter()
     source, out = Path(source), Path(out)
-    kind = model_format(source)
+    kind = detect_model(source).format
     _check_new_output(out)
-    model, tokenizer = load_pretrained(source, pattern=pattern)
+    opened = open_model(source, pattern=pattern, kind="language-model")
+    model, tokenizer = opened.model, opened.tokenizer
     save_model_folder(out, model, tokenizer)
     return ConversionSummary(source, kind, out, count_params(model.config), f"{architecture(model.config)}, vocab {model.config.vocab_size}",
                              bool(tokenizer.metadata.get("chat_template")), time.perf_counter() - start)
@@ -55,14 +56,15 @@ def export_model(source: str | Path, fmt: ExportFormat, out: str | Path, dtype: 
     dtype = dtype or EXPORT_DTYPES[fmt][0]
     if dtype not in EXPORT_DTYPES[fmt]:
         raise ConfigError(f"export: dtype {dtype!r} is not available for {fmt}; choose one of {', '.join(EXPORT_DTYPES[fmt])}")
-    kind = model_format(source)
+    kind = detect_model(source).format
     if fmt == "hf":
         _check_new_output(out)
     elif out.is_dir():
         raise InputFileError(f"{out}: is a folder; a GGUF export is one file (e.g. {out / 'model.gguf'})")
     elif out.exists():
         raise InputFileError(f"{out}: already exists; choose a new output path")
-    model, tokenizer = load_pretrained(source)
+    opened = open_model(source, kind="language-model")
+    model, tokenizer = opened.model, opened.tokenizer
     if fmt == "hf":
         from scratchlm.interop.hf import export_hf
 

@@ -5,7 +5,7 @@ Hugging Face `model_type`, scratchlm's model folder header), never by name."""
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -21,12 +21,19 @@ from scratchlm.tokenizer.formats import read_json
 ModelFormat = Literal["scratchlm", "gguf", "hf"]
 
 
-def model_format(path: str | Path) -> ModelFormat:
-    """The format of what `path` holds, judged by content (GGUF magic, Hugging Face `model_type`)."""
+class Detected(NamedTuple):
+    format: ModelFormat
+    kind: ModelKind
+
+
+def detect_model(path: str | Path) -> Detected:
+    """The format and kind of what `path` holds, judged by content (GGUF magic, Hugging Face
+    `model_type`, scratchlm's header) with nothing loaded. GGUF files, Hugging Face folders and
+    weights-only checkpoints are language models."""
     p = Path(path)
     if p.is_file():
         if is_gguf_file(p):
-            return "gguf"
+            return Detected("gguf", "language-model")
         raise InputFileError(f"{p}: not a GGUF file, and not a folder (give a run folder, a model folder, "
                              "a GGUF file or a Hugging Face checkpoint folder)")
     if not p.is_dir():
@@ -35,19 +42,10 @@ def model_format(path: str | Path) -> ModelFormat:
     if config.is_file():
         data = read_json(config)
         if isinstance(data, dict) and "model_type" in data:
-            return "hf"
-    return "scratchlm"
-
-
-def model_kind(path: str | Path) -> ModelKind:
-    """Whether `path` holds a language model or a classifier, from its header alone (nothing is
-    loaded). GGUF files, Hugging Face folders and checkpoints are language models."""
-    p = Path(path)
-    if model_format(p) != "scratchlm":
-        return "language-model"
+            return Detected("hf", "language-model")
     folder = p / "model" if (p / "model" / WEIGHTS).is_file() else p
     header = model_header(folder / CONFIG) if (folder / CONFIG).is_file() else None
-    return header.kind if header is not None else "language-model"
+    return Detected("scratchlm", header.kind if header is not None else "language-model")
 
 
 @dataclass
@@ -67,15 +65,16 @@ class OpenedModel:
 
 
 def open_model(path: str | Path, device: str | torch.device = "cpu", pattern: str | None = None,
-               expect: ModelKind | None = None) -> OpenedModel:
+               kind: ModelKind | None = None) -> OpenedModel:
     """The model (float32, eval mode, on `device`) and tokenizer at `path`, whatever its format.
-    `pattern` overrides the pre-tokenizer of an imported tokenizer. With `expect`, a model of
-    the other kind is a one-line InputFileError naming the path and what it holds."""
+    `pattern` overrides the pre-tokenizer of an imported tokenizer. With `kind`, a model of the
+    other kind is a one-line InputFileError naming the path and what it holds: every command
+    that generates or trains text passes kind="language-model", so its `.model` is a GPT."""
     p = Path(path)
     device = parse_device(str(device))
-    fmt = model_format(p)
-    if expect is not None and (held := model_kind(p)) != expect:
-        raise InputFileError(f"{p}: holds a {held}, and this needs a {expect}")
+    fmt, held = detect_model(p)
+    if kind is not None and held != kind:
+        raise InputFileError(f"{p}: holds a {held}, and this needs a {kind}")
     if fmt == "gguf":
         from scratchlm.interop.gguf import import_gguf
 
@@ -87,13 +86,5 @@ def open_model(path: str | Path, device: str | torch.device = "cpu", pattern: st
         model, tokenizer = import_hf(p, pattern=pattern)
         return OpenedModel(model.to(device).eval(), tokenizer, "language-model", p, fmt)
     opened, tokenizer, _ = open_folder(p, device)
-    kind: ModelKind = "classifier" if isinstance(opened, TextClassifier) else "language-model"
-    return OpenedModel(opened, tokenizer, kind, p, fmt)
+    return OpenedModel(opened, tokenizer, "classifier" if isinstance(opened, TextClassifier) else "language-model", p, fmt)
 
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", pattern: str | None = None) -> tuple[GPT, Tokenizer]:
-    """The language model and tokenizer at `path` (`open_model` with expect="language-model"):
-    what every command that generates or trains text calls, so a classifier is refused in one line."""
-    opened = open_model(path, device, pattern, expect="language-model")
-    assert isinstance(opened.model, GPT)  # expect= refused anything else
-    return opened.model, opened.tokenizer

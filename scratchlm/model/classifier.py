@@ -12,18 +12,15 @@ label names: `classify(texts)` and `probabilities(texts)`.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from scratchlm.config import POOLINGS, Pooling
 from scratchlm.errors import ConfigError
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer import Tokenizer
-
-Pooling = Literal["last", "mean"]
-POOLINGS = ("last", "mean")
 
 
 def pool_hidden(hidden: Tensor, lengths: Tensor, pooling: Pooling) -> Tensor:

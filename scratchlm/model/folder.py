@@ -1,5 +1,5 @@
-"""scratchlm's model folder: what `pretrain` writes as RUN/model, `scratchlm import` writes, and
-`finetune classify` writes as its run folder.
+"""scratchlm's model folder: what `pretrain` writes as RUN/model, `scratchlm import` writes,
+`finetune classify` writes as its run folder, and a training checkpoint is (beside its state.pt).
 
     FOLDER/model.safetensors   weights (safetensors: loading them runs no code)
     FOLDER/config.json         the header below
@@ -30,8 +30,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as load_weights, save_model
 
 from scratchlm.atomic_io import write_text_atomic, written_atomically
+from scratchlm.config import POOLINGS
 from scratchlm.errors import InputFileError
-from scratchlm.model.classifier import POOLINGS, SequenceClassifier, TextClassifier
+from scratchlm.model.classifier import SequenceClassifier, TextClassifier
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.info import architecture
 from scratchlm.model.model import GPT, allocate_on_cpu
@@ -127,17 +128,37 @@ def save_model_folder(folder: str | Path, model: GPT | SequenceClassifier, token
     """Write `model` and `tokenizer` into `folder` (created if needed); each file atomically.
     A SequenceClassifier is saved with its `labels` (one per head output) and the `max_length`
     its texts are cut to."""
-    folder = Path(folder)
-    header = _header_dict(model, labels, max_length)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)  # created by the first write, once the header is known to be right
+    write_model_files(folder, model, tokenizer, labels=labels, max_length=max_length)
     with written_atomically(folder / WEIGHTS) as tmp:
         save_model(model, str(tmp))
+    return folder
+
+
+def write_model_files(folder: Path, model: GPT | SequenceClassifier, tokenizer: Tokenizer, *,
+                      labels: list[str] | None = None, max_length: int | None = None) -> None:
+    """Everything of a model folder but the weights, each file atomically (so synced to disk):
+    config.json, tokenizer.json, and chat_template.jinja when the tokenizer has a template.
+    Shared by `save_model_folder` and training checkpoints."""
+    header = _header_dict(model, labels, max_length)
     write_text_atomic(folder / CONFIG, json.dumps(header, indent=2) + "\n")
     tokenizer.save(folder / TOKENIZER)
     template = tokenizer.metadata.get("chat_template")
     if template:
         write_text_atomic(folder / CHAT_TEMPLATE, template)
-    return folder
+
+
+def describes(model: torch.nn.Module) -> bool:
+    """Whether a model folder can hold `model` as it is: a GPT or a SequenceClassifier with
+    exactly the tensors its config gives (not one carrying LoRA adapters, say, whose weights
+    the header has no words for)."""
+    if not isinstance(model, (GPT, SequenceClassifier)):
+        return False
+    with torch.device("meta"):  # only the tensor names are compared; nothing is allocated
+        plain = GPT(model.config)
+        if isinstance(model, SequenceClassifier):
+            plain = SequenceClassifier(plain, model.score.out_features, model.pooling)
+    return plain.state_dict().keys() == model.state_dict().keys()
 
 
 def _header_dict(model: GPT | SequenceClassifier, labels: list[str] | None, max_length: int | None) -> dict:
@@ -227,8 +248,9 @@ def open_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[G
     if not (p / WEIGHTS).is_file():
         raise InputFileError(f"{p}: no model here (expected a run folder, a model folder, a checkpoint folder, "
                              "a GGUF file or a Hugging Face checkpoint folder)")
-    # A checkpoint folder holds weights only; config and tokenizer live in its run. A run killed
-    # before it wrote model/ still has the config in the checkpoint and the data's tokenizer.
+    # A checkpoint written before checkpoints were model folders (or of a LoRA run) holds weights
+    # only; config and tokenizer live in its run. A run killed before it wrote model/ still has
+    # the config in the checkpoint and the data's tokenizer.
     run = p.parent.parent
     run_header = model_header(run / "model" / CONFIG) if (run / "model" / CONFIG).is_file() else None
     if run_header is not None:
@@ -236,11 +258,3 @@ def open_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[G
     state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
     data = Path(json.loads((run / CONFIG).read_text())["data"])
     return (*load_model_folder(p, device, ModelConfig.from_dict(state["model_config"]), data / TOKENIZER), p)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """A trained language model and its tokenizer from a run folder, its model folder or a checkpoint."""
-    model, tokenizer, folder = open_folder(path, device)
-    if isinstance(model, TextClassifier):
-        raise InputFileError(f"{folder}: holds a classifier, not a language model")
-    return model, tokenizer

@@ -1109,11 +1109,11 @@ def run_server(
 ) -> None:
     """Load the model at `model_path` (in `dtype`, `quantize`d: see `scratchlm.model.quantize`)
     and serve it until Ctrl-C (or SIGTERM). Prints the URL. The limits are `create_app`'s."""
-    from scratchlm.interop import model_kind, open_model
+    from scratchlm.interop import detect_model, open_model
     from scratchlm.serve.load import load_for_inference
 
     check_limits(max_batch, max_queue, max_body, feedback_max_bytes)  # before the seconds a model takes to load
-    classifier = model_kind(model_path) == "classifier"
+    classifier = detect_model(model_path).kind == "classifier"
     if classifier and (dtype, quantize) != ("float32", "none"):
         raise ConfigError(f"serve: {model_path} is a classifier, served in float32; leave out --dtype and --quantize")
     sock = listen_socket(host, port)

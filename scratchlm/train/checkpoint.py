@@ -1,8 +1,14 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
     RUN/checkpoints/step_000200/model.safetensors   weights (safetensors: no code on load)
+    RUN/checkpoints/step_000200/config.json         the model folder's header  } given the tokenizer,
+    RUN/checkpoints/step_000200/tokenizer.json      its tokenizer              } for a plain model
     RUN/checkpoints/step_000200/state.pt            optimizer, step, data position, RNG states
     RUN/checkpoints/latest                          name of the newest complete checkpoint
+
+So a checkpoint is a model folder plus state.pt: `open_model` opens it like any other. A module
+the folder format cannot describe (one carrying LoRA adapters) is saved as weights only; so
+were all checkpoints before, and `open_model` still finds their config and tokenizer in the run.
 
 Writing survives a kill, a full disk and a power cut: a checkpoint is written into a temporary
 folder, its files and the folder are fsynced, it is renamed to step_N and `checkpoints/` is
@@ -25,6 +31,8 @@ from safetensors.torch import load_model, save_model
 
 from scratchlm.atomic_io import OutputFileError, fsync_file, fsync_folder, os_error_code, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.model.folder import describes, write_model_files
+from scratchlm.tokenizer import Tokenizer
 
 KEEP = 2  # older checkpoints are deleted once a newer one is complete
 STATE_KEYS = ("optimizer", "step", "elapsed", "rng_cpu", "rng_python", "model_config")  # what resume reads
@@ -43,7 +51,11 @@ def checkpoint_folders(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, tokenizer: Tokenizer | None = None, *,
+                    labels: list[str] | None = None, max_length: int | None = None) -> Path:
+    """Write checkpoint `step` of the run in `run_dir` durably (see the module docstring) and
+    return its folder. With `tokenizer`, and a model a model folder can hold, it is a model
+    folder too (`labels` and `max_length` as for `save_model_folder`)."""
     root = run_dir / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -54,6 +66,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / "model.safetensors"))
         fsync_file(tmp / "model.safetensors")
+        if tokenizer is not None and describes(model):  # each file written atomically, so synced
+            write_model_files(tmp, model, tokenizer, labels=labels, max_length=max_length)
         # Through a Python file: on a full disk torch's C++ writer then fails with the OSError as
         # context, which names the cause; given a path it says only "unexpected pos".
         with (tmp / "state.pt").open("wb") as handle:

@@ -17,7 +17,7 @@ class TrainConfig:
     model_config: dict = field(default_factory=dict)  # overrides of ModelConfig fields
     seq_len: int | None = None  # default: the model's block_size
     # continued pretraining: start from this model's weights and architecture (anything
-    # `scratchlm.interop.load_pretrained` opens); `model` stays "auto", model_config may set dropout only
+    # `scratchlm.interop.open_model` opens); `model` stays "auto", model_config may set dropout only
     init_from: str | None = None
     # batch
     micro_batch: int = 16  # sequences per forward pass on each process

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from scratchlm.devices import autocast_dtype, peak_flops, peak_memory_mb, reset_peak_memory
 from scratchlm.errors import ConfigError, TrainingError
+from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import resume_checkpoint, save_checkpoint, set_latest
 from scratchlm.train.distributed import DistInfo, mean_across_ranks
 from scratchlm.train.metrics import MetricsLog
@@ -95,7 +96,8 @@ class LoopConfig:
 class Run:
     """Where a run lives: its folder (metrics.jsonl, checkpoints/), its device and process group.
     `identity` is what a checkpoint must match to be resumed (a model config as a dict, plus
-    whatever else makes two runs incompatible)."""
+    whatever else makes two runs incompatible). With `tokenizer` (and a classifier's `labels`
+    and `max_length`), a checkpoint of a plain model is also a model folder that `open_model` opens."""
 
     folder: Path
     device: torch.device
@@ -103,6 +105,9 @@ class Run:
     resume: bool = False
     identity: dict = field(default_factory=dict)
     checkpoint_extra: dict = field(default_factory=dict)  # saved beside the state, for the run's own use
+    tokenizer: Tokenizer | None = None
+    labels: list[str] | None = None
+    max_length: int | None = None
 
 
 @dataclass
@@ -307,7 +312,7 @@ def train_loop(
                 "tokens": tokens_total, "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "scaler": scaler.state_dict(), "model_config": run.identity, **run.checkpoint_extra,
-            })
+            }, run.tokenizer, labels=run.labels, max_length=run.max_length)
         bar.update(1 if max_steps else int(time.perf_counter() - start) - bar.n)
     bar.close()
     if last_loss is None and nonfinite:  # a budget too short to reach max_nonfinite, and no step counted

@@ -113,9 +113,10 @@ def training_seq_len(config: TrainConfig, model_config: ModelConfig) -> int:
 def load_init_model(config: TrainConfig, shards_tokenizer: Tokenizer, shards: TokenShards, device: torch.device) -> tuple[GPT, Tokenizer]:
     """The model named by `config.init_from` on `device`, with the run's dropout, and its own
     tokenizer (which keeps its chat template and BOS/EOS metadata for the final model folder)."""
-    from scratchlm.interop import load_pretrained
+    from scratchlm.interop import open_model
 
-    model, tokenizer = load_pretrained(config.init_from, device)
+    opened = open_model(config.init_from, device, kind="language-model")
+    model, tokenizer = opened.model, opened.tokenizer
     check_same_vocabulary(shards_tokenizer, tokenizer, shards, config.init_from)
     model_config = init_model_config(config, model.config)
     if model_config != model.config:  # dropout lives in the modules: rebuild, keep the weights
@@ -280,7 +281,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         desc="pretraining", progress=progress,
     )
     run = Run(run_dir, device, info, resume, identity=model_config.to_dict(),
-              checkpoint_extra={"tokens_per_step": tokens_per_step})
+              checkpoint_extra={"tokens_per_step": tokens_per_step}, tokenizer=tokenizer)
 
     def validation(m: torch.nn.Module) -> dict[str, float]:
         loss, bpb = evaluate(m, val_tokens, seq_len, config.micro_batch, byte_lengths, device, amp)
