@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from scratchlm.devices import peak_memory_mb, reset_peak_memory
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.config import FinetuneConfig
 from scratchlm.finetune.lora import lora_layers
@@ -192,7 +191,6 @@ def test_prepare_out_refuses_a_used_folder_unless_forced(tmp_path):
 
 PEAK_AFTER_RESET = """
 import torch
-from scratchlm.devices import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
 big = torch.ones(64 * 2**20)  # 256 MB, like a model loaded and then released
 loaded = peak_memory_mb(cpu)
