@@ -133,6 +133,7 @@ def test_a_reference_with_another_tokenizer_is_refused(tokenizer, tmp_path):
 
 
 # ---- the command -----------------------------------------------------------------------------
+@pytest.mark.slow  # end to end: load, score the reference, train, write the run folder
 @pytest.mark.parametrize("lora", [False, True])
 def test_cli_writes_the_run_folder(tokenizer, tmp_path, capsys, lora):
     base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)

@@ -191,6 +191,7 @@ def test_prepare_out_refuses_a_used_folder_unless_forced(tmp_path):
 
 PEAK_AFTER_RESET = """
 import torch
+from scratchlm.devices import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
 big = torch.ones(64 * 2**20)  # 256 MB, like a model loaded and then released
 loaded = peak_memory_mb(cpu)

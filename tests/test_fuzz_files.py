@@ -461,6 +461,7 @@ def test_worst_mutants_found_are_refused_in_one_line(originals, tmp_path):
         assert re.search(message, results[str(tmp_path / name)]["model"]["message"]), results[str(tmp_path / name)]
 
 
+@pytest.mark.slow  # a fresh interpreter per command
 @pytest.mark.parametrize("command", [["import", "{path}", "--out", "{out}"], ["tokenizer", "import", "{path}", "--out", "{out}"]],
                          ids=["import", "tokenizer-import"])
 def test_cli_refuses_the_73_byte_file_in_one_line_with_status_2(command, tmp_path):

@@ -73,6 +73,7 @@ def read_ledger(out: Path) -> list[dict]:
     return [json.loads(line) for path in sorted((out / "ledger").glob("*.jsonl")) for line in path.open()]
 
 
+@pytest.mark.slow  # the whole pipeline on a mixed corpus
 def test_every_input_document_is_kept_rejected_or_a_duplicate(documents, tokenizer_path, tmp_path):
     counts = messy_corpus(tmp_path / "in", documents)
     config = load_prepare_config(None, {"tokenizer": str(tokenizer_path), "chunk_docs": "16", "workers": "2"}, [str(tmp_path / "in")])

@@ -113,9 +113,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from scratchlm.atomic_io import check_writable_file
-    from scratchlm.eval.compare import compare_models, comparison_markdown, save_comparison
+    from scratchlm.eval.compare import check_comparison, compare_models, comparison_markdown, save_comparison
 
     check_writable_file(args.out / "compare.md")
+    check_comparison(args.models, split_list(args.labels) or None)  # seconds before the default text is built
     tasks, text = _eval_inputs(args)
     comparison = compare_models(args.models, labels=split_list(args.labels) or None, tasks=tasks, text=text,
                                 stride=args.stride, batch_size=args.batch_size, limit=args.limit,

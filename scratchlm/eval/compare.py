@@ -80,6 +80,24 @@ def model_labels(sources: Sequence[str | Path]) -> list[str]:
     return labels
 
 
+def check_comparison(sources: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[str]:
+    """The labels of a comparison of `sources`, after checking what is cheap to check: at least
+    two models, one distinct label each, and every model there (a missing last model fails now,
+    not after the others ran; a caller building the default text checks first, too)."""
+    from scratchlm.interop import detect_model
+
+    if len(sources) < 2:
+        raise ConfigError("compare needs at least two models")
+    labels = list(labels) if labels else model_labels(sources)
+    if len(labels) != len(sources):
+        raise ConfigError(f"compare: {len(labels)} labels for {len(sources)} models")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"compare: labels must differ, got {', '.join(labels)}")
+    for source in sources:
+        detect_model(source)
+    return labels
+
+
 def compare_models(
     sources: Sequence[str | Path],
     *,
@@ -95,17 +113,9 @@ def compare_models(
     log=print,
 ) -> Comparison:
     """Evaluate each model in `sources` (anything `open_model` opens) on the same text and tasks."""
-    from scratchlm.interop import detect_model, open_model
+    from scratchlm.interop import open_model
 
-    if len(sources) < 2:
-        raise ConfigError("compare needs at least two models")
-    labels = list(labels) if labels else model_labels(sources)
-    if len(labels) != len(sources):
-        raise ConfigError(f"compare: {len(labels)} labels for {len(sources)} models")
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"compare: labels must differ, got {', '.join(labels)}")
-    for source in sources:  # a missing last model should fail now, not after the others ran
-        detect_model(source)
+    labels = check_comparison(sources, labels)
     reports = []
     for label, source in zip(labels, sources):
         log(f"[{label}] loading {source}")
