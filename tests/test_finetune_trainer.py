@@ -11,13 +11,12 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from scratchlm.errors import ConfigError
+from scratchlm.errors import ConfigError, TrainingError
 from scratchlm.finetune.config import FinetuneConfig
 from scratchlm.finetune.lora import lora_layers
 from scratchlm.finetune.trainer import (
     Batches,
     default_lr,
-    StepOutput,
     finetune_loop,
     load_splits,
     prepare_out,
@@ -29,7 +28,7 @@ from scratchlm.finetune.trainer import (
     with_default_lr,
 )
 from scratchlm.model import GPT, get_preset
-from scratchlm.errors import TrainingError
+from scratchlm.train.loop import StepOutput
 
 VOCAB = 64
 

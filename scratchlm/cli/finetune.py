@@ -179,7 +179,7 @@ def _finetune_classify(args: argparse.Namespace) -> int:
     if result.data["truncated"] or result.data["dropped"]:
         print(f"texts over {config.max_length} tokens: {result.data['truncated']} truncated, {result.data['dropped']} dropped")
     print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
-          f"{result.steps} steps in {result.train_seconds:.1f} s")
+          f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
     scores = result.after
     print(f"held-out after: accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f} ({scores['examples']} examples)")
     extra = ", adapter.safetensors" if config.lora else ""

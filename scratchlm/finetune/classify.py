@@ -52,7 +52,6 @@ from scratchlm.finetune.records import RecordReport
 from scratchlm.finetune.trainer import (
     load_base,
     Batches,
-    StepOutput,
     finetune_loop,
     load_splits,
     prepare_trainable,
@@ -64,7 +63,7 @@ from scratchlm.model.classifier import SequenceClassifier, pad_right, predict
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
 from scratchlm.train.distributed import DistInfo
-from scratchlm.train.loop import LoopResult, Run
+from scratchlm.train.loop import LoopResult, Run, StepOutput
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.tokenizer import Tokenizer
 
@@ -106,8 +105,10 @@ class ClassifyResult:
     total_params: int
     train_seconds: float
     steps: int
+    peak_memory_mb: float
     data: dict = field(default_factory=dict)  # counts: train, eval, rejected, truncated, dropped
     reports: list[RecordReport] = field(default_factory=list)
+    start_memory_mb: float = 0.0  # held when training began (the model, the data): peak minus this is training's own
 
 
 def build_classifier(gpt: GPT, num_labels: int, config: ClassifyConfig) -> tuple[SequenceClassifier, LoRAConfig | None]:
@@ -196,7 +197,7 @@ def _finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pa
             log.write({"step": 0, "val_loss": before["loss"], "val_accuracy": before["accuracy"]})
         trained = train_classifier(model, train, config, pad_id, progress=progress, metrics=log, run=Run(
             out, device, info, resume=resume, tokenizer=tokenizer, labels=labels, max_length=config.max_length))
-        steps, seconds = trained.steps, trained.seconds
+        steps, seconds, peak, start_memory = trained.steps, trained.seconds, trained.peak_memory_mb, trained.start_memory_mb
         after = evaluate(model, held, labels, pad_id)
         log.write({"step": steps, "val_loss": after["loss"], "val_accuracy": after["accuracy"]})
         if info.is_main:
@@ -206,7 +207,7 @@ def _finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pa
             plot_loss_curve(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"classification fine-tuning: {out.name}")
         counts = {"train": len(train.ids), "eval": len(held.ids), "rejected": sum(len(r.rejected) for r in reports),
                   "truncated": train.truncated + held.truncated, "dropped": train.dropped + held.dropped}
-        result = ClassifyResult(out, labels, before, after, trainable, total, seconds, steps, counts, reports)
+        result = ClassifyResult(out, labels, before, after, trainable, total, seconds, steps, peak, counts, reports, start_memory)
         if info.is_main:
             write_text_atomic(out / "results.json", json.dumps(_results_dict(result, config, model_path), indent=2) + "\n")
             write_text_atomic(out / "report.md", classify_report(result, config, model_path))
@@ -216,7 +217,8 @@ def _finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pa
 def _results_dict(result: ClassifyResult, config: ClassifyConfig, model_path) -> dict:
     return {"model": str(model_path), "labels": result.labels, "before": result.before, "after": result.after,
             "trainable_params": result.trainable_params, "total_params": result.total_params,
-            "train_seconds": result.train_seconds, "steps": result.steps, "data": result.data, "config": asdict(config)}
+            "train_seconds": result.train_seconds, "steps": result.steps, "peak_memory_mb": result.peak_memory_mb,
+            "start_memory_mb": result.start_memory_mb, "data": result.data, "config": asdict(config)}
 
 
 def classify_report(result: ClassifyResult, config: ClassifyConfig, model_path) -> str:
@@ -226,7 +228,8 @@ def classify_report(result: ClassifyResult, config: ClassifyConfig, model_path) 
     lines = [
         f"# Classification fine-tuning: {result.out.name}", "",
         (f"Base model `{model_path}`, {method}, pooling {config.pooling}; {result.steps} steps of "
-         f"{config.batch_text('texts')} at lr {config.lr} in {result.train_seconds:.1f} s."), "",
+         f"{config.batch_text('texts')} at lr {config.lr} in {result.train_seconds:.1f} s, peak memory "
+         f"{result.peak_memory_mb:,.0f} MB ({result.start_memory_mb:,.0f} MB when training began)."), "",
         (f"Trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
          f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)."), "",
         (f"Held-out set: {result.data['eval']} examples; training set: {result.data['train']}. Rejected lines: "

@@ -51,7 +51,6 @@ from scratchlm.finetune.sft_data import (
 from scratchlm.finetune.trainer import (
     load_base,
     Batches,
-    StepOutput,
     finetune_loop,
     model_device,
     prepare_trainable,
@@ -66,7 +65,7 @@ from scratchlm.finetune.trainer import (
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer.tokens import same_ids
 from scratchlm.train.distributed import DistInfo
-from scratchlm.train.loop import LoopResult, Run
+from scratchlm.train.loop import LoopResult, Run, StepOutput
 from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.devices import autocast_dtype

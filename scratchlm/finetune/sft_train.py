@@ -48,7 +48,6 @@ from scratchlm.finetune.sft_data import (
 from scratchlm.finetune.trainer import (
     load_base,
     Batches,
-    StepOutput,
     finetune_loop,
     model_device,
     prepare_trainable,
@@ -62,7 +61,7 @@ from scratchlm.finetune.trainer import (
 )
 from scratchlm.model.model import GPT
 from scratchlm.train.distributed import DistInfo
-from scratchlm.train.loop import Run
+from scratchlm.train.loop import Run, StepOutput
 from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer.chat_template import chat_stop_ids
 from scratchlm.model.sampling import SamplingConfig, generate
