@@ -218,3 +218,4 @@ def test_resuming_a_run_without_checkpoints_is_one_line(tokenizer, tmp_path, cli
     (tmp_path / "run").mkdir()
     done = cli("finetune", "sft", base, "--data", data, "--out", tmp_path / "run", "--resume")
     assert done.status == 2 and done.err.count("\n") == 1 and "nothing to resume" in done.err, done.err
+    assert "loading" not in done.out  # refused before the model is loaded

@@ -250,6 +250,12 @@ def prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def check_resumable(out: Path) -> None:
+    """A run folder `--resume` can continue: one holding checkpoints."""
+    if not (out / "checkpoints").is_dir():
+        raise InputFileError(f"{out}: nothing to resume (no checkpoints/; runs checkpoint with --checkpoint-every N)")
+
+
 @contextmanager
 def run_folder(out: Path, force: bool, resume: bool = False, main: bool = True) -> Iterator[Path]:
     """`prepare_out` for the body of a run. If the run fails or is interrupted and the folder
@@ -258,8 +264,7 @@ def run_folder(out: Path, force: bool, resume: bool = False, main: bool = True) 
     `resume`, the folder must hold the run's checkpoints, and is left as it is. Under torchrun
     only rank 0 (`main`) creates, clears and removes the folder; the other ranks write nothing."""
     if resume:
-        if not (out / "checkpoints").is_dir():
-            raise InputFileError(f"{out}: nothing to resume (no checkpoints/; runs checkpoint with --checkpoint-every N)")
+        check_resumable(out)
         yield out
         return
     if not main:
@@ -318,7 +323,9 @@ def load_base(model_path: str | Path, out: Path, force: bool, resume: bool, devi
 
     for report in reports:
         say(report.summary())
-    if not resume:
+    if resume:  # both before the seconds a model takes to load
+        check_resumable(out)
+    else:
         check_out(out, force)
     device = resolve_device(device_name, info.local_rank)
     say(f"loading {model_path}")
