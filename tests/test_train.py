@@ -331,7 +331,7 @@ def test_every_gpu_device_name_gets_the_nccl_backend(device, backend):
 
 
 def test_pretraining_joins_the_process_group_on_the_device_it_was_given(shards, tmp_path, monkeypatch):
-    import scratchlm.train.pretrain as loop
+    import scratchlm.train.distributed as distributed
 
     given = []
 
@@ -342,8 +342,8 @@ def test_pretraining_joins_the_process_group_on_the_device_it_was_given(shards, 
         given.append(device)
         raise Joined
 
-    monkeypatch.setattr(loop, "parse_device", lambda name: torch.device("cuda:0") if name == "cuda:0" else torch.device(name))
-    monkeypatch.setattr(loop, "init_distributed", join)
+    monkeypatch.setattr(distributed, "parse_device", lambda name: torch.device("cuda:0") if name == "cuda:0" else torch.device(name))
+    monkeypatch.setattr(distributed, "init_distributed", join)
     with pytest.raises(Joined):
         pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=1", "device=cuda:0"]))
     assert given == [torch.device("cuda:0")]  # was "cpu" (so gloo) for any name but "auto" and "cuda"

@@ -55,14 +55,13 @@ from scratchlm.finetune.trainer import (
     finetune_loop,
     load_splits,
     prepare_trainable,
-    process_group,
     run_folder,
     shuffled_groups,
 )
 from scratchlm.model.classifier import SequenceClassifier, pad_right, predict
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
-from scratchlm.train.distributed import DistInfo
+from scratchlm.train.distributed import DistInfo, process_group
 from scratchlm.train.loop import LoopResult, Run, StepOutput
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.tokenizer import Tokenizer

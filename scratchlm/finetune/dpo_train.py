@@ -54,7 +54,6 @@ from scratchlm.finetune.trainer import (
     finetune_loop,
     model_device,
     prepare_trainable,
-    process_group,
     run_folder,
     with_default_lr,
     save_finetuned,
@@ -64,7 +63,7 @@ from scratchlm.finetune.trainer import (
 )
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer.tokens import same_ids
-from scratchlm.train.distributed import DistInfo
+from scratchlm.train.distributed import DistInfo, process_group
 from scratchlm.train.loop import LoopResult, Run, StepOutput
 from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer import Tokenizer

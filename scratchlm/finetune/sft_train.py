@@ -51,7 +51,6 @@ from scratchlm.finetune.trainer import (
     finetune_loop,
     model_device,
     prepare_trainable,
-    process_group,
     run_folder,
     with_default_lr,
     save_finetuned,
@@ -60,7 +59,7 @@ from scratchlm.finetune.trainer import (
     write_loss_curve,
 )
 from scratchlm.model.model import GPT
-from scratchlm.train.distributed import DistInfo
+from scratchlm.train.distributed import DistInfo, process_group
 from scratchlm.train.loop import Run, StepOutput
 from scratchlm.train.metrics import MetricsLog
 from scratchlm.tokenizer.chat_template import chat_stop_ids

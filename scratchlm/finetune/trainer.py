@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
-from scratchlm.devices import parse_device, resolve_device
+from scratchlm.devices import resolve_device
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.finetune.config import DEFAULT_TARGETS, FinetuneConfig, FreezeSpec, LoRAConfig, parse_freeze
 from scratchlm.finetune.lora import apply_lora, merge_lora, save_adapter
@@ -36,7 +36,7 @@ from scratchlm.finetune.records import RecordReport
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.distributed import DistInfo, init_distributed, shutdown
+from scratchlm.train.distributed import DistInfo
 from scratchlm.train.loop import LoopConfig, LoopResult, Run, StepOutput, train_loop
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 
@@ -151,19 +151,23 @@ class EpochTask(Generic[B]):
     """A data set counted in epochs as a task of the one training loop: micro-batch `index` is
     batch `index % per_epoch` of epoch `index // per_epoch`. The epochs' orders are drawn one
     after another from one generator seeded with `seed`, so a resumed run (which redraws the
-    epochs before its own) and an uninterrupted one see the same batches."""
+    batches before its own) and an uninterrupted one see the same batches. The loop asks for
+    increasing numbers, so the batches stream: one at a time is built and held, never an epoch."""
 
     def __init__(self, batches: Batches[B], step: Callable[[nn.Module, B], StepOutput], seed: int) -> None:
         self.batches, self.step_fn = batches, step
         self.generator = torch.Generator().manual_seed(seed)
-        self.epoch, self.current = -1, []
+        self.next_index, self.stream = 0, iter(())
 
     def batch(self, index: int) -> B:
-        epoch, position = divmod(index, self.batches.per_epoch)
-        while self.epoch < epoch:
-            self.epoch += 1
-            self.current = list(self.batches.epoch(self.generator))
-        return self.current[position]
+        if index < self.next_index:
+            raise ValueError(f"batch {index} asked for after batch {self.next_index - 1}: batches stream in order")
+        while True:  # past the batches of other ranks, and before a resumed run's first step
+            if self.next_index % self.batches.per_epoch == 0:
+                self.stream = iter(self.batches.epoch(self.generator))
+            found, self.next_index = next(self.stream), self.next_index + 1
+            if self.next_index > index:
+                return found
 
     def step(self, model: nn.Module, batch: B) -> StepOutput:
         return self.step_fn(model, batch)
@@ -213,20 +217,6 @@ def finetune_loop(
     on_row = None if on_step is None else (lambda row: on_step(row["step"], row) if "loss" in row else None)
     return train_loop(model, optimizer, EpochTask(batches, step, config.seed), loop_config, run,
                       metrics or MetricsLog(Path(os.devnull), enabled=False), evaluate, on_row)
-
-
-@contextmanager
-def process_group(device_name: str) -> Iterator[DistInfo]:
-    """The body of a run inside the process group torchrun describes (one process without
-    torchrun: `DistInfo()`), as pretraining runs, and the group left at the end, on errors too.
-    Inside, every rank trains (the loop gives each its own micro-batches and DDP averages the
-    gradients) and evaluates the unwrapped model, which needs no collective; only rank 0
-    writes files and samples answers."""
-    info = init_distributed(parse_device(device_name))  # "cuda:0" too is a GPU: NCCL, not gloo
-    try:
-        yield info
-    finally:
-        shutdown(info)
 
 
 # ---- run folders ---------------------------------------------------------------------------

@@ -6,12 +6,14 @@ gradients, and only rank 0 writes files.
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from scratchlm.devices import process_group_backend
+from scratchlm.devices import parse_device, process_group_backend
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,17 @@ def mean_across_ranks(value: float, info: DistInfo, device: torch.device) -> flo
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_name: str) -> Iterator[DistInfo]:
+    """The body of a run inside the process group torchrun describes (one process without
+    torchrun: `DistInfo()`), and the group left at the end, on errors too. Every kind of training
+    runs in it: every rank trains (the loop gives each its own micro-batches and DDP averages the
+    gradients) and evaluates the unwrapped model, which needs no collective; only rank 0 writes
+    files and samples."""
+    info = init_distributed(parse_device(device_name))  # "cuda:0" too is a GPU: NCCL, not gloo
+    try:
+        yield info
+    finally:
+        shutdown(info)

@@ -121,7 +121,6 @@ class LoopResult:
     mfu: float | None = None
     peak_memory_mb: float = 0.0
     start_memory_mb: float = 0.0  # held when training began (the model, the data)
-    resumed_from: int = 0  # the step a resumed run started at
 
 
 @dataclass
@@ -213,7 +212,6 @@ def train_loop(
         step, elapsed_before, tokens_total = state["step"], state["elapsed"], state.get("tokens", 0)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-    resumed_from = step
     train_model = _wrap(model, config, run)
     peak = peak_flops(device) if info.is_main and config.flops_per_token else None
     evaluation: dict[str, float] = {}
@@ -320,7 +318,7 @@ def train_loop(
                             f"lower the learning rate (lr={config.lr:g})")
     model.eval()
     return LoopResult(step, tokens_total, time.perf_counter() - start, last_loss, evaluation, tokens_per_s, mfu,
-                      peak_memory_mb(device), start_memory, resumed_from)
+                      peak_memory_mb(device), start_memory)
 
 
 def _rounded(numbers: dict[str, float]) -> dict[str, float]:

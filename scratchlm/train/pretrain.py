@@ -27,11 +27,11 @@ from scratchlm.model import GPT, ModelConfig, count_params, flops_per_token, get
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 from scratchlm.tokenizer.tokens import token_byte_lengths, vocabulary_difference
 from scratchlm.train.config import TrainConfig
-from scratchlm.train.distributed import DistInfo, init_distributed, shutdown
+from scratchlm.train.distributed import DistInfo, process_group
 from scratchlm.train.loop import LoopConfig, Run, StepOutput, train_loop
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.train.optim import build_optimizer, lr_multiplier
-from scratchlm.devices import autocast_dtype, parse_device, resolve_device
+from scratchlm.devices import autocast_dtype, resolve_device
 from scratchlm.model.folder import save_model_folder
 from scratchlm.train.runfolder import start_evaluation, write_report
 
@@ -202,11 +202,8 @@ def pretrain(
     run_dir = Path(out)
     shards = TokenShards.open(data)
     tokenizer = _shard_tokenizer(Path(data), shards)
-    info = init_distributed(parse_device(config.device))  # "cuda:0" too is a GPU: NCCL, not gloo
-    try:
+    with process_group(config.device) as info:
         return _train(run_dir, shards, tokenizer, config, info, val_text, resume, progress)
-    finally:
-        shutdown(info)
 
 
 def _shard_tokenizer(data: Path, shards: TokenShards) -> Tokenizer:
