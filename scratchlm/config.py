@@ -138,6 +138,12 @@ def convert(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where} must be a string, not {value!r}")
         return str(value)
+    if dataclasses.is_dataclass(annotation):  # a table of its own: [parallel] in TOML, parallel.tp=2 with --set
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table of key = value")
+        return build(annotation, value, where)
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table of key = value")

@@ -57,7 +57,13 @@ def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
     return None if dtype == "float32" else TORCH_DTYPES[dtype]
 
 
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+# Published dense (no sparsity) bf16 tensor-core peaks, fp16 for the V100, which has no bf16.
+# Matched as substrings of the CUDA device name in this order, so the more specific names come
+# first ("H100 PCIe" before "H100", "L40S" before "L4", "A100" before "A10").
+_PEAK_FLOPS = {
+    "B200": 2250e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+    "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -69,6 +75,15 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type == "cpu":
         return _cpu_matmul_flops()
     return None
+
+
+def named_gpu_peak_flops(name: str) -> float:
+    """Dense bf16 peak of a GPU named by the user ("h100", "A100", "h100 pcie"), for planning
+    a run on hardware this machine does not have."""
+    found = next((v for k, v in _PEAK_FLOPS.items() if k.lower() == name.strip().lower()), None)
+    if found is None:
+        raise ConfigError(f"unknown GPU {name!r}; known: {', '.join(k.lower() for k in _PEAK_FLOPS)}")
+    return found
 
 
 @cache

@@ -129,7 +129,7 @@ def test_freeze_keeps_the_lower_blocks_and_embeddings_bit_identical():
 
 def test_lora_trains_only_the_adapters():
     model, rows = tiny_gpt(), copy_task()
-    config = FinetuneConfig(lora=True, lora_rank=2, lora_targets="attn.qkv", max_steps=3, lr=1e-2)
+    config = FinetuneConfig(lora=True, lora_rank=2, lora_targets="attn.q", max_steps=3, lr=1e-2)
     lora = prepare_trainable(model, config)
     assert lora is not None and lora.rank == 2 and len(lora_layers(model)) == model.config.n_layer
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
@@ -255,3 +255,9 @@ def test_auto_lora_targets_adapt_an_untied_head_and_are_written_back():
     assert "head" in lora.targets and config.lora_targets == ",".join(lora.targets)
     tied = tiny_gpt(tie_embeddings=True)
     assert "head" not in prepare_trainable(tied, FinetuneConfig(lora=True)).targets
+
+
+def test_auto_lora_targets_leave_out_the_gate_a_gelu_mlp_lacks():
+    config = FinetuneConfig(lora=True)
+    lora = prepare_trainable(tiny_gpt(mlp="gelu", tie_embeddings=False), config)
+    assert lora.targets == ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down", "head")

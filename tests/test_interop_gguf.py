@@ -205,13 +205,10 @@ def test_each_supported_type_imports_as_the_reference_dequantisation(type_name, 
     ref = {name: dequantize(data, qtype if data.ndim == 2 else GGMLQuantizationType.F32) for name, data in stored.items()}
     assert all(np.isfinite(r).all() and np.abs(r).max() > 0 for r in ref.values())
     params = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    qkv = params["blocks.0.attn.qkv.weight"]
-    expected_qkv = np.concatenate([from_llama_cpp_rows(ref["blk.0.attn_q.weight"], 4),
-                                   from_llama_cpp_rows(ref["blk.0.attn_k.weight"], 2), ref["blk.0.attn_v.weight"]])
-    np.testing.assert_array_equal(qkv, expected_qkv)
-    expected_up = np.concatenate([ref["blk.0.ffn_gate.weight"], ref["blk.0.ffn_up.weight"]])  # gate rows first
-    np.testing.assert_array_equal(params["blocks.0.mlp.up.weight"], expected_up)
-    for ours, theirs in [("embed.weight", "token_embd.weight"), ("blocks.0.attn.proj.weight", "blk.0.attn_output.weight"),
+    np.testing.assert_array_equal(params["blocks.0.attn.q.weight"], from_llama_cpp_rows(ref["blk.0.attn_q.weight"], 4))
+    np.testing.assert_array_equal(params["blocks.0.attn.k.weight"], from_llama_cpp_rows(ref["blk.0.attn_k.weight"], 2))
+    for ours, theirs in [("blocks.0.attn.v.weight", "blk.0.attn_v.weight"), ("blocks.0.mlp.gate.weight", "blk.0.ffn_gate.weight"),
+                         ("blocks.0.mlp.up.weight", "blk.0.ffn_up.weight"),("embed.weight", "token_embd.weight"), ("blocks.0.attn.proj.weight", "blk.0.attn_output.weight"),
                          ("blocks.0.mlp.down.weight", "blk.0.ffn_down.weight"), ("blocks.0.norm1.weight", "blk.0.attn_norm.weight"),
                          ("blocks.0.norm2.weight", "blk.0.ffn_norm.weight"), ("norm.weight", "output_norm.weight")]:
         np.testing.assert_array_equal(params[ours], ref[theirs])

@@ -72,7 +72,8 @@ def test_fresh_adapter_leaves_logits_unchanged(name):
     model = base_model(ARCHITECTURES[name])
     before = logits_of(model)
     apply_lora(model, LoRAConfig())
-    assert len(lora_layers(model)) == 4 * model.config.n_layer
+    per_block = 7 if model.config.mlp == "swiglu" else 6  # q, k, v, proj, (gate,) up, down
+    assert len(lora_layers(model)) == per_block * model.config.n_layer
     assert torch.equal(logits_of(model), before)
 
 
@@ -126,7 +127,7 @@ def test_tied_embedding_model_merges_correctly():
 def test_adapting_a_tied_head_is_refused_and_leaves_the_model_alone():
     model = base_model(LLAMA_TIED)
     with pytest.raises(ConfigError, match="'head' shares its weight with 'embed'"):
-        apply_lora(model, LoRAConfig(targets=("attn.qkv", "head")))
+        apply_lora(model, LoRAConfig(targets=("attn.q", "head")))
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
@@ -138,12 +139,12 @@ def test_untied_head_can_be_adapted_and_merged():
 
 
 def test_target_with_block_number_adapts_one_block():
-    model = apply_lora(base_model(), LoRAConfig(targets=("0.attn.qkv",)))
-    assert [name for name, _ in lora_layers(model)] == ["blocks.0.attn.qkv"]
+    model = apply_lora(base_model(), LoRAConfig(targets=("0.attn.q",)))
+    assert [name for name, _ in lora_layers(model)] == ["blocks.0.attn.q"]
 
 
 def test_adapter_round_trip_gives_the_same_logits(tmp_path):
-    config = LoRAConfig(rank=4, alpha=8, targets=("attn.qkv", "mlp.down"))
+    config = LoRAConfig(rank=4, alpha=8, targets=("attn.q", "mlp.down"))
     model = trained_adapted_model(LLAMA_TIED, config)
     path = save_adapter(tmp_path / "adapter.safetensors", model, config)
     loaded = load_adapter(path, base_model(LLAMA_TIED))  # same base weights, no adapters yet
@@ -174,7 +175,7 @@ def test_adapter_file_holds_only_lora_tensors_and_the_config(tmp_path):
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
         ({"targets": ()}, "targets"),
-        ({"targets": ("attn.qkv", "")}, "targets"),
+        ({"targets": ("attn.q", "")}, "targets"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(changes, field):
@@ -183,15 +184,22 @@ def test_bad_config_is_refused_naming_the_field(changes, field):
 
 
 def test_config_reads_command_line_strings():
-    config = LoRAConfig.from_dict({"rank": "4", "alpha": "8", "targets": "attn.qkv, mlp.up"})
-    assert config == LoRAConfig(rank=4, alpha=8.0, targets=("attn.qkv", "mlp.up"))
+    config = LoRAConfig.from_dict({"rank": "4", "alpha": "8", "targets": "attn.q, mlp.up"})
+    assert config == LoRAConfig(rank=4, alpha=8.0, targets=("attn.q", "mlp.up"))
     with pytest.raises(ConfigError, match="unknown key 'rnak'; did you mean 'rank'"):
         LoRAConfig.from_dict({"rnak": 4})
 
 
 def test_target_matching_nothing_names_the_linear_layers():
-    with pytest.raises(ConfigError, match=r"'attn\.qk' matches no linear layer .*attn\.qkv, attn\.proj, mlp\.up, mlp\.down, head"):
+    with pytest.raises(ConfigError, match=r"'attn\.qk' matches no linear layer .*attn\.q, attn\.k, attn\.v, attn\.proj, mlp\.gate, mlp\.up, mlp\.down, head"):
         apply_lora(base_model(), LoRAConfig(targets=("attn.qk",)))
+
+
+def test_default_targets_skip_the_gate_a_gelu_mlp_lacks_but_a_named_one_is_an_error():
+    model = apply_lora(base_model(GPT2_UNTIED), LoRAConfig())
+    assert {name.split(".", 2)[2] for name, _ in lora_layers(model)} == set(DEFAULT_TARGETS) - {"mlp.gate"}
+    with pytest.raises(ConfigError, match=r"'mlp\.gate' matches no linear layer"):
+        apply_lora(base_model(GPT2_UNTIED), LoRAConfig(targets=("attn.q", "mlp.gate")))
 
 
 def test_applying_twice_is_refused():
@@ -204,23 +212,23 @@ def test_adapter_for_another_model_shape_names_the_tensor(tmp_path):
     config = LoRAConfig()
     path = save_adapter(tmp_path / "a.safetensors", apply_lora(base_model(), config), config)
     wider = base_model(LLAMA_TIED.replace(n_embd=128))
-    with pytest.raises(ConfigError, match=r"tensor 'blocks\.0\.attn\.qkv\.lora_a' has shape \[8, 64\], this model needs \[8, 128\]"):
+    with pytest.raises(ConfigError, match=r"tensor 'blocks\.0\.attn\.q\.lora_a' has shape \[8, 64\], this model needs \[8, 128\]"):
         load_adapter(path, wider)
     assert not lora_layers(wider)  # nothing applied on failure
     deeper = base_model(LLAMA_TIED.replace(n_layer=3))
-    with pytest.raises(ConfigError, match=r"tensor 'blocks\.2\.attn\.qkv\.lora_a' is missing"):
+    with pytest.raises(ConfigError, match=r"tensor 'blocks\.2\.attn\.q\.lora_a' is missing"):
         load_adapter(path, deeper)
 
 
 def test_adapter_with_other_targets_or_rank_is_refused(tmp_path):
-    config = LoRAConfig(targets=("attn.qkv",))
+    config = LoRAConfig(targets=("attn.q",))
     path = save_adapter(tmp_path / "a.safetensors", apply_lora(base_model(), config), config)
     with pytest.raises(ConfigError, match="rank 4 and alpha 16.0, the LoRA config says rank 8"):
-        load_adapter(path, apply_lora(base_model(), LoRAConfig(rank=4, targets=("attn.qkv",))))
-    with pytest.raises(ConfigError, match=r"layer 'blocks\.0\.mlp\.up' is named by none of the LoRA config's targets \(attn\.qkv\)"):
+        load_adapter(path, apply_lora(base_model(), LoRAConfig(rank=4, targets=("attn.q",))))
+    with pytest.raises(ConfigError, match=r"layer 'blocks\.0\.mlp\.up' is named by none of the LoRA config's targets \(attn\.q\)"):
         load_adapter(path, apply_lora(base_model(), LoRAConfig(targets=("mlp.up",))))
     extra = save_adapter(tmp_path / "b.safetensors", apply_lora(base_model(LLAMA_TIED.replace(n_layer=3)), config), config)
-    with pytest.raises(ConfigError, match=r"tensor 'blocks\.2\.attn\.qkv\.lora_a' has no LoRA layer to go to"):
+    with pytest.raises(ConfigError, match=r"tensor 'blocks\.2\.attn\.q\.lora_a' has no LoRA layer to go to"):
         load_adapter(extra, base_model())
 
 

@@ -1,10 +1,13 @@
 """The transformer: shapes, causality, KV cache, architectures, sizes."""
 
+import copy
+
 import pytest
 import torch
 
 from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, ModelConfig, count_params, flops_per_token, get_preset
+from scratchlm.model.model import rope_tables
 
 GPT2_TINY = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 LLAMA_TINY = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
@@ -117,7 +120,30 @@ def test_residual_projections_get_scaled_init():
     model = GPT(config)
     expected = config.init_std / (2 * config.n_layer) ** 0.5
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(expected, rel=0.1)
-    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(config.init_std, rel=0.1)
+    assert model.blocks[0].attn.q.weight.std().item() == pytest.approx(config.init_std, rel=0.1)
+    assert model.blocks[0].mlp.gate.weight.std().item() == pytest.approx(config.init_std, rel=0.1)
+    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(expected, rel=0.1)
+
+
+def test_attention_over_some_heads_sums_to_the_whole_as_tensor_parallel_ranks_do():
+    """A rank holding half the query heads and their key/value heads (rows of q, k, v; columns
+    of proj) computes its share: the two halves' outputs add up to the full attention's."""
+    torch.manual_seed(0)
+    full = GPT(LLAMA_TINY).blocks[0].attn.eval()
+    hd, nh, nkv = LLAMA_TINY.head_dim, LLAMA_TINY.n_head, LLAMA_TINY.kv_heads
+    x = torch.randn(2, 7, LLAMA_TINY.n_embd)
+    rope = tuple(t[:7][None, None] for t in rope_tables(LLAMA_TINY, 7))
+    halves = []
+    for rank in range(2):
+        part = copy.deepcopy(full)
+        q_rows, kv_rows = slice(rank * nh // 2 * hd, (rank + 1) * nh // 2 * hd), slice(rank * nkv // 2 * hd, (rank + 1) * nkv // 2 * hd)
+        with torch.no_grad():
+            for linear, rows in [(part.q, q_rows), (part.k, kv_rows), (part.v, kv_rows)]:
+                linear.weight = torch.nn.Parameter(linear.weight[rows])
+            part.proj.weight = torch.nn.Parameter(part.proj.weight[:, q_rows])
+            halves.append(part(x, rope, None, 0))
+    with torch.no_grad():
+        torch.testing.assert_close(halves[0] + halves[1], full(x, rope, None, 0))
 
 
 @pytest.mark.parametrize(("preset", "millions"), [("gpt2-124m", 124.5), ("smollm2-135m", 134.5), ("gpt2-350m", 354.9)])

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 
 from scratchlm.cli import main
 from scratchlm.errors import InputFileError
@@ -104,6 +105,38 @@ def test_an_old_classifier_folder_still_opens(classifier_folder, tmp_path):
     assert opened.kind == "classifier"
     for got, want in zip(opened.model.probabilities(texts), expected):
         assert got == pytest.approx(want, abs=1e-6)
+
+
+def fused_v1_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """`model`'s weights as format_version 1 stored them: q|k|v in one attn.qkv, SwiGLU's gate|up
+    in one mlp.up, a tied head under the embedding's name only."""
+    state = {name: t.contiguous() for name, t in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del state["head.weight"]
+    for i in range(model.config.n_layer):
+        block = f"blocks.{i}."
+        for kind in ("weight", "bias") if model.config.bias else ("weight",):
+            state[f"{block}attn.qkv.{kind}"] = torch.cat([state.pop(f"{block}attn.{p}.{kind}") for p in "qkv"])
+            if model.config.mlp == "swiglu":
+                gate, up = state.pop(f"{block}mlp.gate.{kind}"), state.pop(f"{block}mlp.up.{kind}")
+                state[f"{block}mlp.up.{kind}"] = torch.cat([gate, up])
+    return state
+
+
+@pytest.mark.parametrize("changes", [{}, {"n_kv_head": 2, "tie_embeddings": False},
+                                     {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}],
+                         ids=["llama-tied", "llama-gqa-untied", "gpt2-bias"])
+def test_a_format_version_1_folder_gives_the_logits_of_the_model_it_was_made_from(changes, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(get_preset("cpu-tiny").replace(vocab_size=tokenizer.vocab_size, **changes)).eval()
+    folder = save_model_folder(tmp_path / "v1", model, tokenizer)
+    save_file(fused_v1_tensors(model), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**read_config(folder), "format_version": 1}))
+    loaded = open_model(folder).model
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], model(ids)[0])  # the same numbers in the same matmuls
+    assert (loaded.head.weight is loaded.embed.weight) == model.config.tie_embeddings
 
 
 def test_a_newer_format_version_is_one_line(tokenizer, tmp_path):

@@ -27,7 +27,7 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
     )
     _add_run_args(cls, "classify", shipped="spam_")
     # `long` keeps its two switches (--truncate | --drop-long) instead of a generated --long CHOICE.
-    add_config_flags(cls, ClassifyConfig, _shared_flags("texts", "{default}") | CLASSIFY_FLAGS, skip={"long"})
+    add_config_flags(cls, ClassifyConfig, _shared_flags("texts", "{default}") | CLASSIFY_FLAGS, skip={"long", "parallel"})
     long = cls.add_mutually_exclusive_group()
     long.add_argument("--truncate", dest="long", action="store_const", const="truncate", default=argparse.SUPPRESS,
                       help="cut longer texts (the default)")
@@ -49,7 +49,7 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
     _add_run_args(sft, "sft", shipped="instructions_")
     add_config_flags(sft, SFTConfig, _shared_flags("rows of --max-length tokens (conversations with --no-packing)",
                                                    "5e-4, 2e-3 with --lora; a tenth of that for a model of 50M+ parameters")
-                     | SFT_FLAGS)
+                     | SFT_FLAGS, skip={"parallel"})
     sft.set_defaults(run=_finetune_sft)
     dpo = cmds.add_parser(
         "dpo",
@@ -69,7 +69,7 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
     )
     _add_run_args(dpo, "dpo", shipped="preferences_")
     add_config_flags(dpo, DPOConfig, _shared_flags("pairs", "1e-4, 1e-3 with --lora; a tenth of that for a model of 50M+ parameters")
-                     | DPO_FLAGS)
+                     | DPO_FLAGS, skip={"parallel"})
     dpo.set_defaults(run=_finetune_dpo)
 
 
@@ -84,8 +84,8 @@ def _shared_flags(unit: str, lr_default: str) -> dict[str, Flag | str]:
         "lora_rank": "LoRA rank (default: {default})",
         "lora_alpha": "LoRA alpha; the update is scaled by alpha/rank (default: {default})",
         "lora_dropout": "dropout on the adapters' input (default: {default})",
-        "lora_targets": "comma-separated linear layers to adapt, by name suffix; auto: attn.qkv,attn.proj,mlp.up,mlp.down "
-                        "plus the LM head when it is untied from the embedding, so a new end-of-turn token can be learnt "
+        "lora_targets": "comma-separated linear layers to adapt, by name suffix; auto: attn.q,attn.k,attn.v,attn.proj,mlp.gate (SwiGLU), "
+                        "mlp.up,mlp.down plus the LM head when it is untied from the embedding, so a new end-of-turn token can be learnt "
                         "(default: auto)",
         "epochs": "passes over the training data (default: {default})",
         "max_steps": "stop after this many optimizer steps (overrides --epochs)",

@@ -48,6 +48,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"init_from={args.init_from}")
     config = load_train_config(pretrain_recipe(args.recipe, overrides), overrides)
     summary = pretrain(args.data, args.out, config, val_text=args.val_text, resume=args.resume, progress=not args.quiet)
+    if not summary.main:  # another rank of a torchrun job: rank 0 reports
+        return 0
     if summary.start_val_bpb is not None:
         print(f"step 0 ({config.init_from}): val loss {summary.start_val_loss:.4f} nats/token, {summary.start_val_bpb:.4f} bits per byte")
     if summary.val_bpb is not None:

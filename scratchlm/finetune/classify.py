@@ -200,6 +200,7 @@ def _finetune_classifier(model_path: str | Path, data: str | Path, out: str | Pa
         after = evaluate(model, held, labels, pad_id)
         log.write({"step": steps, "val_loss": after["loss"], "val_accuracy": after["accuracy"]})
         if info.is_main:
+            model = trained.model  # whole again under FSDP
             if lora is not None:
                 save_adapter(out / "adapter.safetensors", model, lora)
             save_classifier(out, model, tokenizer, labels, config.max_length)

@@ -11,17 +11,19 @@ that uses it (`trainer.default_lora_targets`, `lora.apply_lora`).
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from scratchlm.config import POOLINGS, PRECISIONS, Pooling, build
 from scratchlm.errors import ConfigError
+from scratchlm.train.config import ParallelConfig
 
-# The linear layers of every block of our GPT (scratchlm/model/model.py): attention's fused
-# query/key/value and output projections, the MLP's (gate+)up and down projections. Hu et al.
-# adapted only queries and values; adapting every linear layer of the block does better at the
-# same parameter budget (QLoRA, Dettmers et al. 2023, section 4).
-DEFAULT_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
+# The linear layers of every block of our GPT (scratchlm/model/model.py): attention's query,
+# key, value and output projections, the MLP's gate (SwiGLU only), up and down projections. Hu
+# et al. adapted only queries and values; adapting every linear layer of the block does better at
+# the same parameter budget (QLoRA, Dettmers et al. 2023, section 4). A model without a gate
+# (GELU MLP) simply has one target less: defaults that match nothing are not an error.
+DEFAULT_TARGETS: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.gate", "mlp.up", "mlp.down")
 
 Truncate = Literal["drop", "left"]  # an SFT conversation or DPO pair over the context: drop it, or cut its start
 TRUNCATE_CHOICES = ("drop", "left")
@@ -42,7 +44,7 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         targets = self.targets
-        if isinstance(targets, str):  # from the command line: "attn.qkv,mlp.up"
+        if isinstance(targets, str):  # from the command line: "attn.q,attn.v"
             targets = tuple(part.strip() for part in targets.split(","))
         elif isinstance(targets, list):  # from TOML or JSON
             targets = tuple(targets)
@@ -61,7 +63,7 @@ class LoRAConfig:
                 raise ConfigError(f"LoRA config: {message}")
         for target in targets:
             if not isinstance(target, str) or not target or target != target.strip() or target.startswith(".") or target.endswith("."):
-                raise ConfigError(f"LoRA config: targets: {target!r} is not a module name such as 'attn.qkv'")
+                raise ConfigError(f"LoRA config: targets: {target!r} is not a module name such as 'attn.q'")
 
     @property
     def scale(self) -> float:
@@ -124,6 +126,7 @@ class FinetuneConfig:
     checkpoint_every: int | None = None  # steps between checkpoints of the run folder (for --resume); None: none
     max_nonfinite: int = 5  # non-finite losses in a row before the run stops (a non-finite step is skipped)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # under torchrun: parallel.dp_shard=-1 for FSDP2
 
     def __post_init__(self) -> None:
         checks = [

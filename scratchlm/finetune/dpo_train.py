@@ -300,7 +300,7 @@ def _finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, con
         after, margins = evaluate_preferences(model, held, held_ref, config, pad_id)
         log.write(_val_row(steps, after))
         if info.is_main:
-            save_finetuned(out, model, tokenizer, lora)
+            save_finetuned(out, trained.model, tokenizer, lora)  # whole again under FSDP
             write_loss_curve(out, f"DPO: {out.name}")
         counts = {"train": len(train.pairs), "eval": len(held.pairs), "rejected": sum(len(r.rejected) for r in reports),
                   "max_length": block_size, "truncated": sum(s.truncated for s in stats), "dropped": sum(s.dropped for s in stats)}

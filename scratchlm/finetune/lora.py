@@ -9,15 +9,17 @@ Only A and B train, so optimizer state and gradients shrink from out * in to r *
 numbers per layer, and the adapter file holds only A and B. `merge_lora` folds B @ A into W,
 giving back a plain model of the original shape that runs as fast as the base.
 
-    model = apply_lora(model, LoRAConfig(rank=8, targets=("attn.qkv", "attn.proj")))
+    model = apply_lora(model, LoRAConfig(rank=8, targets=("attn.q", "attn.v")))
     ...train the parameters with requires_grad...
     save_adapter("adapter.safetensors", model, config)   # A and B only, config in the metadata
     model = merge_lora(model)                              # plain nn.Linear layers again
 
-Targets are module-name suffixes: "attn.qkv" adapts every block's query/key/value projection,
-"0.attn.qkv" only block 0's. The head is not adapted by default: when it is tied to the token
-embedding (`tie_embeddings`), one matrix serves both, and a merged update could not change one
-without the other, so adapting a tied head is refused.
+Targets are module-name suffixes: "attn.q" adapts every block's query projection, "0.attn.q"
+only block 0's. The default targets (every linear layer of a block) may name a layer a model
+lacks (a GELU MLP has no "mlp.gate"); a target given by the user that matches nothing is an
+error. The head is not adapted by default: when it is tied to the token embedding
+(`tie_embeddings`), one matrix serves both, and a merged update could not change one without
+the other, so adapting a tied head is refused.
 """
 
 import json
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 
 from scratchlm.atomic_io import written_atomically
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.finetune.config import LoRAConfig
+from scratchlm.finetune.config import DEFAULT_TARGETS, LoRAConfig
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -82,12 +84,12 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def target_matches(name: str, target: str) -> bool:
-    """Whether module `name` ("blocks.0.attn.qkv") is meant by `target` ("attn.qkv", "0.attn.qkv")."""
+    """Whether module `name` ("blocks.0.attn.q") is meant by `target` ("attn.q", "0.attn.q")."""
     return name == target or name.endswith("." + target)
 
 
 def linear_layer_kinds(model: nn.Module) -> list[str]:
-    """Names of the linear layers without the block number ("attn.qkv", "head"), each once: what
+    """Names of the linear layers without the block number ("attn.q", "head"), each once: what
     an error lists as the valid targets."""
     kinds: list[str] = []
     for name, module in model.named_modules():
@@ -112,17 +114,20 @@ def _shared_weight_owners(model: nn.Module) -> dict[int, list[str]]:
 
 def plan_lora(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]:
     """The linear layers `config.targets` selects, by name; the model is not changed. ConfigError
-    for a target that matches nothing (naming the valid ones), a model that already has adapters,
-    and a layer whose weight is shared with another module (a tied head)."""
+    for a target that matches nothing (naming the valid ones; the defaults need only match
+    something between them), a model that already has adapters, and a layer whose weight is
+    shared with another module (a tied head)."""
     existing = lora_layers(model)
     if existing:
         raise ConfigError(f"model already has LoRA adapters ({existing[0][0]}); merge them first or start from the base model")
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    for target in config.targets:
-        if not any(target_matches(name, target) for name in linears):
-            raise ConfigError(f"LoRA config: target {target!r} matches no linear layer of the model "
-                              f"(linear layers: {', '.join(linear_layer_kinds(model))})")
     chosen = {name: module for name, module in linears.items() if any(target_matches(name, t) for t in config.targets)}
+    # The defaults name the layers of every MLP kind (a GELU MLP has no gate); a user's target
+    # that matches nothing is a typo.
+    unmatched = [t for t in config.targets if not any(target_matches(name, t) for name in linears)]
+    if unmatched and (config.targets != DEFAULT_TARGETS or not chosen):
+        raise ConfigError(f"LoRA config: target {unmatched[0]!r} matches no linear layer of the model "
+                          f"(linear layers: {', '.join(linear_layer_kinds(model))})")
     owners = _shared_weight_owners(model)
     for name, module in chosen.items():
         others = [owner for owner in owners.get(id(module.weight), []) if owner != name]

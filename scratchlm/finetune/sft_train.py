@@ -213,6 +213,8 @@ def _finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, con
                                 progress=progress, desc="sft")
         after = dict(latest)  # the loop's evaluation at the end
         steps, seconds, peak, start_memory = trained.steps, trained.seconds, trained.peak_memory_mb, trained.start_memory_mb
+        if info.is_main:
+            model = trained.model  # whole again under FSDP
         answers_after = sample_answers(model, tokenizer, prompts, config.sample_tokens) if info.is_main else []
         if info.is_main:
             save_finetuned(out, model, tokenizer, lora)

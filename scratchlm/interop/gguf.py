@@ -89,51 +89,51 @@ SUPPORTED_CONFIGS = (
 # ---- where each GGUF tensor lives in our model ---------------------------------------------
 @dataclass(frozen=True)
 class TensorSlot:
-    """One GGUF tensor and its place in our model: a parameter, or a block of its rows (our
-    queries, keys and values share one fused matrix; SwiGLU's gate and up another)."""
+    """One GGUF tensor and its place in our model: a parameter, or several stacked by rows
+    (gpt2 files keep queries, keys and values in one fused attn_qkv)."""
 
     gguf_name: str
-    param: str
-    rows: tuple[int, int] | None = None
+    params: tuple[str, ...]
     rope_heads: int | None = None  # llama.cpp permutes these rows for its rope, over this many heads
 
 
 def tensor_slots(config: ModelConfig, arch: str, tied: bool) -> list[TensorSlot]:
     """Every tensor of a GGUF file of architecture `arch` for `config`, in llama.cpp's order."""
-    hd, h = config.head_dim, config.hidden
-    q, kv = config.n_head * hd, config.kv_heads * hd
-    slots = [TensorSlot("token_embd.weight", "embed.weight")]
+    def slot(gguf_name: str, param: str, rope_heads: int | None = None) -> TensorSlot:
+        return TensorSlot(gguf_name, (param,), rope_heads)
+
+    slots = [slot("token_embd.weight", "embed.weight")]
     if arch == "gpt2":
-        slots.append(TensorSlot("position_embd.weight", "pos_embed.weight"))
+        slots.append(slot("position_embd.weight", "pos_embed.weight"))
     for i in range(config.n_layer):
         blk, ours = f"blk.{i}.", f"blocks.{i}."
         if arch == "gpt2":
-            pairs = [("attn_norm", "norm1"), ("attn_qkv", "attn.qkv"), ("attn_output", "attn.proj"),
-                     ("ffn_norm", "norm2"), ("ffn_up", "mlp.up"), ("ffn_down", "mlp.down")]
-            slots += [TensorSlot(f"{blk}{g}.{kind}", f"{ours}{o}.{kind}") for g, o in pairs for kind in ("weight", "bias")]
+            pairs = [("attn_norm", ("norm1",)), ("attn_qkv", ("attn.q", "attn.k", "attn.v")), ("attn_output", ("attn.proj",)),
+                     ("ffn_norm", ("norm2",)), ("ffn_up", ("mlp.up",)), ("ffn_down", ("mlp.down",))]
+            slots += [TensorSlot(f"{blk}{g}.{kind}", tuple(f"{ours}{o}.{kind}" for o in os)) for g, os in pairs for kind in ("weight", "bias")]
             continue
         permuted = arch == "llama"
         slots += [
-            TensorSlot(blk + "attn_norm.weight", ours + "norm1.weight"),
-            TensorSlot(blk + "attn_q.weight", ours + "attn.qkv.weight", (0, q), config.n_head if permuted else None),
-            TensorSlot(blk + "attn_k.weight", ours + "attn.qkv.weight", (q, q + kv), config.kv_heads if permuted else None),
-            TensorSlot(blk + "attn_v.weight", ours + "attn.qkv.weight", (q + kv, q + 2 * kv)),
-            TensorSlot(blk + "attn_output.weight", ours + "attn.proj.weight"),
+            slot(blk + "attn_norm.weight", ours + "norm1.weight"),
+            slot(blk + "attn_q.weight", ours + "attn.q.weight", config.n_head if permuted else None),
+            slot(blk + "attn_k.weight", ours + "attn.k.weight", config.kv_heads if permuted else None),
+            slot(blk + "attn_v.weight", ours + "attn.v.weight"),
+            slot(blk + "attn_output.weight", ours + "attn.proj.weight"),
         ]
         if arch == "qwen3":
-            slots += [TensorSlot(blk + "attn_q_norm.weight", ours + "attn.q_norm.weight"),
-                      TensorSlot(blk + "attn_k_norm.weight", ours + "attn.k_norm.weight")]
+            slots += [slot(blk + "attn_q_norm.weight", ours + "attn.q_norm.weight"),
+                      slot(blk + "attn_k_norm.weight", ours + "attn.k_norm.weight")]
         slots += [
-            TensorSlot(blk + "ffn_norm.weight", ours + "norm2.weight"),
-            TensorSlot(blk + "ffn_gate.weight", ours + "mlp.up.weight", (0, h)),
-            TensorSlot(blk + "ffn_up.weight", ours + "mlp.up.weight", (h, 2 * h)),
-            TensorSlot(blk + "ffn_down.weight", ours + "mlp.down.weight"),
+            slot(blk + "ffn_norm.weight", ours + "norm2.weight"),
+            slot(blk + "ffn_gate.weight", ours + "mlp.gate.weight"),
+            slot(blk + "ffn_up.weight", ours + "mlp.up.weight"),
+            slot(blk + "ffn_down.weight", ours + "mlp.down.weight"),
         ]
-    slots.append(TensorSlot("output_norm.weight", "norm.weight"))
+    slots.append(slot("output_norm.weight", "norm.weight"))
     if arch == "gpt2":
-        slots.append(TensorSlot("output_norm.bias", "norm.bias"))
+        slots.append(slot("output_norm.bias", "norm.bias"))
     if not tied:
-        slots.append(TensorSlot("output.weight", "head.weight"))
+        slots.append(slot("output.weight", "head.weight"))
     return slots
 
 
@@ -150,10 +150,8 @@ def unpermute_from_llama_cpp(w, n_head: int):
 
 
 def _slot_shape(model: GPT, slot: TensorSlot) -> tuple[int, ...]:
-    shape = tuple(model.get_parameter(slot.param).shape)
-    if slot.rows is not None:
-        shape = (slot.rows[1] - slot.rows[0], *shape[1:])
-    return shape
+    shapes = [tuple(model.get_parameter(p).shape) for p in slot.params]
+    return (sum(shape[0] for shape in shapes), *shapes[0][1:])
 
 
 def _gguf_shape(numpy_shape) -> list[int]:
@@ -346,10 +344,11 @@ def _load_slot(model: GPT, slot: TensorSlot, tensor, where: str) -> None:
     array = array.reshape(_numpy_shape(tensor))
     if slot.rope_heads is not None:
         array = unpermute_from_llama_cpp(array, slot.rope_heads)
-    target = model.get_parameter(slot.param).detach().numpy()
-    if slot.rows is not None:
-        target = target[slot.rows[0] : slot.rows[1]]
-    np.copyto(target, array)
+    start = 0
+    for name in slot.params:  # a fused GGUF tensor: each parameter takes its rows in turn
+        target = model.get_parameter(name).detach().numpy()
+        np.copyto(target, array[start : start + target.shape[0]])
+        start += target.shape[0]
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -441,9 +440,7 @@ def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, arch: str, dtyp
 
 
 def _export_array(model: GPT, slot: TensorSlot, dtype: str) -> np.ndarray:
-    w = model.get_parameter(slot.param).detach()
-    if slot.rows is not None:
-        w = w[slot.rows[0] : slot.rows[1]]
+    w = torch.cat([model.get_parameter(p).detach() for p in slot.params])
     if slot.rope_heads is not None:
         w = permute_for_llama_cpp(w, slot.rope_heads)
     half = dtype == "f16" and w.dim() > 1

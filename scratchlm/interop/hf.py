@@ -8,10 +8,10 @@ The conversion is torchtitan's "state-dict adapter": a handful of small pure fun
     tensor_rules(config, family)  -> how each of our tensors is made of Hugging Face tensors
     from_hf_state_dict(...)       -> our tensors                to_hf_state_dict(model)  -> HF tensors
 
-A rule says "our tensor = the named HF tensors concatenated along rows", transposed for GPT-2's
-`Conv1D` (which stores (in, out)). That covers our fused q|k|v projection (HF keeps q_proj,
-k_proj, v_proj apart; GPT-2 fuses them as c_attn in the same order) and our fused SwiGLU
-gate|up matrix. Rotary embeddings need no permutation: our RoPE rotates (x[i], x[i + half]) as
+A rule says "this HF tensor = our named tensors concatenated along rows", transposed for
+GPT-2's `Conv1D` (which stores (in, out)). Mostly one tensor each (our q, k, v and SwiGLU gate,
+up projections are HF's q_proj, k_proj, v_proj, gate_proj, up_proj); GPT-2 fuses q|k|v as
+c_attn. Rotary embeddings need no permutation: our RoPE rotates (x[i], x[i + half]) as
 transformers does.
 
 Families: `gpt2` (learned positions, LayerNorm, tanh GELU, biases), `llama` and `mistral`
@@ -238,58 +238,56 @@ def hf_config(config: ModelConfig, family: str, dtype: str = "float32", token_id
 # ---- tensors ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorRule:
-    """Our tensor `ours` is the Hugging Face tensors `hf` stacked along rows (dim 0), `split`
-    rows each; `transposed`: each HF tensor is stored (in, out), as GPT-2's Conv1D does."""
+    """The Hugging Face tensor `hf` is our tensors `ours` stacked along rows (dim 0): one
+    tensor, or GPT-2's c_attn holding q, k, v. `transposed`: the HF tensor is stored (in, out),
+    as GPT-2's Conv1D does."""
 
-    ours: str
-    hf: tuple[str, ...]
-    split: tuple[int, ...]
+    ours: tuple[str, ...]
+    hf: str
     transposed: bool = False
 
 
 def tensor_rules(config: ModelConfig, family: str) -> list[TensorRule]:
     """Every tensor of our model for `config`, and where it lives in a `family` checkpoint."""
-    hd, q_rows, kv_rows, hidden = config.head_dim, config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.hidden
-    width = config.n_embd
     rules: list[TensorRule] = []
 
-    def add(ours: str, hf: str | tuple[str, ...], split: tuple[int, ...], transposed: bool = False) -> None:
-        rules.append(TensorRule(ours, (hf,) if isinstance(hf, str) else hf, split, transposed))
+    def add(ours: str | tuple[str, ...], hf: str, transposed: bool = False) -> None:
+        rules.append(TensorRule((ours,) if isinstance(ours, str) else ours, hf, transposed))
 
     if family == "gpt2":
         t = "transformer."
-        add("embed.weight", t + "wte.weight", (config.vocab_size,))
-        add("pos_embed.weight", t + "wpe.weight", (config.block_size,))
+        add("embed.weight", t + "wte.weight")
+        add("pos_embed.weight", t + "wpe.weight")
         for i in range(config.n_layer):
             o, h = f"blocks.{i}.", f"{t}h.{i}."
-            for ours, theirs, rows in [("norm1", "ln_1", width), ("norm2", "ln_2", width)]:
-                add(o + ours + ".weight", h + theirs + ".weight", (rows,))
-                add(o + ours + ".bias", h + theirs + ".bias", (rows,))
-            for ours, theirs, rows in [("attn.qkv", "attn.c_attn", q_rows + 2 * kv_rows), ("attn.proj", "attn.c_proj", width),
-                                       ("mlp.up", "mlp.c_fc", hidden), ("mlp.down", "mlp.c_proj", width)]:
-                add(o + ours + ".weight", h + theirs + ".weight", (rows,), transposed=True)
-                add(o + ours + ".bias", h + theirs + ".bias", (rows,))
-        add("norm.weight", t + "ln_f.weight", (width,))
-        add("norm.bias", t + "ln_f.bias", (width,))
+            for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
+                add(o + ours + ".weight", h + theirs + ".weight")
+                add(o + ours + ".bias", h + theirs + ".bias")
+            for ours_modules, theirs in [(("attn.q", "attn.k", "attn.v"), "attn.c_attn"), (("attn.proj",), "attn.c_proj"),
+                                         (("mlp.up",), "mlp.c_fc"), (("mlp.down",), "mlp.c_proj")]:
+                add(tuple(o + m + ".weight" for m in ours_modules), h + theirs + ".weight", transposed=True)
+                add(tuple(o + m + ".bias" for m in ours_modules), h + theirs + ".bias")
+        add("norm.weight", t + "ln_f.weight")
+        add("norm.bias", t + "ln_f.bias")
     else:
-        add("embed.weight", "model.embed_tokens.weight", (config.vocab_size,))
+        add("embed.weight", "model.embed_tokens.weight")
         for i in range(config.n_layer):
             o, h = f"blocks.{i}.", f"model.layers.{i}."
             a, m = h + "self_attn.", h + "mlp."
-            add(o + "norm1.weight", h + "input_layernorm.weight", (width,))
-            add(o + "norm2.weight", h + "post_attention_layernorm.weight", (width,))
+            add(o + "norm1.weight", h + "input_layernorm.weight")
+            add(o + "norm2.weight", h + "post_attention_layernorm.weight")
             kinds = ("weight", "bias") if config.bias else ("weight",)
             for kind in kinds:
-                add(o + f"attn.qkv.{kind}", tuple(a + f"{p}_proj.{kind}" for p in "qkv"), (q_rows, kv_rows, kv_rows))
-                add(o + f"attn.proj.{kind}", a + f"o_proj.{kind}", (width,))
-                add(o + f"mlp.up.{kind}", (m + f"gate_proj.{kind}", m + f"up_proj.{kind}"), (hidden, hidden))
-                add(o + f"mlp.down.{kind}", m + f"down_proj.{kind}", (width,))
+                for ours, theirs in [("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
+                                     ("attn.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
+                                     ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj")]:
+                    add(f"{o}{ours}.{kind}", f"{h}{theirs}.{kind}")
             if config.qk_norm:
-                add(o + "attn.q_norm.weight", a + "q_norm.weight", (hd,))
-                add(o + "attn.k_norm.weight", a + "k_norm.weight", (hd,))
-        add("norm.weight", "model.norm.weight", (width,))
+                add(o + "attn.q_norm.weight", a + "q_norm.weight")
+                add(o + "attn.k_norm.weight", a + "k_norm.weight")
+        add("norm.weight", "model.norm.weight")
     if not config.tie_embeddings:
-        add("head.weight", "lm_head.weight", (config.vocab_size,))
+        add("head.weight", "lm_head.weight")
     return rules
 
 
@@ -305,7 +303,7 @@ def iter_from_hf(config: ModelConfig, family: str, tensors: Mapping[str, Tensor]
     says which file holds a tensor, for messages."""
     locate = locate or (lambda name: "checkpoint")
     rules = tensor_rules(config, family)
-    needed = {name for rule in rules for name in rule.hf}
+    needed = {rule.hf for rule in rules}
     # GPT-2 checkpoints from the original release lack the "transformer." prefix.
     aliases = {name: name.removeprefix("transformer.") for name in needed if name not in tensors and family == "gpt2"}
     for name in needed:
@@ -318,18 +316,18 @@ def iter_from_hf(config: ModelConfig, family: str, tensors: Mapping[str, Tensor]
             raise ModelFormatError(f"{locate(name)}: unexpected tensor {name!r}: not part of a {family} model scratchlm can represent")
     shapes = _parameter_shapes(config)
     for rule in rules:
-        parts = []
-        for name, rows in zip(rule.hf, rule.split):
-            key = name if name in tensors else aliases[name]
-            tensor = tensors[key]
-            if not tensor.is_floating_point():
-                raise ModelFormatError(f"{locate(key)}: tensor {key!r} has dtype {tensor.dtype}; only float tensors are supported")
-            ours = (rows, *shapes[rule.ours][1:])
-            expected = ours[::-1] if rule.transposed else ours
-            if tuple(tensor.shape) != expected:
-                raise ModelFormatError(f"{locate(key)}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} from config.json")
-            parts.append((tensor.T if rule.transposed else tensor).float())
-        yield rule.ours, parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+        key = rule.hf if rule.hf in tensors else aliases[rule.hf]
+        tensor = tensors[key]
+        if not tensor.is_floating_point():
+            raise ModelFormatError(f"{locate(key)}: tensor {key!r} has dtype {tensor.dtype}; only float tensors are supported")
+        rows = [shapes[name][0] for name in rule.ours]
+        ours = (sum(rows), *shapes[rule.ours[0]][1:])
+        expected = ours[::-1] if rule.transposed else ours
+        if tuple(tensor.shape) != expected:
+            raise ModelFormatError(f"{locate(key)}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} from config.json")
+        tensor = (tensor.T if rule.transposed else tensor).float()
+        for name, part in zip(rule.ours, tensor.split(rows, dim=0)):
+            yield name, part.contiguous()
 
 
 def from_hf_state_dict(config: ModelConfig, family: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -338,15 +336,15 @@ def from_hf_state_dict(config: ModelConfig, family: str, tensors: Mapping[str, T
 
 
 def to_hf_state_dict(model: GPT, family: str | None = None) -> dict[str, Tensor]:
-    """The model's tensors under Hugging Face names (fused tensors split, Conv1D transposed),
+    """The model's tensors under Hugging Face names (GPT-2's q, k, v fused, Conv1D transposed),
     each its own contiguous copy, as safetensors requires. A tied head is not written: that
     is what transformers expects of a model with tie_word_embeddings."""
     family = family or export_family(model.config)
     state = model.state_dict()
     out: dict[str, Tensor] = {}
     for rule in tensor_rules(model.config, family):
-        for name, part in zip(rule.hf, state[rule.ours].detach().split(rule.split, dim=0)):
-            out[name] = (part.T if rule.transposed else part).contiguous().clone()
+        tensor = torch.cat([state[name].detach() for name in rule.ours], dim=0)  # GPT-2's c_attn: q|k|v
+        out[rule.hf] = (tensor.T if rule.transposed else tensor).contiguous()  # cat copied: no tensor shares memory
     return out
 
 
@@ -553,7 +551,7 @@ def import_hf(folder: str | Path, pattern: str | None = None, progress: bool = T
     with ExitStack() as stack:
         tensors = SafetensorsCheckpoint(folder, stack)
         pairs = iter_from_hf(config, family, tensors, tensors.locate)
-        bar = tqdm(pairs, total=len(tensor_rules(config, family)), desc="loading weights", unit="tensor",
+        bar = tqdm(pairs, total=sum(len(rule.ours) for rule in tensor_rules(config, family)), desc="loading weights", unit="tensor",
                    disable=not progress, delay=0.5)
         loaded = set()
         with torch.no_grad():

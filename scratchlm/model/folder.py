@@ -8,7 +8,7 @@
 
 config.json is a versioned header, so a reader knows what it holds before it builds anything:
 
-    {"format": "scratchlm-model", "format_version": 1,
+    {"format": "scratchlm-model", "format_version": 2,
      "kind": "language-model" | "classifier",
      "architecture": "<one line, scratchlm.model.info.architecture>",
      "tokenizer": "tokenizer.json",
@@ -17,7 +17,8 @@ config.json is a versioned header, so a reader knows what it holds before it bui
 
 Older folders still load: a flat config.json (the ModelConfig's keys at the top level, a
 language model) and the first classifier folder ("format": "scratchlm-classifier", weights in
-classifier.safetensors, the config under "model_config").
+classifier.safetensors, the config under "model_config"). Weights of format_version 1 (fused
+`attn.qkv` and SwiGLU `mlp.up` tensors) load too: `upgrade_state_dict` splits them.
 """
 
 import json
@@ -27,7 +28,8 @@ from typing import Literal, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model as load_weights, save_model
+from safetensors.torch import load_file, save_model
+from torch import Tensor
 
 from scratchlm.atomic_io import write_text_atomic, written_atomically
 from scratchlm.config import POOLINGS
@@ -44,7 +46,9 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 FORMAT = "scratchlm-model"
-FORMAT_VERSION = 1  # raise it when a reader of this version could misread a newer folder
+# Raise it when a reader of this version could misread a newer folder. 2: separate q, k, v and
+# SwiGLU gate, up projections (1 had them fused).
+FORMAT_VERSION = 2
 OLD_CLASSIFIER_FORMAT = "scratchlm-classifier"  # the first classifier folders
 OLD_CLASSIFIER_WEIGHTS = "classifier.safetensors"
 
@@ -199,7 +203,7 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", co
         config, tokenizer_path = header.config, folder / header.tokenizer
     elif not (folder / WEIGHTS).is_file():
         raise InputFileError(f"{folder}: no {WEIGHTS} here")
-    model = _load_weights(_empty_gpt(config), folder / WEIGHTS)
+    model = _load_weights(_empty_gpt(config), folder / WEIGHTS, config)
     model.to(device).eval()
     return model, load_tokenizer(tokenizer_path or folder / TOKENIZER)
 
@@ -212,7 +216,7 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> T
         raise InputFileError(f"{folder}: holds a {header.kind}, not a classifier")
     assert header.labels is not None and header.max_length is not None  # a classifier header has both
     model = SequenceClassifier(_empty_gpt(header.config), len(header.labels), header.pooling)
-    model = _load_weights(model, folder / header.weights)
+    model = _load_weights(model, folder / header.weights, header.config)
     model.to(device).eval()
     return TextClassifier(model, load_tokenizer(folder / header.tokenizer), header.labels, header.max_length)
 
@@ -223,14 +227,53 @@ def _empty_gpt(config: ModelConfig) -> GPT:
     return allocate_on_cpu(model)
 
 
-def _load_weights(model: M, path: Path) -> M:
+def _load_weights(model: M, path: Path, config: ModelConfig) -> M:
     try:
-        missing, unexpected = load_weights(model, str(path), strict=False)
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise InputFileError(f"{path}: not a safetensors file ({exc})") from None
+    missing, unexpected = load_state_dict_upgraded(model, tensors, config)
     if missing or unexpected:
         raise InputFileError(f"{path}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
     return model
+
+
+def upgrade_state_dict(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """`tensors` under the names of format_version 2: format_version 1's fused `*.attn.qkv`
+    split by rows into `attn.q`, `attn.k`, `attn.v`, and SwiGLU's fused `*.mlp.up` (gate rows,
+    then up rows) into `mlp.gate` and `mlp.up`. Current names pass through; a fused tensor of
+    the wrong size is kept as it is, so loading names it as unexpected."""
+    hd = config.head_dim
+    qkv_rows = {"q": config.n_head * hd, "k": config.kv_heads * hd, "v": config.kv_heads * hd}
+    upgraded: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        module, _, kind = name.rpartition(".")  # kind: weight or bias
+        parts: dict[str, int] | None = None
+        if module.endswith("attn.qkv"):
+            parts = qkv_rows
+        elif config.mlp == "swiglu" and module.endswith("mlp.up") and f"{module[:-2]}gate.{kind}" not in tensors:
+            parts = {"gate": config.hidden, "up": config.hidden}  # no gate beside it: the fused gate|up
+        if parts is None or tensor.shape[0] != sum(parts.values()):
+            upgraded[name] = tensor
+            continue
+        parent = module.rpartition(".")[0]
+        for part, piece in zip(parts, tensor.split(list(parts.values()))):
+            upgraded[f"{parent}.{part}.{kind}"] = piece
+    return upgraded
+
+
+def load_state_dict_upgraded(model: torch.nn.Module, tensors: dict[str, Tensor],
+                             config: ModelConfig) -> tuple[list[str], list[str]]:
+    """Load `tensors` (of any format_version, see `upgrade_state_dict`) into `model`, not
+    strictly; returns the names missing from and unexpected in `tensors`. A tied tensor (the
+    head sharing the embedding's matrix) is saved under one name; its others are not missing."""
+    tensors = upgrade_state_dict(tensors, config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    loaded_through_tie = {name for names in names_of.values() if any(n in tensors for n in names) for name in names}
+    return [name for name in missing if name not in loaded_through_tie], list(unexpected)
 
 
 def open_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT | TextClassifier, Tokenizer, Path]:

@@ -50,7 +50,9 @@ def rope_tables(config: ModelConfig, length: int, device: torch.device | None = 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[i], x[i + half]) by position-dependent angles: Hugging Face's layout,
     so Llama-family checkpoints load without permuting weights. x: (B, heads, T, head_dim);
-    cos, sin: (B or 1, 1, T, head_dim / 2)."""
+    cos, sin: (B or 1, 1, T or more, head_dim / 2), of which the first T positions are used."""
+    T = x.shape[2]
+    cos, sin = cos[:, :, :T], sin[:, :, :T]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
@@ -148,8 +150,11 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         hd = config.head_dim
-        # One matmul for queries, keys and values; keys and values have n_kv_head heads.
-        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * hd, bias=config.bias)
+        # Separate projections (not one fused qkv): tensor parallelism splits each by heads, and
+        # Hugging Face and GGUF checkpoints map one-to-one. Keys and values have kv_heads heads.
+        self.q = nn.Linear(config.n_embd, config.n_head * hd, bias=config.bias)
+        self.k = nn.Linear(config.n_embd, config.kv_heads * hd, bias=config.bias)
+        self.v = nn.Linear(config.n_embd, config.kv_heads * hd, bias=config.bias)
         self.proj = nn.Linear(config.n_head * hd, config.n_embd, bias=config.bias)
         self.q_norm = make_norm(config, hd) if config.qk_norm else None
         self.k_norm = make_norm(config, hd) if config.qk_norm else None
@@ -159,11 +164,11 @@ class Attention(nn.Module):
     ) -> Tensor:
         cfg = self.config
         B, T, _ = x.shape
-        hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nh, hd).transpose(1, 2)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        hd = cfg.head_dim
+        # Head counts come from the tensors, not the config: a tensor-parallel rank holds some heads.
+        q = self.q(x).view(B, T, -1, hd).transpose(1, 2)
+        k = self.k(x).view(B, T, -1, hd).transpose(1, 2)
+        v = self.v(x).view(B, T, -1, hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -174,25 +179,25 @@ class Attention(nn.Module):
             mask, causal = cached.mask, cached.mask is None and T > 1 and cached.start == 0
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=nkv != nh,
+            dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=k.shape[1] != q.shape[1],
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.kind = config.mlp
-        width = 2 * config.hidden if config.mlp == "swiglu" else config.hidden  # SwiGLU: gate and up in one matmul
-        self.up = nn.Linear(config.n_embd, width, bias=config.bias)
+        # SwiGLU's gate is a matrix of its own (not fused with up), as in Hugging Face's Llama.
+        self.gate = nn.Linear(config.n_embd, config.hidden, bias=config.bias) if config.mlp == "swiglu" else None
+        self.up = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
         self.down = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate is not None:  # SwiGLU (Shazeer 2020)
+            return self.down(F.silu(self.gate(x)) * self.up(x))
         h = self.up(x)
-        if self.kind == "swiglu":  # Shazeer 2020
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.kind == "relu2":  # squared ReLU (So et al. 2021), used by modded-nanoGPT
+        if self.kind == "relu2":  # squared ReLU (So et al. 2021), used by modded-nanoGPT
             h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
@@ -263,8 +268,11 @@ class GPT(nn.Module):
         otherwise spend time and memory on vocab x T logits nobody reads. `documents` (B, T)
         numbers the documents packed into each row (fine-tuning on short examples): attention
         stays inside each document and positions restart at each, so a packed row trains as
-        its documents would one by one."""
-        B, T = idx.shape
+        its documents would one by one.
+
+        A pipeline stage (scratchlm/train/parallel.py) is a GPT with some parts dropped: without
+        `embed` it takes hidden states (B, T, n_embd) for idx, without `head` it returns them."""
+        B, T = idx.shape[:2]
         cached, start, mask = None, 0, None
         if cache is None:
             if T > self.config.block_size:
@@ -279,26 +287,41 @@ class GPT(nn.Module):
                 raise ValueError("packed documents are for training; generation with a cache takes one sequence per row")
             cached = cache.plan(T, min(self.config.block_size, cache.max_len))
             positions, start = cached.positions, cached.start
-        x = self.embed(idx)
+        x = idx
+        if self.embed is not None:
+            x = self.embed(idx)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(positions)
+            x = self.drop(x)
         rope = None
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        elif start is not None:  # (1, 1, T, head_dim / 2): broadcast over batch and heads
-            rope = (self.rope_cos[start : start + T][None, None], self.rope_sin[start : start + T][None, None])
-        else:  # rows at different positions: (B, 1, T, head_dim / 2)
+        if self.config.positions == "rope" and start is not None:
+            # (1, 1, positions from start on, head_dim / 2), broadcast over batch and heads; attention
+            # takes as many as it has tokens (under sequence parallelism, more than this rank's T).
+            rope = (self.rope_cos[start:][None, None], self.rope_sin[start:][None, None])
+        elif self.config.positions == "rope":  # rows at different positions: (B, 1, T, head_dim / 2)
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
-        x = self.drop(x)
-        for layer, block in enumerate(self.blocks):
+        for layer, block in self.numbered_blocks():
             x = block(x, rope, cached, layer, mask)
         if cache is not None:
             cache.lengths += T
+        if self.head is None:
+            return x, None
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, None if targets is None else self.loss(logits, targets)
+
+    @staticmethod
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy in nats over the targets that are not -100."""
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def numbered_blocks(self) -> list[tuple[int, "Block"]]:
+        """(layer number, block) pairs. A pipeline stage keeps its blocks in a ModuleDict keyed by
+        layer number, so that their parameter names stay those of the whole model."""
+        if isinstance(self.blocks, nn.ModuleDict):
+            return [(int(name), block) for name, block in self.blocks.items()]
+        return list(enumerate(self.blocks))
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         param = self.embed.weight

@@ -28,6 +28,21 @@ PRESETS: dict[str, ModelConfig] = {
         **{**_LLAMA, "rope_base": 100000.0}, vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3,
         n_embd=576, mlp_hidden=1536, tie_embeddings=True,
     ),
+    # Meta's Llama 3 shapes, exactly (128k-token vocabulary, 8 KV heads). The context is the
+    # 8192 tokens of pretraining; the 3.2 models' 128k context also needs Llama 3.1's RoPE
+    # frequency scaling, which ModelConfig does not have.
+    "llama3.2-1b": ModelConfig(
+        **{**_LLAMA, "rope_base": 500000.0}, vocab_size=128256, block_size=8192, n_layer=16, n_head=32, n_kv_head=8,
+        n_embd=2048, mlp_hidden=8192, tie_embeddings=True,
+    ),
+    "llama3.2-3b": ModelConfig(
+        **{**_LLAMA, "rope_base": 500000.0}, vocab_size=128256, block_size=8192, n_layer=28, n_head=24, n_kv_head=8,
+        n_embd=3072, mlp_hidden=8192, tie_embeddings=True,
+    ),
+    "llama3-8b": ModelConfig(
+        **{**_LLAMA, "rope_base": 500000.0}, vocab_size=128256, block_size=8192, n_layer=32, n_head=32, n_kv_head=8,
+        n_embd=4096, mlp_hidden=14336, tie_embeddings=False,
+    ),
     # Small Llama-style models that train in minutes on a laptop CPU.
     "cpu-tiny": ModelConfig(**_LLAMA, vocab_size=4096, block_size=128, n_layer=2, n_head=4, n_embd=64),
     "cpu-small": ModelConfig(**_LLAMA, vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=128),

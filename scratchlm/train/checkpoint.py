@@ -27,11 +27,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 from scratchlm.atomic_io import OutputFileError, fsync_file, fsync_folder, os_error_code, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.model.folder import describes, write_model_files
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.folder import describes, load_state_dict_upgraded, write_model_files
 from scratchlm.tokenizer import Tokenizer
 
 KEEP = 2  # older checkpoints are deleted once a newer one is complete
@@ -114,10 +115,13 @@ def _latest_name(root: Path) -> str | None:
     return name if checkpoint_step(name) is not None else None
 
 
-def resume_checkpoint(run_dir: Path, model: torch.nn.Module, model_config: dict) -> tuple[Path, dict, list[str]]:
-    """Load the checkpoint to resume from into `model`: the one `latest` names, or when it is
-    damaged, the newest readable one. Returns its folder, its state, and one line for each damaged
-    checkpoint (or pointer) passed over. A ConfigError (another model) is raised, not passed over."""
+def resume_checkpoint(run_dir: Path, model: torch.nn.Module, model_config: dict,
+                      optimizer: torch.optim.Optimizer | None = None, sharded: bool = False) -> tuple[Path, dict, list[str]]:
+    """Load the checkpoint to resume from into `model` (and `optimizer`): the one `latest` names,
+    or when it is damaged, the newest readable one. Returns its folder, its state, and one line
+    for each damaged checkpoint (or pointer) passed over. A ConfigError (another model) is raised,
+    not passed over. `sharded`: the model's weights are split across ranks (FSDP, tensor or
+    pipeline parallel), which only a sharded checkpoint can be loaded into."""
     root = run_dir / "checkpoints"
     named = _latest_name(root)
     candidates = ([root / named] if named else []) + [p for p in reversed(checkpoint_folders(root)) if p.name != named]
@@ -126,10 +130,26 @@ def resume_checkpoint(run_dir: Path, model: torch.nn.Module, model_config: dict)
     passed_over = [] if named else [f"{root / 'latest'}: {'not a checkpoint name' if (root / 'latest').exists() else 'missing'}"]
     for path in candidates:
         try:
-            return path, load_checkpoint(path, model, model_config), passed_over
+            if (path / SHARDS).is_dir():
+                return path, load_sharded_checkpoint(path, model, optimizer, model_config), passed_over
+            if sharded:
+                raise ConfigError(f"{path}: this checkpoint holds whole weights (saved without FSDP, tensor or pipeline "
+                                  "parallelism); resume it with the layout it was saved with")
+            state = load_checkpoint(path, model, model_config)
+            if optimizer is not None:
+                load_optimizer_state(optimizer, state["optimizer"], path)
+            return path, state, passed_over
         except InputFileError as exc:
             passed_over.append(str(exc))
     raise InputFileError(f"{run_dir}: no readable checkpoint to resume from ({'; '.join(passed_over)})")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError:  # torch's message is about parameter groups; the cause is the optimizer setting
+        raise ConfigError(f"{path}: the saved optimizer state does not fit this run's optimizer; "
+                          "resume with the settings the run started with") from None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict) -> dict:
@@ -152,7 +172,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict) -> d
         key = next((k for k in model_config if saved.get(k) != model_config[k]), "?")
         raise ConfigError(f"{path.parent.parent}: checkpoint was made with a different model ({key}: {saved.get(key)!r} vs {model_config.get(key)!r})")
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        tensors = load_file(str(path / "model.safetensors"))
+        # Checkpoints of format_version 1 hold fused qkv and gate|up tensors; they are split here.
+        missing, unexpected = load_state_dict_upgraded(model, tensors, ModelConfig.from_dict(model_config))
     except Exception as exc:  # shape mismatch or a corrupt file
         raise InputFileError(f"{path}: checkpoint weights do not load ({_first_line(exc)})") from None
     if missing or unexpected:
@@ -164,3 +186,118 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict) -> d
 def _first_line(exc: BaseException) -> str:
     """The first sentence of an error: torch's zip errors go on with advice about other causes."""
     return (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
+
+
+# ---- sharded checkpoints (FSDP, tensor and pipeline parallel) -------------------------------
+SHARDS = "shards"  # torch.distributed.checkpoint's files in a sharded checkpoint folder
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict, is_main: bool) -> Path:
+    """Every rank calls this. Each writes its own shards of the weights and optimizer state with
+    torch.distributed.checkpoint into RUN/checkpoints/step_N/shards/ (one file per rank, plus
+    .metadata: which slice of which tensor is where), so no rank ever holds the whole model; the
+    main rank writes state.pt (step, RNG, data position) and commits the folder as
+    `save_checkpoint` does. Loading reshards: a checkpoint saved on N ranks loads on M, or on one."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
+    if is_main:
+        for stale in root.glob(".step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp / SHARDS, no_dist=not dist.is_initialized())
+    if is_main:
+        with (tmp / "state.pt").open("wb") as handle:
+            torch.save({**state, "optimizer": SHARDS}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_folder(tmp / SHARDS)
+        fsync_folder(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_folder(root)
+        set_latest(final)
+        _rotate(root, step)
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on (and might resume or exit) before the checkpoint is committed
+    return final
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Weights and optimizer state keyed by parameter name, each tensor as this rank's shard
+    (a DTensor) where it is sharded: the layout-independent form DCP saves and reshards."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _initialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Make the optimizer create its state (AdamW's moments) without changing any weight: DCP
+    loads into existing tensors, and a fresh optimizer has none yet. A step at learning rate 0
+    on zero gradients; the loaded state then replaces what it made."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+
+
+def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                            model_config: dict) -> dict:
+    """Load a sharded checkpoint into `model` and `optimizer`, whatever their layout now (every
+    rank calls it; one process without a process group loads it whole). Returns the saved state."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    state = _read_state(path, model_config)
+    if not (path / SHARDS / ".metadata").is_file():
+        raise InputFileError(f"{path}: incomplete checkpoint (no {SHARDS}/.metadata)")
+    if optimizer is not None:
+        _initialise_optimizer_state(optimizer)
+    target = _sharded_state(model, optimizer)
+    try:
+        dcp.load(target, checkpoint_id=path / SHARDS, no_dist=not dist.is_initialized())
+    except Exception as exc:  # a missing or truncated shard, or tensors of other shapes
+        raise InputFileError(f"{path}: sharded checkpoint does not load ({type(exc).__name__}: {_first_line(exc)})") from None
+    if optimizer is None:
+        set_model_state_dict(model, target["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
+    return state
+
+
+def _read_state(path: Path, model_config: dict) -> dict:
+    """state.pt of checkpoint `path`, checked to be a checkpoint state of the same model."""
+    if not (path / "state.pt").is_file():
+        raise InputFileError(f"{path}: incomplete checkpoint (no state.pt)")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputFileError(f"{path / 'state.pt'}: unreadable checkpoint state ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        raise InputFileError(f"{path / 'state.pt'}: not a checkpoint state (expected the keys {', '.join(STATE_KEYS)})")
+    saved = state.get("model_config") or {}
+    if saved != model_config:
+        key = next((k for k in model_config if saved.get(k) != model_config[k]), "?")
+        raise ConfigError(f"{path.parent.parent}: checkpoint was made with a different model ({key}: {saved.get(key)!r} vs {model_config.get(key)!r})")
+    return state

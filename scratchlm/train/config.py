@@ -11,6 +11,94 @@ from scratchlm.units import parse_duration
 
 
 @dataclass
+class ParallelConfig:
+    """How a run spreads over the processes torchrun starts, as degrees of a device mesh
+    (pp, dp_replicate, dp_shard, tp), whose product is the number of processes. -1 means "the
+    processes left over"; at most one data-parallel degree may be -1, and when both are, sharding
+    takes the rest. The defaults are plain data parallelism (DDP) over every process.
+
+        dp_replicate  copies of the model that average gradients (DDP; HSDP with dp_shard)
+        dp_shard      ranks that each hold a slice of every weight, gradient and optimizer
+                      state (FSDP2); FSDP2 is used whenever dp_shard is not 1, so dp_shard=-1
+                      shards even on a single process
+        tp            tensor parallel: each block's matrices split across ranks (Megatron)
+        pp            pipeline parallel: the layers cut into pp stages
+    """
+
+    dp_replicate: int = -1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pp_microbatches: int | None = None  # per micro-batch; None: pp (each stage busy once per step)
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "dp_shard", "tp", "pp"):
+            value = getattr(self, name)
+            if value == 0 or value < -1 or (value == -1 and name in ("tp", "pp")):
+                allowed = "a positive whole number or -1 (the rest)" if name.startswith("dp") else "a positive whole number"
+                raise ConfigError(f"{name} must be {allowed}, not {value}")
+        if self.pp_schedule not in ("1f1b", "gpipe"):
+            raise ConfigError(f"pp_schedule must be '1f1b' or 'gpipe', not {self.pp_schedule!r}")
+        if self.pp_microbatches is not None and self.pp_microbatches < 1:
+            raise ConfigError(f"pp_microbatches must be at least 1, not {self.pp_microbatches}")
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dp_shard != 1
+
+    def degrees(self, world: int) -> "Degrees":
+        """The mesh for `world` processes, with -1 resolved; a ConfigError when they do not fit."""
+        fixed = self.tp * self.pp
+        replicate, shard = self.dp_replicate, self.dp_shard
+        if replicate == -1 and shard == -1:
+            replicate = 1
+        known = fixed * (replicate if replicate != -1 else 1) * (shard if shard != -1 else 1)
+        if world % known:
+            raise ConfigError(f"the layout tp={self.tp} x pp={self.pp} x dp_replicate={self.dp_replicate} x "
+                              f"dp_shard={self.dp_shard} does not divide {world} process(es); start "
+                              f"torchrun --nproc_per_node with a multiple of {known}")
+        if replicate == -1:
+            replicate = world // known
+        elif shard == -1:
+            shard = world // known
+        if replicate * shard * fixed != world:
+            raise ConfigError(f"the layout tp={self.tp} x pp={self.pp} x dp_replicate={replicate} x dp_shard={shard} "
+                              f"needs {replicate * shard * fixed} processes, not {world}; start torchrun --nproc_per_node "
+                              f"{replicate * shard * fixed}")
+        return Degrees(replicate, shard, self.tp, self.pp)
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """A resolved layout. Ranks are laid out pp-major, then dp_replicate, dp_shard and tp
+    (torchtitan's order): the ranks of one tensor-parallel group are neighbours, so on a node
+    of 8 GPUs, tp <= 8 keeps its frequent collectives on the fast links inside the node."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: each reads a different slice of every batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def dp_rank(self, rank: int) -> int:
+        """Which slice of the batch global rank `rank` reads (ranks of one tp group or pipeline share it)."""
+        return (rank // self.tp) % self.dp
+
+    def describe(self) -> str:
+        parts = [f"{name}={getattr(self, name)}" for name in ("dp_replicate", "dp_shard", "tp", "pp") if getattr(self, name) > 1]
+        return ", ".join(parts) or "1 process"
+
+
+@dataclass
 class TrainConfig:
     # model: a preset name, or "auto" to size a small Llama-style model to the time budget
     model: str = "auto"
@@ -53,6 +141,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     device: str = "auto"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # under torchrun: [parallel] / parallel.tp=2
     seed: int = 1337
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
 
@@ -76,6 +165,9 @@ class TrainConfig:
         if self.samples < 0:
             raise ConfigError(f"samples must be >= 0, not {self.samples}")
         self.sampling()  # a bad samples or sample_tokens fails now, not after hours of training
+        if self.optimizer == "muon" and (self.parallel.fsdp or self.parallel.tp > 1):
+            raise ConfigError("optimizer = \"muon\" orthogonalises whole weight matrices, which FSDP (parallel.dp_shard) "
+                              "and tensor parallelism (parallel.tp) split across ranks; set optimizer = \"adamw\"")
 
     def sampling(self):
         """The sampling settings of the samples written at the end of the run (None: no samples)."""

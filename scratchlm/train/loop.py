@@ -30,14 +30,15 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from scratchlm.devices import autocast_dtype, peak_flops, peak_memory_mb, reset_peak_memory
 from scratchlm.errors import ConfigError, TrainingError
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import resume_checkpoint, save_checkpoint, set_latest
+from scratchlm.train.checkpoint import resume_checkpoint, save_checkpoint, save_sharded_checkpoint, set_latest
+from scratchlm.train.config import ParallelConfig
 from scratchlm.train.distributed import DistInfo, mean_across_ranks
+from scratchlm.train.parallel import Layout, parallelize, whole_logits
 from scratchlm.train.metrics import MetricsLog
 
 B = TypeVar("B")
@@ -87,6 +88,7 @@ class LoopConfig:
     spike_after: int = 0  # steps before loss spikes are watched for (the warmup)
     compile: bool = False
     activation_checkpointing: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout over torchrun's processes
     flops_per_token: float | None = None  # for MFU; None: not reported
     desc: str = "training"
     progress: bool = True
@@ -121,6 +123,7 @@ class LoopResult:
     mfu: float | None = None
     peak_memory_mb: float = 0.0
     start_memory_mb: float = 0.0  # held when training began (the model, the data)
+    model: nn.Module | None = None  # the trained model, whole, on the main process (None on the others)
 
 
 @dataclass
@@ -152,16 +155,11 @@ def _is_last(step: int, elapsed: float, max_steps: int | None, max_seconds: floa
     return bool((max_steps and step >= max_steps) or (max_seconds and elapsed >= max_seconds))
 
 
-def _resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, metrics: MetricsLog) -> dict:
-    checkpoint, state, passed_over = resume_checkpoint(run.folder, model, run.identity)
+def _resume(run: Run, layout: Layout, optimizer: torch.optim.Optimizer, metrics: MetricsLog) -> dict:
+    checkpoint, state, passed_over = resume_checkpoint(run.folder, layout.model, run.identity, optimizer, layout.sharded)
     if passed_over and run.info.is_main:
         print(f"scratchlm: warning: {'; '.join(passed_over)}; resuming from {checkpoint}", file=sys.stderr, flush=True)
         set_latest(checkpoint)  # so that `latest` never names the damaged one while it is replaced
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except ValueError:  # torch's message is about parameter groups; the cause is the optimizer setting
-        raise ConfigError(f"{checkpoint}: the saved optimizer state does not fit this run's optimizer; "
-                          "resume with the settings the run started with") from None
     torch.set_rng_state(state["rng_cpu"])
     random.setstate(state["rng_python"])
     if run.device.type == "cuda" and state.get("rng_cuda"):
@@ -170,22 +168,9 @@ def _resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, metric
     return state
 
 
-def _wrap(model: nn.Module, config: LoopConfig, run: Run) -> nn.Module:
-    """The module the steps call: with activation checkpointing, compiled, DDP-wrapped under torchrun."""
-    if config.activation_checkpointing:
-        from scratchlm.train.wrap import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    train_model: nn.Module = torch.compile(model) if config.compile else model
-    if run.info.enabled:
-        device_ids = [run.device.index] if run.device.type == "cuda" else None
-        train_model = DistributedDataParallel(train_model, device_ids=device_ids)
-    return train_model
-
-
 def train_loop(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     task: Task[B],
     config: LoopConfig,
     run: Run,
@@ -193,10 +178,14 @@ def train_loop(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> LoopResult:
-    """Train `model` with `optimizer` on `task` until the budget is spent; resume first when
-    `run.resume`. `evaluate(model)` returns numbers to log (e.g. val_loss); it is called every
-    `eval_every` steps and at the end. `on_row(row)` sees every metrics row as it is logged.
-    Returns what the run did, for its report."""
+    """Train `model` on `task` until the budget is spent. The model is laid out over the run's
+    processes first (`config.parallel`: FSDP2, tensor, pipeline or plain data parallelism;
+    scratchlm.train.parallel), then `make_optimizer(module)` builds the optimizer over the
+    parameters as laid out, then the run resumes from its latest checkpoint when `run.resume`.
+    `evaluate(model)` returns numbers to log (e.g. val_loss); it is called every `eval_every`
+    steps and at the end, on every rank (sharded models need all ranks for a forward pass).
+    `on_row(row)` sees every metrics row as it is logged. Returns what the run did, for its
+    report, with the trained model whole on the main process."""
     if config.max_steps is None and config.max_seconds is None:
         raise ConfigError("training needs a budget: max steps or max time")
     info, device = run.info, run.device
@@ -206,17 +195,20 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
+    layout = parallelize(model, config.parallel, info, device, compile=config.compile,
+                         activation_checkpointing=config.activation_checkpointing, amp=amp, grad_accum=config.grad_accum)
+    optimizer = make_optimizer(layout.model)
     step, elapsed_before, tokens_total = 0, 0.0, 0
     if run.resume:
-        state = _resume(run, model, optimizer, metrics)
+        state = _resume(run, layout, optimizer, metrics)
         step, elapsed_before, tokens_total = state["step"], state["elapsed"], state.get("tokens", 0)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-    train_model = _wrap(model, config, run)
+    train_model = layout.train_model
     peak = peak_flops(device) if info.is_main and config.flops_per_token else None
     evaluation: dict[str, float] = {}
     if evaluate is not None and config.evaluate_at_start and step == 0:
-        evaluation = evaluate(model)
+        evaluation = evaluate(layout.eval_model)
         row = {"step": 0, **_rounded(evaluation)}
         metrics.write(row)
         if on_row is not None:
@@ -231,7 +223,7 @@ def train_loop(
     nonfinite, loss_ema, last_loss = 0, None, None
     window = _Window()
     tokens_per_s, mfu = 0.0, None
-    model.train()
+    layout.eval_model.train()
     while not _is_last(step, time.perf_counter() - start, max_steps, max_seconds):
         step_start = time.perf_counter()
         factor = config.schedule(step, _progress(step, time.perf_counter() - start, max_steps, max_seconds))
@@ -239,18 +231,20 @@ def train_loop(
         sums: dict[str, float] = {}
         step_tokens = 0
         for micro in range(config.grad_accum):
-            batch = task.batch((step * config.grad_accum + micro) * info.world + info.rank)
-            last_micro = micro == config.grad_accum - 1
-            sync = train_model.no_sync() if info.enabled and not last_micro else nullcontext()
-            with sync:
+            # Ranks that share a data-parallel index (a tensor-parallel group, a pipeline) read the same batch.
+            batch = task.batch((step * config.grad_accum + micro) * layout.dp + layout.dp_rank)
+            with layout.micro_step(last=micro == config.grad_accum - 1):
                 with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                     out = task.step(train_model, batch)
-                scaler.scale(out.loss / config.grad_accum).backward()
+                if out.loss.requires_grad:  # a pipeline has already run its backward pass
+                    scaler.scale(out.loss / config.grad_accum).backward()
             step_tokens += out.tokens
-            for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+            for key, value in {"loss": whole_logits(out.loss).item(), **out.metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
+        # Every rank of a tensor-parallel group or pipeline holds its batch's loss: the mean over
+        # all ranks is the mean over the data-parallel ones.
         loss_value = mean_across_ranks(sums.pop("loss"), info, device)
-        step_tokens = round(mean_across_ranks(float(step_tokens), info, device) * info.world)
+        step_tokens = round(mean_across_ranks(float(step_tokens), info, device) * layout.dp)
         if not math.isfinite(loss_value):
             nonfinite += 1
             optimizer.zero_grad(set_to_none=True)
@@ -263,7 +257,7 @@ def train_loop(
             continue
         nonfinite = 0
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        grad_norm = layout.clip_grad_norm(config.grad_clip if config.grad_clip > 0 else float("inf"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -294,7 +288,8 @@ def train_loop(
             if info.is_main:
                 bar.write(f"loss spike at step {step}: {loss_value:.3f} against a recent average of {loss_ema:.3f}")
         if evaluate is not None and ((config.eval_every and step % config.eval_every == 0) or last):
-            evaluation = evaluate(model)
+            evaluation = evaluate(layout.eval_model)
+            layout.eval_model.train()
             row = (row or {"step": step}) | _rounded(evaluation)
         if row is not None:
             metrics.write(row)
@@ -303,22 +298,28 @@ def train_loop(
             shown = {k: row[k] for k in ("loss", "val_loss", "val_bpb") if k in row}
             bar.set_postfix(shown | {"tok/s": f"{tokens_per_s:,.0f}"} | ({"mfu": f"{mfu:.1%}"} if mfu else {}))
         periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-        if info.is_main and (periodic or (last and config.checkpoint_at_end)):
+        if periodic or (last and config.checkpoint_at_end):
             metrics.sync()  # the log holds every row up to the checkpoint, even after a power cut
-            save_checkpoint(run.folder, step, model, {
-                "optimizer": optimizer.state_dict(), "step": step, "elapsed": time.perf_counter() - start,
-                "tokens": tokens_total, "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                "scaler": scaler.state_dict(), "model_config": run.identity, **run.checkpoint_extra,
-            }, run.tokenizer, labels=run.labels, max_length=run.max_length)
+            state = {"step": step, "elapsed": time.perf_counter() - start,
+                     "tokens": tokens_total, "rng_cpu": torch.get_rng_state(), "rng_python": random.getstate(),
+                     "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                     "scaler": scaler.state_dict(), "model_config": run.identity, **run.checkpoint_extra}
+            if layout.sharded:  # every rank writes its shards
+                save_sharded_checkpoint(run.folder, step, layout.model, optimizer, state, info.is_main)
+            elif info.is_main:
+                save_checkpoint(run.folder, step, model, {"optimizer": optimizer.state_dict(), **state},
+                                run.tokenizer, labels=run.labels, max_length=run.max_length)
         bar.update(1 if max_steps else int(time.perf_counter() - start) - bar.n)
     bar.close()
     if last_loss is None and nonfinite:  # a budget too short to reach max_nonfinite, and no step counted
         raise TrainingError(f"{config.desc}: the loss was not finite for {nonfinite} steps in a row (step {step}); "
                             f"lower the learning rate (lr={config.lr:g})")
-    model.eval()
-    return LoopResult(step, tokens_total, time.perf_counter() - start, last_loss, evaluation, tokens_per_s, mfu,
-                      peak_memory_mb(device), start_memory)
+    layout.eval_model.eval()
+    seconds, peak_memory = time.perf_counter() - start, peak_memory_mb(device)
+    whole = layout.whole_model()
+    if whole is not None:
+        whole.eval()
+    return LoopResult(step, tokens_total, seconds, last_loss, evaluation, tokens_per_s, mfu, peak_memory, start_memory, whole)
 
 
 def _rounded(numbers: dict[str, float]) -> dict[str, float]:

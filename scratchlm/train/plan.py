@@ -1,4 +1,5 @@
-"""`scratchlm plan`: size a model and a token count for a compute or time budget.
+"""`scratchlm plan`: size a model and a token count for a compute or time budget, or lay a
+model out on a GPU cluster (`cluster_plan`; the estimates are in `memory.py`).
 
 Chinchilla (Hoffmann et al. 2022): for a training compute C = 6 N D FLOPs, loss is lowest near
 D = 20 N tokens, so N = sqrt(C / 120) and D = 20 N. For a time budget, C comes from this
@@ -14,6 +15,7 @@ import torch
 
 from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, PRESETS, ModelConfig, count_params, flops_per_token
+from scratchlm.train.memory import Layout, layouts, tokens_per_second, usable_bytes
 
 TOKENS_PER_PARAM = 20.0
 
@@ -96,3 +98,36 @@ def plan(
         rate = measure_flops_per_s(config, micro_batch=micro_batch, device=device)
         estimate = flops_per_token(config, min(config.block_size, 256 if device == "cpu" else config.block_size)) * tokens / rate
     return Plan(compute_flops, n_opt, TOKENS_PER_PARAM * n_opt, preset, params, tokens, rate, estimate, budget_rate)
+
+
+@dataclass
+class ClusterPlan:
+    seq_len: int
+    usable_bytes: float  # per GPU, after the reserve for the CUDA context and fragmentation
+    layouts: list[Layout]
+    suggested: Layout | None  # the fitting layout with the least model parallelism
+    tokens_per_s: float  # of the whole cluster, at the assumed MFU
+
+
+def cluster_plan(
+    config: ModelConfig, gpus: int, gpu_memory: float, peak_flops: float, mfu: float = 0.40,
+    seq_len: int | None = None, micro_batch: int = 1, precision: str = "bf16",
+) -> ClusterPlan:
+    """Which layouts of `config` fit on `gpus` GPUs of `gpu_memory` bytes, and how fast they train."""
+    seq = seq_len or config.block_size
+    if not 0 < seq <= config.block_size:
+        raise ConfigError(f"--seq-len {seq} must be between 1 and the model's context ({config.block_size})")
+    if micro_batch < 1:
+        raise ConfigError(f"--micro-batch must be at least 1, not {micro_batch}")
+    usable = usable_bytes(gpu_memory)
+    found = layouts(config, gpus, seq, precision)
+
+    def cost(layout: Layout) -> tuple[int, bool, int]:
+        # Model parallelism costs communication on every layer and checkpointing a third more
+        # compute; among equals, DDP's simple all-reduce beats sharding.
+        d = layout.degrees
+        return d.tp * d.pp, layout.memory.total(micro_batch, False) > usable, d.dp_shard
+
+    fitting = [row for row in found if row.memory.total(micro_batch, True) <= usable]
+    suggested = min(fitting, key=cost) if fitting else None
+    return ClusterPlan(seq, usable, found, suggested, tokens_per_second(config, gpus, peak_flops, mfu, seq))

@@ -31,6 +31,7 @@ from scratchlm.train.distributed import DistInfo, process_group
 from scratchlm.train.loop import LoopConfig, Run, StepOutput, train_loop
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.train.optim import build_optimizer, lr_multiplier
+from scratchlm.train.parallel import Pipeline, whole_logits
 from scratchlm.devices import autocast_dtype, resolve_device
 from scratchlm.model.folder import save_model_folder
 from scratchlm.train.runfolder import start_evaluation, write_report
@@ -53,6 +54,8 @@ class RunSummary:
     start_val_loss: float | None = None  # before the first step, for runs with init_from
     start_val_bpb: float | None = None
     peak_memory_mb: float = 0.0
+    layout: str = "1 process"  # how the run was spread over torchrun's processes
+    main: bool = True  # False on the other ranks of a torchrun job, which write nothing
 
 
 # ---- model sizing ---------------------------------------------------------------------
@@ -157,7 +160,7 @@ def _model_name(model_path: Path) -> str:
 # ---- evaluation -----------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch: int, byte_lengths: np.ndarray,
+    model: "torch.nn.Module | Pipeline", tokens: np.ndarray, seq_len: int, batch: int, byte_lengths: np.ndarray,
     device: torch.device, amp: torch.dtype | None,
 ) -> tuple[float, float]:
     """Mean loss in nats per token and bits per byte over non-overlapping windows of `tokens`.
@@ -176,8 +179,11 @@ def evaluate(
         x = chunk[:-1].view(n, seq_len).to(device)
         y = chunk[1:].view(n, seq_len).to(device)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-            logits, _ = model(x)
-        nats = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
+            if isinstance(model, Pipeline):  # the last stage computes them, every stage gets them
+                nats = model.token_nats(x, y)
+            else:
+                logits = whole_logits(model(x)[0])
+                nats = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
         total_nats += nats.sum().item()
         total_tokens += nats.numel()
         nbytes = lengths[y.view(-1)]
@@ -253,17 +259,18 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         raise InputFileError(f"{shards.path}: train split has {train_tokens} tokens, fewer than one context window ({seq_len + 1})")
     val_tokens = _validation_tokens(shards, tokenizer, val_text, seq_len, config.eval_tokens)
 
+    # Each data-parallel rank reads its own micro-batches; tensor-parallel and pipeline ranks share theirs.
+    dp = config.parallel.degrees(info.world).dp
     per_micro = config.micro_batch * seq_len
-    target = config.batch_tokens or per_micro * info.world
-    accum = max(1, round(target / (per_micro * info.world)))
-    tokens_per_step = accum * per_micro * info.world
+    target = config.batch_tokens or per_micro * dp
+    accum = max(1, round(target / (per_micro * dp)))
+    tokens_per_step = accum * per_micro * dp
 
     if info.is_main:
         _prepare_run_dir(run_dir, resume)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = init_model if init_model is not None else GPT(model_config).to(device)
-    optimizer = build_optimizer(model, config, device)
     params = count_params(model_config)
     byte_lengths = token_byte_lengths(tokenizer, model_config.vocab_size)
     if info.is_main:
@@ -274,7 +281,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         grad_clip=config.grad_clip, dtype=config.dtype, log_every=config.log_every, eval_every=config.eval_every,
         evaluate_at_start=config.init_from is not None, checkpoint_every=config.checkpoint_every, checkpoint_at_end=True,
         max_nonfinite=config.max_nonfinite, spike_after=config.warmup_steps, compile=config.compile,
-        activation_checkpointing=config.activation_checkpointing, flops_per_token=flops_per_token(model_config, seq_len),
+        activation_checkpointing=config.activation_checkpointing, parallel=config.parallel, flops_per_token=flops_per_token(model_config, seq_len),
         desc="pretraining", progress=progress,
     )
     run = Run(run_dir, device, info, resume, identity=model_config.to_dict(),
@@ -286,11 +293,14 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
     task = PretrainTask(shards, config.micro_batch, seq_len, device)
-    result = train_loop(model, optimizer, task, loop_config, run, metrics, evaluate=validation)
+    result = train_loop(model, lambda m: build_optimizer(m, config, device), task, loop_config, run, metrics,
+                        evaluate=validation)
     summary = RunSummary(run_dir, result.steps, result.tokens, result.seconds, params, result.final_loss,
                          result.evaluation.get("val_loss"), result.evaluation.get("val_bpb"), result.tokens_per_s,
-                         result.mfu, peak_memory_mb=result.peak_memory_mb)
+                         result.mfu, peak_memory_mb=result.peak_memory_mb, main=info.is_main,
+                         layout=_layout_text(config, info))
     if info.is_main:
+        model = result.model  # whole again: shards gathered, pipeline stages collected
         save_model_folder(run_dir / "model", model, tokenizer)
         summary.samples = _samples(model, tokenizer, config)
         rows = read_metrics(run_dir / "metrics.jsonl")
@@ -300,6 +310,14 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         plot_loss_curve(rows, run_dir / "loss.png", title=f"{run_dir.name}: {params / 1e6:.2f}M parameters")
         write_report(run_dir, summary, config, model_config, shards, rows)
     return summary
+
+
+def _layout_text(config: TrainConfig, info: DistInfo) -> str:
+    """"1 process", or e.g. "4 processes: dp_shard=2, tp=2, FSDP2", for the report."""
+    if info.world == 1:
+        return "1 process" + (", FSDP2" if config.parallel.fsdp else "")
+    fsdp = ", FSDP2" if config.parallel.fsdp else ""
+    return f"{info.world} processes: {config.parallel.degrees(info.world).describe()}{fsdp}"
 
 
 def _validation_tokens(shards: TokenShards, tokenizer: Tokenizer, val_text: str | Path | None, seq_len: int, limit: int) -> np.ndarray:
