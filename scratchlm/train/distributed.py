@@ -50,7 +50,8 @@ def mean_across_ranks(value: float, info: DistInfo, device: torch.device) -> flo
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Leave the process group: torchrun's, or the one-process group FSDP2 needs on its own."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
