@@ -25,7 +25,8 @@ def files_under(folder: Path) -> set[str]:
 
 
 @pytest.mark.slow  # three fresh interpreters import torch, two of them as a gloo process group
-def test_sft_on_two_processes_matches_one_process_with_twice_the_accumulation(tmp_path):
+@pytest.mark.parametrize("layout", ["ddp", "fsdp", "tp"])
+def test_sft_on_two_processes_matches_one_process_with_twice_the_accumulation(tmp_path, layout):
     tokenizer = tiny_tokenizer(TEXT)
     base = save_model_folder(tmp_path / "base", tiny_gpt(tokenizer), tokenizer)
     data = write_jsonl(tmp_path / "train.jsonl", conversations())
@@ -39,13 +40,23 @@ def test_sft_on_two_processes_matches_one_process_with_twice_the_accumulation(tm
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     # --standalone: the rendezvous takes a free port, so parallel runs of the suite do not collide.
+    # FSDP2: each rank holds half of every tensor. Tensor parallel: half of every block's heads and
+    # MLP units, both ranks reading the same batches, so it accumulates 2 like the single process.
+    sharded = {"ddp": [], "fsdp": ["--set", "parallel.dp_shard=2"],
+               "tp": ["--set", "parallel.tp=2", "--grad-accum", "2"]}[layout]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "scratchlm.cli", *common, "--out", str(tmp_path / "two")],
+                          "-m", "scratchlm.cli", *common, *sharded, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
 
-    # One run folder's worth of files: rank 1 wrote no second copy, no rows of its own.
-    assert files_under(tmp_path / "two") == files_under(tmp_path / "one")
+    # One run folder's worth of files: rank 1 wrote no second copy, no rows of its own. (FSDP's
+    # checkpoints are each rank's shards, not a model folder.)
+    if layout == "ddp":
+        assert files_under(tmp_path / "two") == files_under(tmp_path / "one")
+    else:
+        outside = {f for f in files_under(tmp_path / "two") if not f.startswith("checkpoints/")}
+        assert outside == {f for f in files_under(tmp_path / "one") if not f.startswith("checkpoints/")}
+        assert (tmp_path / "two" / "checkpoints" / "step_000006" / "shards" / ".metadata").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "one", "train.jsonl", "two"]
     single = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     ddp = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss" in r]

@@ -144,6 +144,9 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.parallel.pp > 1:
+            raise ConfigError("pipeline parallelism (parallel.pp) is for pretraining; fine-tune with parallel.dp_shard "
+                              "(FSDP2) or parallel.tp")
         spec = parse_freeze(self.freeze)
         if self.lora:
             if spec.kind != "none":

@@ -203,7 +203,7 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", co
         config, tokenizer_path = header.config, folder / header.tokenizer
     elif not (folder / WEIGHTS).is_file():
         raise InputFileError(f"{folder}: no {WEIGHTS} here")
-    model = _load_weights(_empty_gpt(config), folder / WEIGHTS, config)
+    model = _load_weights(_empty_gpt(config), folder / WEIGHTS)
     model.to(device).eval()
     return model, load_tokenizer(tokenizer_path or folder / TOKENIZER)
 
@@ -216,7 +216,7 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> T
         raise InputFileError(f"{folder}: holds a {header.kind}, not a classifier")
     assert header.labels is not None and header.max_length is not None  # a classifier header has both
     model = SequenceClassifier(_empty_gpt(header.config), len(header.labels), header.pooling)
-    model = _load_weights(model, folder / header.weights, header.config)
+    model = _load_weights(model, folder / header.weights)
     model.to(device).eval()
     return TextClassifier(model, load_tokenizer(folder / header.tokenizer), header.labels, header.max_length)
 
@@ -227,12 +227,12 @@ def _empty_gpt(config: ModelConfig) -> GPT:
     return allocate_on_cpu(model)
 
 
-def _load_weights(model: M, path: Path, config: ModelConfig) -> M:
+def _load_weights(model: M, path: Path) -> M:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise InputFileError(f"{path}: not a safetensors file ({exc})") from None
-    missing, unexpected = load_state_dict_upgraded(model, tensors, config)
+    missing, unexpected = load_state_dict_upgraded(model, tensors)
     if missing or unexpected:
         raise InputFileError(f"{path}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
     return model
@@ -262,12 +262,14 @@ def upgrade_state_dict(tensors: dict[str, Tensor], config: ModelConfig) -> dict[
     return upgraded
 
 
-def load_state_dict_upgraded(model: torch.nn.Module, tensors: dict[str, Tensor],
-                             config: ModelConfig) -> tuple[list[str], list[str]]:
-    """Load `tensors` (of any format_version, see `upgrade_state_dict`) into `model`, not
-    strictly; returns the names missing from and unexpected in `tensors`. A tied tensor (the
-    head sharing the embedding's matrix) is saved under one name; its others are not missing."""
-    tensors = upgrade_state_dict(tensors, config)
+def load_state_dict_upgraded(model: torch.nn.Module, tensors: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    """Load `tensors` (of any format_version, see `upgrade_state_dict`) into `model` (a GPT or a
+    module holding one), not strictly; returns the names missing from and unexpected in
+    `tensors`. A tied tensor (the head sharing the embedding's matrix) is saved under one name;
+    its others are not missing."""
+    gpt = next((m for m in model.modules() if isinstance(m, GPT)), None)
+    if gpt is not None:
+        tensors = upgrade_state_dict(tensors, gpt.config)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):

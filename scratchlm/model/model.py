@@ -11,6 +11,7 @@ compilation and activation checkpointing are applied from outside (`scratchlm/tr
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -345,17 +346,22 @@ def document_mask(documents: Tensor) -> Tensor:
     return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
 
 
-def allocate_on_cpu(model: GPT) -> GPT:
-    """A model built on the meta device, given CPU memory for its parameters but no values: for
-    loaders that overwrite every parameter anyway (random initialisation of a large model costs
-    seconds). `to_empty` gives each module a tensor of its own, so a tied head is tied again, and
-    buffers come out as garbage, so the rotary tables are recomputed."""
-    config = model.config
+M = TypeVar("M", bound=nn.Module)
+
+
+def allocate_on_cpu(model: M) -> M:
+    """A model built on the meta device (a GPT, or a module holding one: a classifier, LoRA),
+    given CPU memory for its parameters but no values: for loaders that overwrite every
+    parameter anyway (random initialisation of a large model costs seconds). `to_empty` gives
+    each module a tensor of its own, so a tied head is tied again, and buffers come out as
+    garbage, so the rotary tables are recomputed."""
     model = model.to_empty(device="cpu")
-    if config.tie_embeddings:
-        model.head.weight = model.embed.weight
-    if config.positions == "rope":
-        model.rope_cos, model.rope_sin = rope_tables(config, config.block_size)
+    for gpt in [m for m in model.modules() if isinstance(m, GPT)]:
+        config = gpt.config
+        if config.tie_embeddings and isinstance(gpt.head, nn.Linear):  # (not a LoRA-wrapped head)
+            gpt.head.weight = gpt.embed.weight
+        if config.positions == "rope":
+            gpt.rope_cos, gpt.rope_sin = rope_tables(config, config.block_size)
     return model
 
 

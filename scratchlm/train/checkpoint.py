@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_model
 
 from scratchlm.atomic_io import OutputFileError, fsync_file, fsync_folder, os_error_code, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.model.config import ModelConfig
 from scratchlm.model.folder import describes, load_state_dict_upgraded, write_model_files
 from scratchlm.tokenizer import Tokenizer
 
@@ -158,23 +157,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, model_config: dict) -> d
     incomplete checkpoint is an InputFileError; one of another model a ConfigError."""
     if not path.is_dir():
         raise InputFileError(f"{path}: no such checkpoint folder")
-    for name in ("state.pt", "model.safetensors"):
-        if not (path / name).is_file():
-            raise InputFileError(f"{path}: incomplete checkpoint (no {name})")
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
-        raise InputFileError(f"{path / 'state.pt'}: unreadable checkpoint state ({type(exc).__name__}: {_first_line(exc)})") from None
-    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
-        raise InputFileError(f"{path / 'state.pt'}: not a checkpoint state (expected the keys {', '.join(STATE_KEYS)})")
-    saved = state.get("model_config") or {}
-    if saved != model_config:
-        key = next((k for k in model_config if saved.get(k) != model_config[k]), "?")
-        raise ConfigError(f"{path.parent.parent}: checkpoint was made with a different model ({key}: {saved.get(key)!r} vs {model_config.get(key)!r})")
+    if not (path / "model.safetensors").is_file():
+        raise InputFileError(f"{path}: incomplete checkpoint (no model.safetensors)")
+    state = _read_state(path, model_config)
     try:
         tensors = load_file(str(path / "model.safetensors"))
         # Checkpoints of format_version 1 hold fused qkv and gate|up tensors; they are split here.
-        missing, unexpected = load_state_dict_upgraded(model, tensors, ModelConfig.from_dict(model_config))
+        missing, unexpected = load_state_dict_upgraded(model, tensors)
     except Exception as exc:  # shape mismatch or a corrupt file
         raise InputFileError(f"{path}: checkpoint weights do not load ({_first_line(exc)})") from None
     if missing or unexpected:
@@ -292,7 +281,7 @@ def _read_state(path: Path, model_config: dict) -> dict:
         raise InputFileError(f"{path}: incomplete checkpoint (no state.pt)")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
         raise InputFileError(f"{path / 'state.pt'}: unreadable checkpoint state ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         raise InputFileError(f"{path / 'state.pt'}: not a checkpoint state (expected the keys {', '.join(STATE_KEYS)})")

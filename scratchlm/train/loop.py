@@ -89,6 +89,7 @@ class LoopConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout over torchrun's processes
+    loss_parallel: bool = False  # the task's loss is GPT.loss: tensor parallel may keep the logits sharded
     flops_per_token: float | None = None  # for MFU; None: not reported
     desc: str = "training"
     progress: bool = True
@@ -196,7 +197,8 @@ def train_loop(
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
     layout = parallelize(model, config.parallel, info, device, compile=config.compile,
-                         activation_checkpointing=config.activation_checkpointing, amp=amp, grad_accum=config.grad_accum)
+                         activation_checkpointing=config.activation_checkpointing, amp=amp, grad_accum=config.grad_accum,
+                         loss_parallel=config.loss_parallel)
     optimizer = make_optimizer(layout.model)
     step, elapsed_before, tokens_total = 0, 0.0, 0
     if run.resume:

@@ -140,10 +140,13 @@ def whole_logits(logits: Tensor) -> Tensor:
 def parallelize(
     model: nn.Module, parallel: ParallelConfig, info: DistInfo, device: torch.device, *,
     compile: bool = False, activation_checkpointing: bool = False, amp: torch.dtype | None = None,
-    grad_accum: int = 1,
+    grad_accum: int = 1, loss_parallel: bool = False,
 ) -> Layout:
     """Lay `model` out over the run's processes as `parallel` says. Tensor and pipeline
-    parallelism need a `GPT` (their cuts follow its modules); FSDP2 and DDP take any module."""
+    parallelism need a `GPT` (their cuts follow its modules); FSDP2 and DDP take any module.
+    `loss_parallel`: the training step takes the model's own loss (`GPT.loss`, pretraining), so
+    under tensor parallelism the head's logits may stay sharded over the vocabulary; other steps
+    (fine-tuning losses computed from the logits) get them whole."""
     degrees = parallel.degrees(info.world)
     if degrees.world > 1 and not dist.is_initialized():
         raise ConfigError(f"the layout {degrees.describe()} needs {degrees.world} processes; start it with torchrun")
@@ -157,12 +160,12 @@ def parallelize(
     if degrees.pp > 1:
         model = pipeline_stage(model, degrees.pp, int(mesh["pp"].get_local_rank()))
     if degrees.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], loss_parallel)
     if activation_checkpointing:
         from scratchlm.train.wrap import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
-    layout = Layout(degrees, info, model, model, mesh, loss_parallel=degrees.tp > 1, template=template)
+    layout = Layout(degrees, info, model, model, mesh, loss_parallel=loss_parallel and degrees.tp > 1, template=template)
     if compile and needs_mesh:
         for block in _blocks(model):  # per block, so FSDP's gathers and frees run between the graphs
             block.compile()
@@ -236,15 +239,15 @@ def check_tensor_parallel(model: GPT, tp: int) -> None:
             raise ConfigError(f"tp={tp} does not divide {name} ({size}); choose a tensor-parallel degree that does")
 
 
-def apply_tensor_parallel(model: GPT, tp_mesh) -> None:
+def apply_tensor_parallel(model: GPT, tp_mesh, loss_parallel: bool = True) -> None:
     """Megatron's split, with sequence parallelism (Korthikanti et al. 2022) between blocks:
 
         residual stream   (B, T/tp, C) on each rank: norms and dropout work on a slice of the sequence
         attention, MLP    input gathered to (B, T, C); q, k, v, gate, up column-wise (a rank holds
                           n_head/tp heads, hidden/tp units); proj and down row-wise, their partial
                           sums reduce-scattered back to (B, T/tp, C)
-        head              column-wise over the vocabulary; the loss is computed on the shards
-                          (loss parallel), so the (B, T, vocab) logits are never gathered
+        head              column-wise over the vocabulary; with `loss_parallel` the loss is
+                          computed on the shards, so the (B, T, vocab) logits are never gathered
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -254,7 +257,8 @@ def apply_tensor_parallel(model: GPT, tp_mesh) -> None:
     check_tensor_parallel(model, tp_mesh.size())
     tied = model.config.tie_embeddings and model.embed is not None and model.head is not None
     top = {"norm": SequenceParallel(),
-           "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)}
+           "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                   use_local_output=not loss_parallel)}
     if model.embed is not None:
         top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
         if model.pos_embed is not None:
@@ -263,6 +267,11 @@ def apply_tensor_parallel(model: GPT, tp_mesh) -> None:
     if tied:  # embedding rows and head rows are both the vocabulary, sharded alike: tie them again
         model.head.weight = model.embed.weight
     for block in _blocks(model):
+        for name in ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down"):
+            if type(block.get_submodule(name)) is not nn.Linear:
+                raise ConfigError(f"tensor parallel splits plain linear layers, and {name} is a "
+                                  f"{type(block.get_submodule(name)).__name__}; LoRA trains with data parallelism "
+                                  "(parallel.dp_shard for FSDP2), not parallel.tp")
         plan = {
             "norm1": SequenceParallel(),
             # Block calls attn(x, rope, cached, layer, mask): only x is laid out.
@@ -281,6 +290,39 @@ def apply_tensor_parallel(model: GPT, tp_mesh) -> None:
             raise ConfigError("tensor parallel does not support qk_norm yet (its norms span whole heads on each rank; "
                               "set model_config.qk_norm=false or tp=1)")
         parallelize_module(block, tp_mesh, plan)
+    pad_sequence_to_multiple(model, tp_mesh.size())
+
+
+def pad_sequence_to_multiple(model: GPT, multiple: int) -> None:
+    """Sequence parallelism splits the T positions of a batch evenly across the tp ranks. A batch
+    of another length (fine-tuning pads each batch to its longest example) is padded on the right
+    to a multiple of tp as it enters the model, and the logits cut back to T as they leave: under
+    causal attention no real position sees the padding, and its targets are -100, so the loss and
+    every real logit are those of the unpadded batch."""
+    lengths: list[int] = []
+
+    def pad(module: GPT, args: tuple, kwargs: dict):
+        idx = args[0] if args else kwargs["idx"]
+        extra = -idx.shape[1] % multiple
+        lengths.append(idx.shape[1] if extra else 0)
+        if not extra or kwargs.get("cache") is not None:
+            return None
+        arguments = dict(zip(("idx", "targets"), args)) | kwargs
+        fill = {"idx": 0, "targets": -100, "documents": -1}  # -1: padding is a document of its own
+        for name, value in fill.items():
+            if arguments.get(name) is not None:
+                arguments[name] = F.pad(arguments[name], (0, extra), value=value)
+        return (), arguments
+
+    def cut(module: GPT, args: tuple, kwargs: dict, output: tuple):
+        length = lengths.pop()
+        if not length:
+            return None
+        logits, loss = output
+        return logits[:, :length], loss
+
+    model.register_forward_pre_hook(pad, with_kwargs=True)
+    model.register_forward_hook(cut, with_kwargs=True)
 
 
 # ---- pipeline parallel -----------------------------------------------------------------------

@@ -281,7 +281,8 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
         grad_clip=config.grad_clip, dtype=config.dtype, log_every=config.log_every, eval_every=config.eval_every,
         evaluate_at_start=config.init_from is not None, checkpoint_every=config.checkpoint_every, checkpoint_at_end=True,
         max_nonfinite=config.max_nonfinite, spike_after=config.warmup_steps, compile=config.compile,
-        activation_checkpointing=config.activation_checkpointing, parallel=config.parallel, flops_per_token=flops_per_token(model_config, seq_len),
+        activation_checkpointing=config.activation_checkpointing, parallel=config.parallel, loss_parallel=True,
+        flops_per_token=flops_per_token(model_config, seq_len),
         desc="pretraining", progress=progress,
     )
     run = Run(run_dir, device, info, resume, identity=model_config.to_dict(),
