@@ -66,7 +66,7 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"compute-optimal    {result.optimal_params / 1e6:.2f}M parameters on {result.optimal_tokens / 1e6:.1f}M tokens (20 tokens per parameter)")
     print(f"closest preset     {result.preset} ({result.preset_params / 1e6:.2f}M parameters) -> {result.tokens_for_preset / 1e6:.1f}M tokens")
     if result.estimated_seconds is not None:
-        print(f"estimated time     {result.estimated_seconds / 3600:.2f} h at {result.measured_flops_per_s / 1e9:.1f} GFLOP/s (measured for {result.preset} on {args.device})")
+        print(f"estimated time     {result.estimated_seconds / 3600:.2f} h at {result.measured_flops_per_s / 1e9:.1f} GFLOP/s (measured for {result.probed_preset} on {args.device})")
     return 0
 
 

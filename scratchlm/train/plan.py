@@ -18,6 +18,8 @@ from scratchlm.model import GPT, PRESETS, ModelConfig, count_params, flops_per_t
 from scratchlm.train.memory import Layout, layouts, tokens_per_second, usable_bytes
 
 TOKENS_PER_PARAM = 20.0
+SINGLE_MACHINE_PARAMS = 2e9  # the largest preset `plan --compute/--time` suggests
+PROBE_PARAMS = {"cpu": 2e8}  # the largest preset timed on this device; bigger ones through it
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Plan:
     measured_flops_per_s: float | None  # of the suggested preset
     estimated_seconds: float | None  # to train the preset on tokens_for_preset
     budget_flops_per_s: float | None = None  # the probe that turned a time budget into FLOPs
+    probed_preset: str | None = None  # the preset whose training was timed for measured_flops_per_s
 
 
 def measure_flops_per_s(config: ModelConfig, micro_batch: int = 8, steps: int = 3, device: str = "cpu") -> float:
@@ -79,7 +82,8 @@ def plan(
     """Plan for a compute budget in FLOPs, or a wall-clock budget (measured on `device`)."""
     if (compute_flops is None) == (seconds is None):
         raise ConfigError("give exactly one budget: compute (FLOPs) or time")
-    candidates = list(PRESETS)
+    # One machine's budget: the multi-GPU presets (Llama-3 8B) would be timed by a probe here.
+    candidates = [name for name in PRESETS if count_params(PRESETS[name]) <= SINGLE_MACHINE_PARAMS]
     micro_batch = 2 if device == "cpu" else 8  # keeps a probe of a 100M+ model to seconds on a CPU
     rate = budget_rate = None
     if seconds is not None:  # a first probe on a mid-sized model for the device gives C
@@ -93,11 +97,17 @@ def plan(
     config = PRESETS[preset].replace(vocab_size=vocab_size) if vocab_size else PRESETS[preset]
     params = count_params(config)
     tokens = TOKENS_PER_PARAM * params
-    estimate = None
+    estimate, probed = None, preset
     if probe:
-        rate = measure_flops_per_s(config, micro_batch=micro_batch, device=device)
+        # A preset too big to train here (AdamW needs 16 bytes a parameter) is timed through the
+        # largest one that fits: FLOP/s changes little with size once matrices are large.
+        limit = PROBE_PARAMS[device.split(":")[0]] if device.split(":")[0] in PROBE_PARAMS else SINGLE_MACHINE_PARAMS
+        if params > limit:
+            probed = max((n for n in candidates if count_params(PRESETS[n]) <= limit), key=lambda n: count_params(PRESETS[n]))
+        probe_config = PRESETS[probed].replace(vocab_size=vocab_size) if vocab_size else PRESETS[probed]
+        rate = measure_flops_per_s(probe_config, micro_batch=micro_batch, device=device)
         estimate = flops_per_token(config, min(config.block_size, 256 if device == "cpu" else config.block_size)) * tokens / rate
-    return Plan(compute_flops, n_opt, TOKENS_PER_PARAM * n_opt, preset, params, tokens, rate, estimate, budget_rate)
+    return Plan(compute_flops, n_opt, TOKENS_PER_PARAM * n_opt, preset, params, tokens, rate, estimate, budget_rate, probed)
 
 
 @dataclass
