@@ -18,7 +18,7 @@ from scratchlm.config import build
 from scratchlm.model import GPT, ModelConfig
 from scratchlm.train.config import ParallelConfig
 from scratchlm.train.distributed import init_distributed, mean_across_ranks
-from scratchlm.train.parallel import parallelize, whole_logits
+from scratchlm.train.parallel import parallelize, whole_tensor
 
 SMALL = dict(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_embd=32)
 MODELS = {
@@ -62,9 +62,9 @@ def train(config: ModelConfig, parallel: ParallelConfig | None, info) -> tuple[l
                 _, loss = step_model(x[rows], y[rows])
                 if loss.requires_grad:
                     loss.backward()
-            losses.append(mean_across_ranks(whole_logits(loss).item(), info, device))
+            losses.append(mean_across_ranks(whole_tensor(loss).item(), info, device))
         if step == 0:
-            grads = {name: whole_logits(p.grad).detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+            grads = {name: whole_tensor(p.grad).detach().clone() for name, p in module.named_parameters() if p.grad is not None}
         if layout is None:
             norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         else:
@@ -72,7 +72,7 @@ def train(config: ModelConfig, parallel: ParallelConfig | None, info) -> tuple[l
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
-            grads["(grad norm)"] = whole_logits(norm).detach().reshape(1)
+            grads["(grad norm)"] = whole_tensor(norm).detach().reshape(1)
     return losses, grads
 
 

@@ -38,7 +38,7 @@ from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import resume_checkpoint, save_checkpoint, save_sharded_checkpoint, set_latest
 from scratchlm.train.config import ParallelConfig
 from scratchlm.train.distributed import DistInfo, mean_across_ranks
-from scratchlm.train.parallel import Layout, parallelize, whole_logits
+from scratchlm.train.parallel import Layout, parallelize, whole_tensor
 from scratchlm.train.metrics import MetricsLog
 
 B = TypeVar("B")
@@ -241,7 +241,7 @@ def train_loop(
                 if out.loss.requires_grad:  # a pipeline has already run its backward pass
                     scaler.scale(out.loss / config.grad_accum).backward()
             step_tokens += out.tokens
-            for key, value in {"loss": whole_logits(out.loss).item(), **out.metrics}.items():
+            for key, value in {"loss": whole_tensor(out.loss).item(), **out.metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
         # Every rank of a tensor-parallel group or pipeline holds its batch's loss: the mean over
         # all ranks is the mean over the data-parallel ones.

@@ -3,7 +3,8 @@
     pipeline stages (pp)  -> the layers cut into stages, one per pipeline rank
     tensor parallel (tp)  -> each block's projections split column-wise then row-wise (Megatron),
                              norms sequence-parallel, the head's loss computed on vocab shards
-    activation checkpointing, torch.compile (per block, so a stage or a shard compiles alike)
+    activation checkpointing, torch.compile (per block when the weights are sharded, so FSDP's
+                             gathers run between graphs; the whole model otherwise)
     data parallel         -> FSDP2 (`fully_shard` per block, then the root) when dp_shard != 1,
                              HSDP when dp_replicate > 1 too; DDP when the weights are whole
 
@@ -34,9 +35,10 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 @dataclass
 class Layout:
-    """A model laid out over the processes of a run. `train_model` is what a training step
-    calls; `eval_model` what evaluation calls (every rank of a sharded layout must call it, with
-    the same inputs); `stage` the module whose parameters this rank trains."""
+    """A model laid out over the processes of a run. `model` holds the parameters this rank
+    trains (a pipeline rank: its stage); `train_model` is what a training step calls;
+    `eval_model` what evaluation calls (every rank of a sharded layout must call it, with the
+    same inputs)."""
 
     degrees: Degrees
     info: DistInfo
@@ -89,7 +91,7 @@ class Layout:
         params = self.parameters()
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=params[0].device)
-        total = _full(total)
+        total = whole_tensor(total)
         if self.degrees.pp > 1:  # each stage holds some layers: add the squares across the pipeline
             squared = total.float() ** 2
             dist.all_reduce(squared, group=self.mesh["pp"].get_group())
@@ -99,7 +101,8 @@ class Layout:
 
     def whole_model(self) -> nn.Module | None:
         """The trained model as one plain module on the main process (None on the others): the
-        shards gathered, or the stages collected. Every rank must call it."""
+        shards gathered, or the stages collected, on the CPU (a model sharded because it is
+        large may not fit whole on one GPU); an unsharded model as it is. Every rank must call it."""
         if not self.sharded:
             return self.model if self.info.is_main else None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -124,16 +127,12 @@ def loss_parallel_context():
     return loss_parallel()
 
 
-def _full(t: Tensor) -> Tensor:
-    """A DTensor as the whole tensor on every rank; a plain tensor as it is."""
+def whole_tensor(t: Tensor) -> Tensor:
+    """A DTensor (a vocab-sharded head's logits, its loss) as the whole tensor on every rank; a
+    plain tensor as it is."""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def whole_logits(logits: Tensor) -> Tensor:
-    """Logits as one tensor: a vocab-sharded head's output gathered (evaluation, sampling)."""
-    return _full(logits)
 
 
 # ---- building a layout ---------------------------------------------------------------------
@@ -150,12 +149,12 @@ def parallelize(
     degrees = parallel.degrees(info.world)
     if degrees.world > 1 and not dist.is_initialized():
         raise ConfigError(f"the layout {degrees.describe()} needs {degrees.world} processes; start it with torchrun")
-    needs_mesh = parallel.fsdp or degrees.tp > 1 or degrees.pp > 1
-    mesh = _device_mesh(degrees, device) if needs_mesh else None
-    template = meta_copy(model) if needs_mesh else None
     if (degrees.tp > 1 or degrees.pp > 1) and not isinstance(model, GPT):
         raise ConfigError(f"tensor and pipeline parallelism cut a plain language model; this {type(model).__name__} "
                           "trains with data parallelism only (parallel.dp_shard for FSDP2)")
+    needs_mesh = parallel.fsdp or degrees.tp > 1 or degrees.pp > 1
+    mesh = _device_mesh(degrees, device) if needs_mesh else None
+    template = meta_copy(model) if needs_mesh else None
     pipeline = None
     if degrees.pp > 1:
         model = pipeline_stage(model, degrees.pp, int(mesh["pp"].get_local_rank()))
@@ -416,7 +415,7 @@ class Pipeline:
         else:
             self.schedule.step()
         if self.last:  # under tensor parallelism, the losses of a vocab-sharded head are DTensors
-            loss = torch.stack([_full(l).detach() for l in losses]).mean() * self.microbatches * self.grad_accum
+            loss = torch.stack([whole_tensor(l).detach() for l in losses]).mean() * self.microbatches * self.grad_accum
         else:
             loss = torch.zeros((), device=self.device)
         return None, self._from_last(loss)
@@ -438,7 +437,7 @@ class Pipeline:
         else:
             logits = self.schedule.eval(target=y if self.last else None)  # (the schedule's loss is not used)
             if self.last:
-                logits = _full(logits)
+                logits = whole_tensor(logits)
                 nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         return self._from_last(nats)[: rows * y.shape[1]]
 

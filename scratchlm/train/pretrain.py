@@ -31,7 +31,7 @@ from scratchlm.train.distributed import DistInfo, process_group
 from scratchlm.train.loop import LoopConfig, Run, StepOutput, train_loop
 from scratchlm.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from scratchlm.train.optim import build_optimizer, lr_multiplier
-from scratchlm.train.parallel import Pipeline, whole_logits
+from scratchlm.train.parallel import Pipeline, whole_tensor
 from scratchlm.devices import autocast_dtype, resolve_device
 from scratchlm.model.folder import save_model_folder
 from scratchlm.train.runfolder import start_evaluation, write_report
@@ -182,7 +182,7 @@ def evaluate(
             if isinstance(model, Pipeline):  # the last stage computes them, every stage gets them
                 nats = model.token_nats(x, y)
             else:
-                logits = whole_logits(model(x)[0])
+                logits = whole_tensor(model(x)[0])
                 nats = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
         total_nats += nats.sum().item()
         total_tokens += nats.numel()
