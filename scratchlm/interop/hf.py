@@ -273,7 +273,7 @@ def tensor_rules(config: ModelConfig, family: str) -> list[TensorRule]:
         add("embed.weight", "model.embed_tokens.weight")
         for i in range(config.n_layer):
             o, h = f"blocks.{i}.", f"model.layers.{i}."
-            a, m = h + "self_attn.", h + "mlp."
+            a = h + "self_attn."
             add(o + "norm1.weight", h + "input_layernorm.weight")
             add(o + "norm2.weight", h + "post_attention_layernorm.weight")
             kinds = ("weight", "bias") if config.bias else ("weight",)
