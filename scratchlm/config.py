@@ -69,9 +69,11 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
     if recipe is not None:
         from_file = load_toml(recipe)
         check_keys(cls, from_file, str(recipe))
+        check_tables(cls, from_file, str(recipe))
         data = merge(data, from_file)
     from_cli = parse_overrides(overrides or [])
     check_keys(cls, from_cli, "--set")
+    check_tables(cls, from_cli, "--set")
     data = merge(merge(data, from_cli), flags or {})
     return build(cls, data, str(recipe) if recipe is not None else "config")
 
@@ -84,6 +86,15 @@ def check_keys(cls: type, data: dict, where: str) -> None:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def check_tables(cls: type, data: dict, where: str) -> None:
+    """Check the tables of `data` that are dataclasses of their own ([parallel]) where they come
+    from, so that a wrong key or value under --set is blamed on --set, not on the recipe file."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints.get(key)):
+            build(hints[key], value, f"{where}: {key}")
 
 
 def build(cls: type[T], data: dict, where: str = "config") -> T:

@@ -26,6 +26,8 @@ MODELS = {
     "llama": ModelConfig(**SMALL, n_kv_head=2, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False),
     "llama-untied": ModelConfig(**SMALL, n_kv_head=2, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                                 tie_embeddings=False),
+    "llama-qknorm": ModelConfig(**SMALL, n_kv_head=2, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                                qk_norm=True),
     # GPT-2-shaped: learned positions, LayerNorm with biases, GELU, tied embeddings.
     "gpt2": ModelConfig(**SMALL),
 }

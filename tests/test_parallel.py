@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from scratchlm.errors import ConfigError
 from scratchlm.train.config import Degrees, ParallelConfig, TrainConfig, load_train_config
@@ -78,8 +79,22 @@ def test_the_parallel_table_comes_from_toml_and_set(tmp_path):
     recipe.write_text("max_steps = 3\n[parallel]\ndp_shard = -1\n")
     config = load_train_config(recipe, ["parallel.tp=2"])
     assert (config.parallel.dp_shard, config.parallel.tp) == (-1, 2)
-    with pytest.raises(ConfigError, match="unknown key 'tpp'; did you mean 'tp'"):
-        load_train_config(recipe, ["parallel.tpp=2"])
+    with pytest.raises(ConfigError, match="^--set: parallel: unknown key 'tpp'; did you mean 'tp'"):
+        load_train_config(recipe, ["parallel.tpp=2"])  # blamed on --set, not on the recipe
+    with pytest.raises(ConfigError, match="^--set: parallel: dp_shard must be an integer, not 'two'"):
+        load_train_config(recipe, ["parallel.dp_shard=two"])
+
+
+def test_a_pipeline_micro_batch_that_does_not_split_is_refused_before_training():
+    with pytest.raises(ConfigError, match="micro_batch 3 does not split into 2 pipeline micro-batches"):
+        TrainConfig(max_steps=1, micro_batch=3, parallel=ParallelConfig(pp=2))
+
+
+def test_a_fine_tuning_layout_that_does_not_fit_is_refused_before_the_model_loads(cli, tmp_path):
+    result = cli("finetune", "sft", tmp_path / "no-such-model", "--data", tmp_path / "no-such.jsonl",
+                 "--out", tmp_path / "out", "--set", "parallel.dp_shard=2")
+    assert result.status == 2
+    assert "does not divide 1 process" in result.err and "no-such" not in result.err
 
 
 def test_muon_is_refused_where_weights_are_sharded():
@@ -126,7 +141,7 @@ def check_parity(results: dict, layouts: list[str]) -> None:
             assert r["losses"] == pytest.approx(r["one_process"], abs=1e-5), (rank, layout)
 
 
-TWO = ["llama:dp_replicate=2", "llama:dp_shard=2", "llama:tp=2", "gpt2:tp=2", "gpt2:dp_shard=2",
+TWO = ["llama:dp_replicate=2", "llama:dp_shard=2", "llama:tp=2", "llama-qknorm:tp=2", "gpt2:tp=2", "gpt2:dp_shard=2",
        "llama-untied:pp=2", "llama-untied:pp=2,pp_schedule=gpipe"]
 FOUR = ["llama:dp_shard=2,tp=2", "llama:dp_replicate=2,dp_shard=2", "llama:dp_replicate=2,tp=2",
         "llama-untied:pp=2,dp_shard=2", "llama-untied:pp=2,tp=2", "gpt2:dp_replicate=4"]
@@ -185,6 +200,23 @@ def test_pretraining_under_each_layout_resumes_on_another_process_count(shards, 
         assert losses(run) == pytest.approx(reference, abs=2e-5), processes
         assert evaluations(run) == pytest.approx(evaluations(tmp_path / "one"), abs=2e-5)
         assert "| layout | " in (run / "report.md").read_text()
+
+    # A sharded checkpoint is a model too: open_model reads its shards whole.
+    from scratchlm.interop import open_model
+
+    sharded = open_model(checkpoint, kind="language-model").model.state_dict()
+    whole = open_model(tmp_path / "one" / "checkpoints" / "step_000003", kind="language-model").model.state_dict()
+    assert sharded.keys() == whole.keys()
+    for name in whole:
+        assert torch.allclose(sharded[name], whole[name], atol=1e-5), name
+
+    # Resuming with another number of tokens a step would be another run: refused.
+    other = tmp_path / "other-batch"
+    shutil.copytree(tmp_path / "half", other)
+    done = subprocess.run([sys.executable, "-m", "scratchlm.cli", "pretrain", "--data", str(shards), "--out", str(other),
+                           *PRETRAIN, "--max-steps", "6", "--resume", "--set", "batch_tokens=256"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 2 and "tokens_per_step = 512" in done.stderr and "Traceback" not in done.stderr
 
     # Tensor and pipeline parallel: the same run, and a whole model folder at the end.
     for layout in ("parallel.tp=2", "parallel.pp=2"):

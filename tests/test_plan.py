@@ -131,3 +131,16 @@ def test_plan_gpus_command(capsys):
     ]:
         assert main(["plan", "--gpus", "8", *argv]) != 0
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-memory", "80"], "give the memory of one GPU with its unit"),
+    (["--gpu-memory", "0GB"], "give the memory of one GPU with its unit"),
+    (["--gpus", "0"], "--gpus must be at least 1"),
+    (["--seq-len", "0"], "--seq-len must be at least 1"),
+])
+def test_cluster_plan_refuses_impossible_hardware_in_one_line(cli, args, message):
+    base = {"--gpus": "8", "--gpu-memory": "80GB"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    result = cli("plan", "--model", "llama3-8b", *[part for item in base.items() for part in item])
+    assert result.status == 2 and message in result.err and "Traceback" not in result.err

@@ -172,10 +172,13 @@ def finetune_config(cls: type, args: argparse.Namespace):
 
 def _finetune_classify(args: argparse.Namespace) -> int:
     from scratchlm.finetune.classify import finetune_classifier
+    from scratchlm.train.distributed import is_main_process
 
     config = finetune_config(ClassifyConfig, args)
     result = finetune_classifier(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
                                  progress=not args.quiet, note=print, resume=args.resume)
+    if not is_main_process():  # another rank of a torchrun job: rank 0 reports
+        return 0
     if result.data["truncated"] or result.data["dropped"]:
         print(f"texts over {config.max_length} tokens: {result.data['truncated']} truncated, {result.data['dropped']} dropped")
     print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; "
@@ -190,10 +193,13 @@ def _finetune_classify(args: argparse.Namespace) -> int:
 
 def _finetune_sft(args: argparse.Namespace) -> int:
     from scratchlm.finetune.sft_train import finetune_sft
+    from scratchlm.train.distributed import is_main_process
 
     config = finetune_config(SFTConfig, args)
     result = finetune_sft(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
                           progress=not args.quiet, note=print, resume=args.resume)
+    if not is_main_process():  # another rank of a torchrun job: rank 0 reports
+        return 0
     print(f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
     print(f"held-out answer loss after: {result.after['loss']:.4f} (perplexity {result.after['perplexity']:.2f})")
     extra = ", adapter.safetensors" if config.lora else ""
@@ -203,10 +209,13 @@ def _finetune_sft(args: argparse.Namespace) -> int:
 
 def _finetune_dpo(args: argparse.Namespace) -> int:
     from scratchlm.finetune.dpo_train import finetune_dpo
+    from scratchlm.train.distributed import is_main_process
 
     config = finetune_config(DPOConfig, args)
     result = finetune_dpo(args.model, args.data, args.out, config, eval_path=args.eval, force=args.force,
                           progress=not args.quiet, note=print, resume=args.resume)
+    if not is_main_process():  # another rank of a torchrun job: rank 0 reports
+        return 0
     print(f"{result.steps} steps in {result.train_seconds:.1f} s, peak memory {result.peak_memory_mb:,.0f} MB")
     m = result.after
     print(f"held-out after: DPO loss {m['loss']:.4f}, reward accuracy {m['reward_accuracy']:.4f}, "

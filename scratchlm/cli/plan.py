@@ -87,10 +87,22 @@ def _plan_cluster(args: argparse.Namespace) -> int:
         what = f"Llama-3-shaped ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, {config.kv_heads} KV heads, MLP {config.hidden})"
     if args.vocab_size:
         config = config.replace(vocab_size=args.vocab_size)
-    result = cluster_plan(config, args.gpus, parse_bytes(args.gpu_memory), named_gpu_peak_flops(args.gpu), args.mfu,
+    memory = parse_bytes(args.gpu_memory)
+    checks = [(args.gpus >= 1, f"--gpus must be at least 1, not {args.gpus}"),
+              (memory >= 1e9 and not args.gpu_memory.strip().isdigit(),
+               f"--gpu-memory {args.gpu_memory!r}: give the memory of one GPU with its unit, e.g. 80GB"),
+              (args.seq_len is None or args.seq_len >= 1, f"--seq-len must be at least 1, not {args.seq_len}"),
+              (args.micro_batch >= 1, f"--micro-batch must be at least 1, not {args.micro_batch}"),
+              (0 < args.mfu <= 1, f"--mfu must be in (0, 1], not {args.mfu}")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    result = cluster_plan(config, args.gpus, memory, named_gpu_peak_flops(args.gpu), args.mfu,
                           args.seq_len, args.micro_batch, args.precision)
     gb = 1e9
-    print(f"model              {what}: {count_params(config) / 1e9:.3f}B parameters, sequences of {result.seq_len} tokens")
+    params = count_params(config)
+    size = f"{params / 1e9:.3f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    print(f"model              {what}: {size} parameters, sequences of {result.seq_len} tokens")
     print(f"cluster            {args.gpus} x {args.gpu} with {parse_bytes(args.gpu_memory) / gb:.0f} GB; usable per GPU "
           f"{result.usable_bytes / gb:.1f} GB (10% and 2 GB held back for the CUDA context and fragmentation)")
     print(f"precision          {args.precision}: " + ("AdamW with float32 master weights, gradients and moments; bf16 "
@@ -107,7 +119,10 @@ def _plan_cluster(args: argparse.Namespace) -> int:
               f"{m.activations_per_seq / gb:8.1f} {m.checkpointed_per_seq / gb:7.1f} {plain / gb:7.1f} {checkpointed / gb:7.1f}  {fits}")
     print()
     if result.suggested is not None:
-        print(f"suggested          {result.suggested.name} ({result.suggested.degrees.describe()}): the least model parallelism that fits")
+        s = result.suggested
+        fits_plain = s.memory.total(args.micro_batch, False) <= result.usable_bytes
+        how = "" if fits_plain else " with activation checkpointing (--set activation_checkpointing=true)"
+        print(f"suggested          {s.name} ({s.degrees.describe()}){how}: the least model parallelism that fits")
     else:
         print("suggested          none fits: use more GPUs, larger ones, or a shorter --seq-len")
     tokens = TOKENS_PER_PARAM * count_params(config)

@@ -17,7 +17,9 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
         "sizes the model to the time budget. With --init-from MODEL, continues pretraining a trained model on "
         "the shards (e.g. a domain corpus): its weights and architecture are the start, the shards must be made "
         "with its tokenizer, step 0 logs the validation loss before training, and the default recipe is "
-        "continued-pretraining. Works unchanged under torchrun --nproc_per_node N (data parallel).",
+        "continued-pretraining. Works unchanged under torchrun --nproc_per_node N: data parallel (DDP) by default; "
+        "FSDP2, tensor and pipeline parallelism with --set parallel.dp_shard=-1 / parallel.tp=2 / parallel.pp=2 "
+        "(docs/training.md, docs/cluster.md).",
     )
     pre.add_argument("--data", required=True, type=Path, help="shard folder (from scratchlm data tokenize)")
     pre.add_argument("--out", required=True, type=Path, help="run folder")
@@ -37,6 +39,7 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from scratchlm.train.config import load_train_config, pretrain_recipe
+    from scratchlm.train.distributed import is_main_process
     from scratchlm.train.pretrain import pretrain
 
     overrides = list(args.set)
@@ -48,7 +51,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"init_from={args.init_from}")
     config = load_train_config(pretrain_recipe(args.recipe, overrides), overrides)
     summary = pretrain(args.data, args.out, config, val_text=args.val_text, resume=args.resume, progress=not args.quiet)
-    if not summary.main:  # another rank of a torchrun job: rank 0 reports
+    if not is_main_process():  # another rank of a torchrun job: rank 0 reports
         return 0
     if summary.start_val_bpb is not None:
         print(f"step 0 ({config.init_from}): val loss {summary.start_val_loss:.4f} nats/token, {summary.start_val_bpb:.4f} bits per byte")

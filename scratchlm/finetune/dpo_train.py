@@ -259,7 +259,7 @@ def finetune_dpo(model_path: str | Path, data: str | Path, out: str | Path, conf
     checkpoint (`config.checkpoint_every`), with the same settings. Under torchrun each rank
     trains its share of every step (a live reference scores each rank's own batches), and rank
     0 writes the run folder."""
-    with process_group(config.device) as info:
+    with process_group(config.device, config.parallel) as info:
         return _finetune_dpo(model_path, data, out, config, eval_path, force, progress, note if info.is_main else None,
                              resume, info)
 

@@ -172,7 +172,7 @@ def finetune_sft(model_path: str | Path, data: str | Path, out: str | Path, conf
     and write the run folder `out` (see the module docstring). `resume` continues the run in
     `out` from its latest checkpoint (`config.checkpoint_every`), with the same settings.
     Under torchrun each rank trains its share of every step, and rank 0 writes the run folder."""
-    with process_group(config.device) as info:
+    with process_group(config.device, config.parallel) as info:
         return _finetune_sft(model_path, data, out, config, eval_path, force, progress, note if info.is_main else None,
                              resume, info)
 

@@ -15,6 +15,10 @@ config.json is a versioned header, so a reader knows what it holds before it bui
      "model": {ModelConfig},
      "labels": [...], "pooling": "last" | "mean", "max_length": N}     <- classifiers only
 
+A checkpoint of a sharded run (FSDP2, tensor or pipeline parallel) holds `shards/`, each rank's
+slices written by torch.distributed.checkpoint, in place of model.safetensors; it opens too, its
+shards read whole (`read_shards`).
+
 Older folders still load: a flat config.json (the ModelConfig's keys at the top level, a
 language model) and the first classifier folder ("format": "scratchlm-classifier", weights in
 classifier.safetensors, the config under "model_config"). Weights of format_version 1 (fused
@@ -42,6 +46,7 @@ from scratchlm.tokenizer import Tokenizer, load_tokenizer
 from scratchlm.tokenizer.formats import read_json
 
 WEIGHTS = "model.safetensors"
+SHARDS = "shards"  # a sharded training checkpoint's weights (torch.distributed.checkpoint), in place of WEIGHTS
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.jinja"
@@ -186,7 +191,7 @@ def read_folder_header(folder: Path) -> FolderHeader:
     header = model_header(config_path)
     if header is None:
         raise InputFileError(f"{config_path}: not a scratchlm model config")
-    if not (folder / header.weights).is_file():
+    if not (folder / header.weights).is_file() and not (folder / SHARDS / ".metadata").is_file():
         raise InputFileError(f"{folder}: no {header.weights} here")
     return header
 
@@ -228,6 +233,12 @@ def _empty_gpt(config: ModelConfig) -> GPT:
 
 
 def _load_weights(model: M, path: Path) -> M:
+    shards = path.parent / SHARDS
+    if not path.is_file() and (shards / ".metadata").is_file():
+        state = {"model": model.state_dict()}
+        read_shards(state, shards)
+        model.load_state_dict(state["model"])
+        return model
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -236,6 +247,25 @@ def _load_weights(model: M, path: Path) -> M:
     if missing or unexpected:
         raise InputFileError(f"{path}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
     return model
+
+
+def read_shards(state: dict, folder: Path) -> None:
+    """Fill the tensors of `state` (e.g. {"model": model.state_dict()}) from the shards that the
+    ranks of a sharded run wrote with torch.distributed.checkpoint into `folder`, resharded to
+    the tensors' shapes: whole ones in one process, this rank's slices under torchrun."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    single = not dist.is_initialized()
+    try:
+        with warnings.catch_warnings():  # one process reading shards is the point, not an accident
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder, no_dist=single)
+    except Exception as exc:  # a missing or truncated shard, or tensors of other shapes
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InputFileError(f"{folder}: sharded weights do not load ({type(exc).__name__}: {first})") from None
 
 
 def upgrade_state_dict(tensors: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:

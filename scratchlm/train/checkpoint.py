@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_model
 
 from scratchlm.atomic_io import OutputFileError, fsync_file, fsync_folder, os_error_code, write_text_atomic
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.model.folder import describes, load_state_dict_upgraded, write_model_files
+from scratchlm.model.folder import SHARDS, describes, load_state_dict_upgraded, read_shards, write_model_files
 from scratchlm.tokenizer import Tokenizer
 
 KEEP = 2  # older checkpoints are deleted once a newer one is complete
@@ -133,7 +133,7 @@ def resume_checkpoint(run_dir: Path, model: torch.nn.Module, model_config: dict,
                 return path, load_sharded_checkpoint(path, model, optimizer, model_config), passed_over
             if sharded:
                 raise ConfigError(f"{path}: this checkpoint holds whole weights (saved without FSDP, tensor or pipeline "
-                                  "parallelism); resume it with the layout it was saved with")
+                                  "parallelism); resume it in one process or under DDP (parallel.dp_shard = 1, tp = 1, pp = 1)")
             state = load_checkpoint(path, model, model_config)
             if optimizer is not None:
                 load_optimizer_state(optimizer, state["optimizer"], path)
@@ -178,15 +178,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---- sharded checkpoints (FSDP, tensor and pipeline parallel) -------------------------------
-SHARDS = "shards"  # torch.distributed.checkpoint's files in a sharded checkpoint folder
 
 
 def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                            state: dict, is_main: bool) -> Path:
+                            state: dict, is_main: bool, tokenizer: Tokenizer | None = None, *,
+                            whole: torch.nn.Module | None = None, labels: list[str] | None = None,
+                            max_length: int | None = None) -> Path:
     """Every rank calls this. Each writes its own shards of the weights and optimizer state with
     torch.distributed.checkpoint into RUN/checkpoints/step_N/shards/ (one file per rank, plus
     .metadata: which slice of which tensor is where), so no rank ever holds the whole model; the
-    main rank writes state.pt (step, RNG, data position) and commits the folder as
+    main rank writes state.pt (step, RNG, data position) and, given the tokenizer and `whole`
+    (the model's structure, e.g. on the meta device), the model folder's header, so that
+    `open_model` opens the checkpoint (reading the shards whole), and commits the folder as
     `save_checkpoint` does. Loading reshards: a checkpoint saved on N ranks loads on M, or on one."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -200,6 +203,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     _barrier()
     dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp / SHARDS, no_dist=not dist.is_initialized())
     if is_main:
+        if tokenizer is not None and whole is not None and describes(whole):
+            write_model_files(tmp, whole, tokenizer, labels=labels, max_length=max_length)
         with (tmp / "state.pt").open("wb") as handle:
             torch.save({**state, "optimizer": SHARDS}, handle)
             handle.flush()
@@ -254,8 +259,6 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
                             model_config: dict) -> dict:
     """Load a sharded checkpoint into `model` and `optimizer`, whatever their layout now (every
     rank calls it; one process without a process group loads it whole). Returns the saved state."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     state = _read_state(path, model_config)
@@ -264,10 +267,7 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
     if optimizer is not None:
         _initialise_optimizer_state(optimizer)
     target = _sharded_state(model, optimizer)
-    try:
-        dcp.load(target, checkpoint_id=path / SHARDS, no_dist=not dist.is_initialized())
-    except Exception as exc:  # a missing or truncated shard, or tensors of other shapes
-        raise InputFileError(f"{path}: sharded checkpoint does not load ({type(exc).__name__}: {_first_line(exc)})") from None
+    read_shards(target, path / SHARDS)
     if optimizer is None:
         set_model_state_dict(model, target["model"])
     else:

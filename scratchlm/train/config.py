@@ -37,11 +37,11 @@ class ParallelConfig:
             value = getattr(self, name)
             if value == 0 or value < -1 or (value == -1 and name in ("tp", "pp")):
                 allowed = "a positive whole number or -1 (the rest)" if name.startswith("dp") else "a positive whole number"
-                raise ConfigError(f"{name} must be {allowed}, not {value}")
+                raise ConfigError(f"parallel.{name} must be {allowed}, not {value}")
         if self.pp_schedule not in ("1f1b", "gpipe"):
-            raise ConfigError(f"pp_schedule must be '1f1b' or 'gpipe', not {self.pp_schedule!r}")
+            raise ConfigError(f"parallel.pp_schedule must be '1f1b' or 'gpipe', not {self.pp_schedule!r}")
         if self.pp_microbatches is not None and self.pp_microbatches < 1:
-            raise ConfigError(f"pp_microbatches must be at least 1, not {self.pp_microbatches}")
+            raise ConfigError(f"parallel.pp_microbatches must be at least 1, not {self.pp_microbatches}")
 
     @property
     def fsdp(self) -> bool:
@@ -165,6 +165,10 @@ class TrainConfig:
         if self.samples < 0:
             raise ConfigError(f"samples must be >= 0, not {self.samples}")
         self.sampling()  # a bad samples or sample_tokens fails now, not after hours of training
+        microbatches = self.parallel.pp_microbatches or self.parallel.pp
+        if self.parallel.pp > 1 and self.micro_batch % microbatches:
+            raise ConfigError(f"micro_batch {self.micro_batch} does not split into {microbatches} pipeline micro-batches "
+                              f"(parallel.pp_microbatches, by default pp); make micro_batch a multiple of it")
         if self.optimizer == "muon" and (self.parallel.fsdp or self.parallel.tp > 1):
             raise ConfigError("optimizer = \"muon\" orthogonalises whole weight matrices, which FSDP (parallel.dp_shard) "
                               "and tensor parallelism (parallel.tp) split across ranks; set optimizer = \"adamw\"")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from scratchlm.devices import parse_device, process_group_backend
+from scratchlm.train.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
+def is_main_process() -> bool:
+    """Whether this process reports: rank 0 of a torchrun job, or a process without torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def mean_across_ranks(value: float, info: DistInfo, device: torch.device) -> float:
     if not info.enabled:
         return value
@@ -56,14 +62,17 @@ def shutdown(info: DistInfo) -> None:
 
 
 @contextmanager
-def process_group(device_name: str) -> Iterator[DistInfo]:
+def process_group(device_name: str, parallel: ParallelConfig | None = None) -> Iterator[DistInfo]:
     """The body of a run inside the process group torchrun describes (one process without
     torchrun: `DistInfo()`), and the group left at the end, on errors too. Every kind of training
     runs in it: every rank trains (the loop gives each its own micro-batches and DDP averages the
     gradients) and evaluates the unwrapped model, which needs no collective; only rank 0 writes
-    files and samples."""
+    files and samples. With `parallel`, a layout that does not fit the processes is refused at
+    once, before any model or data loads."""
     info = init_distributed(parse_device(device_name))  # "cuda:0" too is a GPU: NCCL, not gloo
     try:
+        if parallel is not None:
+            parallel.degrees(info.world)
         yield info
     finally:
         shutdown(info)

@@ -107,7 +107,7 @@ class Run:
     info: DistInfo = field(default_factory=DistInfo)
     resume: bool = False
     identity: dict = field(default_factory=dict)
-    checkpoint_extra: dict = field(default_factory=dict)  # saved beside the state, for the run's own use
+    checkpoint_extra: dict = field(default_factory=dict)  # saved beside the state; a resume must give the same
     tokenizer: Tokenizer | None = None
     labels: list[str] | None = None
     max_length: int | None = None
@@ -161,6 +161,11 @@ def _resume(run: Run, layout: Layout, optimizer: torch.optim.Optimizer, metrics:
     if passed_over and run.info.is_main:
         print(f"scratchlm: warning: {'; '.join(passed_over)}; resuming from {checkpoint}", file=sys.stderr, flush=True)
         set_latest(checkpoint)  # so that `latest` never names the damaged one while it is replaced
+    for key, value in run.checkpoint_extra.items():  # e.g. tokens_per_step: another size is another run
+        if key in state and state[key] != value:
+            raise ConfigError(f"{checkpoint}: the run was saved with {key} = {state[key]}, and resuming it here gives "
+                              f"{value}; resume with settings that give the same (for pretraining on another number of "
+                              f"processes: batch_tokens = {state[key]} and a micro_batch that divides it)")
     torch.set_rng_state(state["rng_cpu"])
     random.setstate(state["rng_python"])
     if run.device.type == "cuda" and state.get("rng_cuda"):
@@ -307,7 +312,8 @@ def train_loop(
                      "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                      "scaler": scaler.state_dict(), "model_config": run.identity, **run.checkpoint_extra}
             if layout.sharded:  # every rank writes its shards
-                save_sharded_checkpoint(run.folder, step, layout.model, optimizer, state, info.is_main)
+                save_sharded_checkpoint(run.folder, step, layout.model, optimizer, state, info.is_main, run.tokenizer,
+                                        whole=layout.template, labels=run.labels, max_length=run.max_length)
             elif info.is_main:
                 save_checkpoint(run.folder, step, model, {"optimizer": optimizer.state_dict(), **state},
                                 run.tokenizer, labels=run.labels, max_length=run.max_length)

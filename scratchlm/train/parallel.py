@@ -286,8 +286,10 @@ def apply_tensor_parallel(model: GPT, tp_mesh, loss_parallel: bool = True) -> No
         if getattr(block.mlp, "gate", None) is not None:
             plan["mlp.gate"] = ColwiseParallel()
         if block.attn.q_norm is not None:
-            raise ConfigError("tensor parallel does not support qk_norm yet (its norms span whole heads on each rank; "
-                              "set model_config.qk_norm=false or tp=1)")
+            # Per-head norms of (B, heads, T, head_dim), each rank holding n_head/tp heads: the
+            # heads dim is sharded, and the shared gain's gradient is summed across the ranks.
+            plan["attn.q_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+            plan["attn.k_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
     pad_sequence_to_multiple(model, tp_mesh.size())
 

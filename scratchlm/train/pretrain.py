@@ -55,7 +55,6 @@ class RunSummary:
     start_val_bpb: float | None = None
     peak_memory_mb: float = 0.0
     layout: str = "1 process"  # how the run was spread over torchrun's processes
-    main: bool = True  # False on the other ranks of a torchrun job, which write nothing
 
 
 # ---- model sizing ---------------------------------------------------------------------
@@ -208,7 +207,7 @@ def pretrain(
     run_dir = Path(out)
     shards = TokenShards.open(data)
     tokenizer = _shard_tokenizer(Path(data), shards)
-    with process_group(config.device) as info:
+    with process_group(config.device, config.parallel) as info:
         return _train(run_dir, shards, tokenizer, config, info, val_text, resume, progress)
 
 
@@ -298,8 +297,7 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
                         evaluate=validation)
     summary = RunSummary(run_dir, result.steps, result.tokens, result.seconds, params, result.final_loss,
                          result.evaluation.get("val_loss"), result.evaluation.get("val_bpb"), result.tokens_per_s,
-                         result.mfu, peak_memory_mb=result.peak_memory_mb, main=info.is_main,
-                         layout=_layout_text(config, info))
+                         result.mfu, peak_memory_mb=result.peak_memory_mb, layout=_layout_text(config, info))
     if info.is_main:
         model = result.model  # whole again: shards gathered, pipeline stages collected
         save_model_folder(run_dir / "model", model, tokenizer)
