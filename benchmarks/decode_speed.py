@@ -1,14 +1,14 @@
 """Decode speed at batch 1: SmolLM2-135M-Instruct, greedy, scratchlm against transformers'
 `generate`, same machine, same run, same prompt, same number of new tokens.
 
-    python benchmarks/decode_speed.py [--new-tokens 128] [--repeats 3] [--modes float32,bfloat16,int8]
+    python benchmarks/decode_speed.py [--new-tokens 128] [--repeats 3] [--modes float32,bfloat16,int8,int4]
                                       [--compile] [--batch-sizes 1,8] [--out FILE.json]
 
 Both load the same GGUF file, dequantised to float32. transformers runs
 `generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)` (its default dynamic KV cache;
 `--static-cache` adds a run with `cache_implementation="static"`); scratchlm runs
 `generate_tokens` (preallocated cache, end-of-sequence ignored so both produce N tokens) in
-each of `--modes`: float32, bfloat16 weights, int8 weight-only matmuls. Sides alternate within
+each of `--modes`: float32, bfloat16 weights, int8 or int4 (group 64) weight-only matmuls. Sides alternate within
 each repeat, so a slow spell of a shared machine hits both; the median repeat is reported.
 
 - time to first token: prefill of the prompt and the first token (transformers:
@@ -98,7 +98,8 @@ def main() -> None:
     models = {}
     for mode in args.modes.split(","):
         model = open_model(path, kind="language-model").model
-        models[mode] = prepare_for_inference(model, "float32" if mode == "int8" else mode, "int8" if mode == "int8" else "none")
+        quantized = mode in ("int8", "int4")
+        models[mode] = prepare_for_inference(model, "float32" if quantized else mode, mode if quantized else "none")
         sides[f"scratchlm {mode}"] = (lambda m: lambda: time_ours(m, ids, args.new_tokens))(models[mode])
     if args.compile:
         compiled = open_model(path, kind="language-model").model

@@ -1,4 +1,4 @@
-"""Inference in bfloat16 and with int8 weight-only matmuls: close to float32, and usable by the engine."""
+"""Inference in bfloat16 and with int8 and int4 weight-only matmuls: close to float32, and usable by the engine."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from scratchlm.errors import ConfigError
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.sampling import SamplingConfig, generate_tokens
-from scratchlm.model.quantize import Int8Linear, prepare_for_inference
+from scratchlm.model.quantize import Int4Linear, Int8Linear, dequantize_groups, prepare_for_inference, quantize_groups
 
 
 def tiny(seed: int = 0) -> GPT:
@@ -24,14 +24,16 @@ def test_int8_linear_is_close_to_the_float_layer():
     assert error < 0.03  # int8 rows (1/254 of each row's range) and bfloat16 activations
 
 
-@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float32", "int8")])
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float32", "int8"), ("float32", "int4")])
 def test_inference_modes_keep_logits_close_and_generate(dtype, quantize):
     reference, model = tiny(), prepare_for_inference(tiny(), dtype, quantize)
     idx = torch.randint(0, 128, (2, 20))
     want, _ = reference(idx)
     got, _ = model(idx)
     assert got.dtype == torch.bfloat16
-    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    # int4 of a random (untrained) model: 16 levels per group of 64 put each weight within 1/30 of
+    # its group's range; the logits of two layers move by a few percent of their largest value.
+    assert (got.float() - want).abs().max() < (0.15 if quantize == "int4" else 0.05) * want.abs().max()
     assert model.rope_cos.dtype == torch.float32  # positions keep their precision
     steps = list(generate_tokens(model, [1, 2, 3], SamplingConfig(temperature=0.0, max_new_tokens=5)))
     assert len(steps) == 5
@@ -43,8 +45,40 @@ def test_int8_replaces_every_linear_layer_and_keeps_the_embedding():
     assert isinstance(model.head, Int8Linear) and model.embed.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("dtype, quantize, message", [("float64", "none", "float64"), ("float32", "int4", "int4"),
-                                                       ("float16", "int8", "bfloat16")])
+@pytest.mark.parametrize("dtype, quantize, message", [("float64", "none", "float64"), ("float32", "int2", "int2"),
+                                                       ("float16", "int8", "bfloat16"), ("float16", "int4", "bfloat16")])
 def test_unknown_modes_are_config_errors(dtype, quantize, message):
     with pytest.raises(ConfigError, match=message):
         prepare_for_inference(tiny(), dtype, quantize)
+
+
+def test_int4_groups_round_each_weight_to_the_nearest_of_16_levels():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128)
+    codes, scales_and_zeros = quantize_groups(weight, 32)
+    assert codes.dtype == torch.int32 and int(codes.min()) >= 0 and int(codes.max()) <= 15
+    assert scales_and_zeros.shape == (128 // 32, 96, 2) and scales_and_zeros.dtype == torch.bfloat16
+    # Half a step of each group's range / 15, plus the bfloat16 rounding of scale and zero
+    # (2^-9 relative, times the code's distance from 8, at most 8 steps).
+    groups = weight.reshape(96, 4, 32)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15)[..., None].expand_as(groups).reshape(96, 128)
+    error = (dequantize_groups(codes, scales_and_zeros) - weight).abs()
+    assert bool((error <= 0.5 * step + 2**-8 * (weight.abs() + 8 * step)).all())
+
+
+def test_int4_linear_matches_its_dequantized_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64)
+    layer = Int4Linear(linear, 64)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 64 * 128 // 2  # two codes a byte
+    codes, scales_and_zeros = quantize_groups(linear.weight.detach(), 64)
+    x = torch.randn(5, 128)
+    # The kernel multiplies bfloat16 activations by the same dequantized weights, in float32 sums.
+    reference = x.to(torch.bfloat16).float() @ dequantize_groups(codes, scales_and_zeros).T + linear.bias.to(torch.bfloat16).float()
+    got = layer(x)
+    assert (got - reference).abs().max() <= 2e-2 * reference.abs().max()  # bfloat16 output (2^-8)
+
+
+def test_int4_refuses_a_group_size_that_does_not_divide_the_width():
+    with pytest.raises(ConfigError, match="group size 128 does not divide the width 64 .*choose one of 32, 64"):
+        prepare_for_inference(tiny(), quantize="int4", group_size=128)

