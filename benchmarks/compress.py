@@ -29,11 +29,13 @@ PROMPTS = ["The history of the printing press begins", "Photosynthesis is the pr
 
 
 def held_out_text(path: str | None, chars: int) -> tuple[str, str]:
+    from scratchlm.text.reading import read_text  # undecodable bytes replaced (the book is not all UTF-8)
+
     if path:
-        return Path(path).read_text(encoding="utf-8")[:chars], path
+        return read_text(path)[0][:chars], path
     book = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "pg84.txt"
     if book.is_file():
-        return book.read_text(encoding="utf-8")[:chars], str(book)
+        return read_text(book)[0][:chars], str(book)
     import pydoc_data.topics
 
     return "\n\n".join(pydoc_data.topics.topics.values())[:chars], "pydoc_data.topics"
