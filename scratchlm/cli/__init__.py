@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 
 from scratchlm import __version__
-from scratchlm.cli import data, evaluate, feedback, finetune, interop, model, plan, quickstart, serve, tokenizer, train
+from scratchlm.cli import compress, data, evaluate, feedback, finetune, interop, model, plan, quickstart, serve, tokenizer, train
 from scratchlm.errors import ScratchLMError
 
 EXIT_USER_ERROR = 2
 # The order of `scratchlm --help`: the path from text to a served model, then the tools.
-STAGES = (quickstart, tokenizer, data, model, train, serve, finetune, interop, evaluate, plan, feedback)
+STAGES = (quickstart, tokenizer, data, model, train, serve, finetune, compress, interop, evaluate, plan, feedback)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
