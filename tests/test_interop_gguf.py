@@ -262,6 +262,49 @@ def test_f16_export_rounds_matrices_to_half_and_keeps_1d_tensors_f32(family, tok
     assert (logits(back, ids) - logits(model, ids)).abs().max().item() < 1e-2
 
 
+@given(rows=st.integers(1, 4), blocks=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 300.0]), zero_block=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_our_q8_0_and_q4_0_are_bit_for_bit_gguf_pys(rows, blocks, seed, scale, zero_block):
+    w = (np.random.default_rng(seed).standard_normal((rows, 32 * blocks)) * scale).astype(np.float32)
+    if zero_block:
+        w[0, :32] = 0  # a scale of zero: no division by it
+    for ours, qtype in ((gguf_interop.quantize_q8_0, GGMLQuantizationType.Q8_0),
+                        (gguf_interop.quantize_q4_0, GGMLQuantizationType.Q4_0)):
+        assert np.array_equal(ours(w), quantize(w, qtype)), qtype.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_export_reads_back_as_its_dequantized_weights(family, dtype, tokenizer, tmp_path):
+    model = random_model(FAMILIES[family])
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype=dtype)
+    qtype = GGMLQuantizationType.Q8_0 if dtype == "q8_0" else GGMLQuantizationType.Q4_0
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    rounded = random_model(FAMILIES[family])
+    with torch.no_grad():  # what the file holds: matrices of whole 32-weight rows quantized, other matrices f16
+        for p in rounded.parameters():
+            if p.dim() == 2 and p.shape[1] % 32 == 0:
+                p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), qtype), qtype)).reshape(p.shape))
+            elif p.dim() == 2:
+                p.copy_(p.half().float())
+    assert qtype in types.values() and all(t in (qtype, GGMLQuantizationType.F16, GGMLQuantizationType.F32)
+                                          for t in types.values())
+    back, _ = import_gguf(path)
+    ids = torch.randint(0, 320, (2, 33), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(back, ids), logits(rounded, ids))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_transformers_reads_our_quantized_export_as_we_do(dtype, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = export_gguf(random_model(FAMILIES["llama"]), tokenizer, tmp_path / "llama.gguf", dtype=dtype)
+    ids = torch.randint(0, 320, (2, 33), generator=torch.Generator().manual_seed(0))
+    ours, _ = import_gguf(path)
+    assert (logits(ours, ids) - hf_model(path)(ids).logits.detach()).abs().max().item() < 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_reads_our_export(family, tokenizer, tmp_path, monkeypatch):
@@ -516,5 +559,5 @@ def test_export_refuses_a_tokenizer_larger_than_the_embedding(tokenizer, tmp_pat
 
 
 def test_export_refuses_an_unknown_dtype(tokenizer, tmp_path):
-    with pytest.raises(ConfigError, match="choose one of f32, f16"):
-        export_gguf(GPT(FAMILIES["llama"]), tokenizer, tmp_path / "m.gguf", dtype="q4_0")
+    with pytest.raises(ConfigError, match="choose one of f32, f16, q8_0, q4_0"):
+        export_gguf(GPT(FAMILIES["llama"]), tokenizer, tmp_path / "m.gguf", dtype="q4_k")

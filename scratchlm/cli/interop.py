@@ -26,13 +26,14 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
         help="write a model as a Hugging Face folder or a GGUF file",
         description="Write a model for other tools. --format hf: a folder that transformers' AutoModelForCausalLM "
         "and AutoTokenizer load (GPT-2, Llama or, for QK-norm models, Qwen3 architecture) and that gives the same "
-        "logits. --format gguf: one GGUF file (llama, qwen3 or gpt2 architecture, F32 or F16) for llama.cpp and the "
+        "logits. --format gguf: one GGUF file (llama, qwen3 or gpt2 architecture; F32, F16, Q8_0 or Q4_0) for llama.cpp and the "
         "gguf package. " + MODEL_HELP,
     )
     exp.add_argument("model", type=Path, help="the model (see above)")
     exp.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf (folder) or gguf (file)")
     exp.add_argument("--out", type=Path, required=True, help="folder (hf, new or empty) or file (gguf) to write")
-    exp.add_argument("--dtype", default=None, help="hf: float32 (default), bfloat16 or float16; gguf: f32 (default) or f16")
+    exp.add_argument("--dtype", default=None, help="hf: float32 (default), bfloat16 or float16; gguf: f32 (default), f16, or q8_0 / q4_0 "
+                     "(GGML's block quantization of the matrices, bit for bit as llama.cpp's quantizer writes it)")
     exp.set_defaults(run=_export)
 
 

@@ -12,7 +12,7 @@ from scratchlm.model.info import architecture
 from scratchlm.model.model import count_params
 
 ExportFormat = Literal["hf", "gguf"]
-EXPORT_DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gguf": ("f32", "f16")}
+EXPORT_DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gguf": ("f32", "f16", "q8_0", "q4_0")}
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen3", "gpt2")
 SUPPORTED_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )
-EXPORT_DTYPES = ("f32", "f16")
+EXPORT_DTYPES = ("f32", "f16", "q8_0", "q4_0")
+QUANT_BLOCK = 32  # weights per Q8_0 / Q4_0 block, along a row
 
 # The ModelConfig choices each architecture fixes; the rest (sizes, heads, eps, rope base,
 # tied head) are free.
@@ -419,7 +420,8 @@ def write_tokenizer_metadata(writer: GGUFWriter, tokenizer: Tokenizer, vocab_siz
 
 def _add_model_metadata(writer: GGUFWriter, config: ModelConfig, arch: str, dtype: str, name: str) -> None:
     writer.add_name(name)
-    writer.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
+    writer.add_file_type({"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": LlamaFileType.MOSTLY_Q4_0}.get(dtype, LlamaFileType.ALL_F32))
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.block_size)
     writer.add_embedding_length(config.n_embd)
@@ -443,8 +445,58 @@ def _export_array(model: GPT, slot: TensorSlot, dtype: str) -> np.ndarray:
     w = torch.cat([model.get_parameter(p).detach() for p in slot.params])
     if slot.rope_heads is not None:
         w = permute_for_llama_cpp(w, slot.rope_heads)
-    half = dtype == "f16" and w.dim() > 1
-    return w.to("cpu", torch.float16 if half else torch.float32).contiguous().numpy()
+    kind = _stored_as(dtype, tuple(w.shape))
+    if kind == "q8_0":
+        return quantize_q8_0(w.to("cpu", torch.float32).numpy())
+    if kind == "q4_0":
+        return quantize_q4_0(w.to("cpu", torch.float32).numpy())
+    return w.to("cpu", torch.float16 if kind == "f16" else torch.float32).contiguous().numpy()
+
+
+def _stored_as(dtype: str, shape: tuple[int, ...]) -> str:
+    """How a tensor of `shape` is written in an export of `dtype`: matrices in that type (a
+    quantized one needs rows of whole 32-weight blocks), 1-D tensors (norms, biases) in f32, as
+    llama.cpp's converter and quantizer do."""
+    if len(shape) < 2 or dtype == "f32":
+        return "f32"
+    if dtype in ("q8_0", "q4_0") and shape[-1] % QUANT_BLOCK:
+        return "f16"
+    return dtype
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """ggml's roundf, as its reference quantizer computes it in float32."""
+    a = np.abs(x)
+    floored = np.floor(a)
+    return np.sign(x) * (floored + np.floor(2 * (a - floored)))
+
+
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """GGML's Q8_0 of float32 rows (their length a multiple of 32), as bytes (rows, cols / 32 x
+    34): per block of 32 weights a float16 scale d = max|x| / 127, then 32 int8 round(x / d).
+    Bit for bit what ggml-quants.c (and gguf-py) write."""
+    rows = w.shape[0]
+    blocks = w.astype(np.float32).reshape(-1, QUANT_BLOCK)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    codes = _round_half_away(blocks * inverse).astype(np.int8).view(np.uint8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), codes], axis=1).reshape(rows, -1)
+
+
+def quantize_q4_0(w: np.ndarray) -> np.ndarray:
+    """GGML's Q4_0, as bytes (rows, cols / 32 x 18): per block a float16 d = m / -8, m the weight
+    of largest magnitude (with its sign), and 32 codes trunc(x / d + 8.5) in 0..15, the first 16
+    in the low nibbles and the last 16 in the high ones. Bit for bit ggml-quants.c's reference."""
+    rows = w.shape[0]
+    blocks = w.astype(np.float32).reshape(-1, QUANT_BLOCK)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1, keepdims=True), axis=-1)
+    d = largest / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    codes = np.trunc(blocks * inverse + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+    packed = codes[:, : QUANT_BLOCK // 2] | (codes[:, QUANT_BLOCK // 2 :] << np.uint8(4))
+    return np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1).reshape(rows, -1)
 
 
 def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "f32", progress: bool = False) -> Path:
@@ -468,7 +520,15 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str =
             # copy of the whole model in memory.
             for slot in slots:
                 shape = _slot_shape(model, slot)
-                item = np.dtype(np.float16 if dtype == "f16" and len(shape) > 1 else np.float32)
+                kind = _stored_as(dtype, tuple(shape))
+                if kind in ("q8_0", "q4_0"):  # the table takes the bytes' shape with the type
+                    per_block = 34 if kind == "q8_0" else 18
+                    byte_shape = (*shape[:-1], shape[-1] // QUANT_BLOCK * per_block)
+                    qtype = gguf.GGMLQuantizationType.Q8_0 if kind == "q8_0" else gguf.GGMLQuantizationType.Q4_0
+                    writer.add_tensor_info(slot.gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                                           raw_dtype=qtype)
+                    continue
+                item = np.dtype(np.float16 if kind == "f16" else np.float32)
                 writer.add_tensor_info(slot.gguf_name, shape, item, int(np.prod(shape)) * item.itemsize)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
