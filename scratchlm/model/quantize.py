@@ -65,6 +65,18 @@ class Int4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
 
+    @classmethod
+    def from_codes(cls, codes: Tensor, scales_and_zeros: Tensor, bias: Tensor | None, group_size: int) -> "Int4Linear":
+        """A layer of codes and (scale, zero) groups made elsewhere (GPTQ), in `quantize_groups`' layout."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        layer.register_buffer("scales_and_zeros", scales_and_zeros)
+        layer.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+        layer.out_features, layer.in_features = codes.shape
+        layer.group_size = group_size
+        return layer
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
@@ -119,9 +131,16 @@ def quantize_int8(model: GPT) -> GPT:
     return model
 
 
+def int4_fits(linear: nn.Linear) -> bool:
+    """Whether the int4 kernel takes the layer: its packing needs outputs in multiples of 16 (a
+    head over an unpadded vocabulary of another size stays bfloat16)."""
+    return linear.out_features % 16 == 0
+
+
 def quantize_int4(model: GPT, group_size: int = 64) -> GPT:
     """Int4 weight-only linear layers (`Int4Linear`) in a bfloat16 model, in place, on the CPU.
-    The embedding table stays bfloat16, so a tied head gets its own int4 copy."""
+    The embedding table stays bfloat16, so a tied head gets its own int4 copy; a layer the
+    kernel cannot take (`int4_fits`) stays bfloat16."""
     if group_size not in GROUP_SIZES:
         raise ConfigError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
@@ -131,7 +150,7 @@ def quantize_int4(model: GPT, group_size: int = 64) -> GPT:
     model = cast_for_inference(model, "bfloat16")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and int4_fits(child):
                 setattr(module, name, Int4Linear(child, group_size))
     return model
 
