@@ -18,7 +18,6 @@ same size on disk and the same speed, until a sparse kernel runs it.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +25,6 @@ from torch import Tensor, nn
 from scratchlm.errors import ConfigError
 from scratchlm.model.model import GPT
 
-Method = Literal["magnitude", "wanda"]
-Pattern = Literal["unstructured", "2:4"]
 METHODS = ("magnitude", "wanda")
 PATTERNS = ("unstructured", "2:4")
 

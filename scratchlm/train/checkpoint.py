@@ -216,8 +216,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
         fsync_folder(root)
         set_latest(final)
         _rotate(root, step)
-    if dist.is_initialized():
-        dist.barrier()  # no rank goes on (and might resume or exit) before the checkpoint is committed
+    _barrier()  # no rank goes on (and might resume or exit) before the checkpoint is committed
     return final
 
 
