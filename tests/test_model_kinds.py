@@ -16,7 +16,7 @@ from scratchlm.finetune.config import ClassifyConfig
 from scratchlm.interop import detect_model, open_model
 from scratchlm.model import GPT, get_preset
 from scratchlm.model.classifier import SequenceClassifier, TextClassifier
-from scratchlm.model.folder import FORMAT_VERSION, load_classifier, save_model_folder
+from scratchlm.model.folder import FLOAT_FORMAT_VERSION, FORMAT_VERSION, load_classifier, save_model_folder
 from scratchlm.serve.server import create_app
 from scratchlm.tokenizer import train_bpe
 
@@ -56,7 +56,7 @@ def test_a_language_model_folder_has_the_versioned_header_and_opens_again(tokeni
     model = tiny_gpt(tokenizer)
     folder = save_model_folder(tmp_path / "lm", model, tokenizer)
     header = read_config(folder)
-    assert (header["format"], header["format_version"], header["kind"]) == ("scratchlm-model", FORMAT_VERSION, "language-model")
+    assert (header["format"], header["format_version"], header["kind"]) == ("scratchlm-model", FLOAT_FORMAT_VERSION, "language-model")
     assert header["tokenizer"] == "tokenizer.json" and header["model"] == model.config.to_dict()
     assert "labels" not in header and header["architecture"].startswith(f"{model.config.n_layer} layers")
     opened = open_model(folder)

@@ -1,4 +1,4 @@
-"""scratchlm prune: zero the least important weights of a model's linear layers."""
+"""scratchlm quantize | prune: make a trained model cheaper to run."""
 
 import argparse
 from pathlib import Path
@@ -7,6 +7,32 @@ from scratchlm.cli.common import MODEL_HELP
 
 
 def add_commands(stages: argparse._SubParsersAction) -> None:
+    qu = stages.add_parser(
+        "quantize",
+        help="quantize a model's linear layers to int8 or int4 and save it as a model folder",
+        description="Round every linear layer's weights (attention, MLP and the output head; not the embedding "
+        "table, which stays bfloat16) to int8 with a scale per output row, or to int4 with a scale and zero per "
+        "group of --group-size weights along each row, and write a model folder to OUT that generate, chat, "
+        "serve, eval, compare and export open as it is (export writes its dequantized weights). --method rtn "
+        "rounds to nearest; --method gptq (int4) calibrates on text: each column's rounding error is moved onto "
+        "the columns not yet rounded, as the calibration inputs weigh them (Frantar et al. 2022). int4 runs on "
+        "the CPU kernel; int8 wherever PyTorch's weight-only int8 kernel does. " + MODEL_HELP,
+    )
+    qu.add_argument("model", help="the model to quantize (float weights)")
+    qu.add_argument("--to", choices=["int8", "int4"], required=True, help="int8 (a quarter of float32's bytes) or int4 (an eighth)")
+    qu.add_argument("--out", type=Path, required=True, help="the quantized model folder to write (new or empty)")
+    qu.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                    help="rtn: round to nearest; gptq: int4 calibrated on --calibration text (default: rtn)")
+    qu.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128, 256],
+                    help="int4: weights per (scale, zero) group along each row; smaller is closer to float, larger "
+                    "is smaller (default: 64)")
+    qu.add_argument("--calibration", type=Path, default=None,
+                    help="gptq: text file whose activations weigh the rounding errors (default: the embedded corpus)")
+    qu.add_argument("--sequences", type=int, default=32, help="gptq: calibration sequences (default: 32)")
+    qu.add_argument("--length", type=int, default=256, help="gptq: tokens per calibration sequence (default: 256)")
+    qu.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    qu.set_defaults(run=_quantize)
+
     pr = stages.add_parser(
         "prune",
         help="prune a model's linear layers (magnitude or Wanda; unstructured or 2:4)",
@@ -41,4 +67,16 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"{args.method} {args.pattern}: {report.sparsity:.2%} of the blocks' linear weights are zero "
           f"({min(report.layers.values()):.2%} to {max(report.layers.values()):.2%} per layer)")
     print(f"wrote {args.out}/ (a model folder, prune_report.json)")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from scratchlm.compress.quantize import quantize_model
+
+    report = quantize_model(args.model, args.out, args.to, args.method, args.group_size, args.calibration,
+                            args.sequences, args.length, args.force, note=print)
+    kind = args.to if args.to == "int8" else f"int4 in groups of {report.group_size}"
+    kept = f"; {', '.join(report.float_layers)} stay bfloat16 (the kernel packs 16 outputs at a time)" if report.float_layers else ""
+    print(f"{args.method}: {report.layers} linear layers to {kind}{kept}")
+    print(f"wrote {args.out}/ ({report.bytes / 1e6:.1f} MB of weights, in {report.seconds:.1f} s)")
     return 0

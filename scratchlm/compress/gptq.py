@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from scratchlm.compress.prune import measure_inputs, prunable_layers
 from scratchlm.errors import ConfigError
 from scratchlm.model.model import GPT
-from scratchlm.model.quantize import GROUP_SIZES, Int4Linear, cast_for_inference, int4_fits, quantize_groups
+from scratchlm.model.quantize import Int4Linear, cast_for_inference, check_int4, int4_fits, quantize_groups
 
 DAMPING = 0.01  # of the mean diagonal of H: keeps H invertible when some inputs never vary
 
@@ -65,8 +65,7 @@ def quantize_int4_gptq(model: GPT, calibration: Tensor, group_size: int = 64, ba
     """The model with every linear layer of its blocks GPTQ-quantized to int4 (and the head
     rounded to nearest), in bfloat16, on the CPU kernel of `Int4Linear` (a layer it cannot take,
     `int4_fits`, stays bfloat16). `calibration`: (N, T) token ids."""
-    if group_size not in GROUP_SIZES:
-        raise ConfigError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
+    check_int4(model, group_size)
     if calibration.numel() == 0:
         raise ConfigError("GPTQ needs calibration text (its activations weigh the rounding errors)")
     model.eval()

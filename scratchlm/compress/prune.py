@@ -18,12 +18,15 @@ same size on disk and the same speed, until a sparse kernel runs it.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from scratchlm.errors import ConfigError
 from scratchlm.model.model import GPT
+from scratchlm.model.quantize import require_float
+from scratchlm.tokenizer import Tokenizer
 
 METHODS = ("magnitude", "wanda")
 PATTERNS = ("unstructured", "2:4")
@@ -160,6 +163,37 @@ def calibration_tokens(ids: list[int], sequences: int, length: int) -> Tensor:
     return torch.tensor(ids[: count * length], dtype=torch.long).reshape(count, length)
 
 
+def check_out_folder(out: str | Path, force: bool) -> Path:
+    """`out` as a Path, if it is new, empty, or `force` lets it be written into."""
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise ConfigError(f"{target} already exists and is not an empty folder; choose another --out or pass --force")
+    return target
+
+
+def check_calibration_size(sequences: int, length: int) -> None:
+    if not (sequences >= 1 and length >= 2):
+        raise ConfigError(f"calibration needs at least one sequence of 2 tokens, not {sequences} x {length}")
+
+
+def read_calibration(tokenizer: Tokenizer, path: str | Path | None, sequences: int, length: int,
+                     note: Callable[[str], None] | None = None) -> Tensor:
+    """(sequences, length) token windows of the text file `path`, else of the embedded corpus
+    (CPython's documentation); fewer when the text is short."""
+    if path is not None:
+        from scratchlm.text.reading import read_text
+
+        text = read_text(path)[0]
+    else:
+        from scratchlm.text.embedded import embedded_corpus_text
+
+        text = embedded_corpus_text(max_bytes=4 * sequences * length * 4)
+    tokens = calibration_tokens(tokenizer.encode_ordinary(text), sequences, length)
+    if note:
+        note(f"calibration: {tokens.shape[0]} sequences of {tokens.shape[1]} tokens from {path or 'the embedded corpus'}")
+    return tokens
+
+
 def prune_model(model_path: str, out: str, method: str = "wanda", sparsity: float = 0.5, pattern: str = "unstructured",
                 calibration: str | None = None, sequences: int = 32, length: int = 256, device: str = "cpu",
                 force: bool = False, note: Callable[[str], None] | None = None) -> PruneReport:
@@ -167,34 +201,21 @@ def prune_model(model_path: str, out: str, method: str = "wanda", sparsity: floa
     model folder `out`, with prune_report.json (the sparsity of every layer). Calibration text:
     the file `calibration`, else the embedded corpus (CPython's documentation)."""
     import json
-    from pathlib import Path
 
     from scratchlm.atomic_io import write_text_atomic
     from scratchlm.interop import open_model
     from scratchlm.model.folder import save_model_folder
 
     sparsity = check_settings(method, pattern, sparsity)
-    target = Path(out)
-    if target.exists() and any(target.iterdir()) and not force:
-        raise ConfigError(f"{target} already exists and is not empty; choose another --out or pass --force")
-    if method == "wanda" and not (sequences >= 1 and length >= 2):
-        raise ConfigError(f"calibration needs at least one sequence of 2 tokens, not {sequences} x {length}")
+    target = check_out_folder(out, force)
+    if method == "wanda":
+        check_calibration_size(sequences, length)
     opened = open_model(model_path, device, kind="language-model")
     model, tokenizer = opened.model, opened.tokenizer
+    require_float(model, model_path, "pruning")
     tokens = None
     if method == "wanda":
-        if calibration is not None:
-            from scratchlm.text.reading import read_text
-
-            text = read_text(calibration)[0]
-        else:
-            from scratchlm.text.embedded import embedded_corpus_text
-
-            text = embedded_corpus_text(max_bytes=4 * sequences * length * 4)
-        length = min(length, model.config.block_size)
-        tokens = calibration_tokens(tokenizer.encode_ordinary(text), sequences, length)
-        if note:
-            note(f"calibration: {tokens.shape[0]} sequences of {tokens.shape[1]} tokens from {calibration or 'the embedded corpus'}")
+        tokens = read_calibration(tokenizer, calibration, sequences, min(length, model.config.block_size), note)
     report = prune(model, method, sparsity, pattern, tokens,
                    on_block=(lambda done, total: note(f"pruned block {done}/{total}")) if note else None)
     save_model_folder(target, model, tokenizer)

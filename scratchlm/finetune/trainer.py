@@ -35,6 +35,7 @@ from scratchlm.finetune.lora import apply_lora, merge_lora, save_adapter, target
 from scratchlm.finetune.records import RecordReport
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.model import GPT
+from scratchlm.model.quantize import require_float
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.distributed import DistInfo
 from scratchlm.train.loop import LoopConfig, LoopResult, Run, StepOutput, train_loop
@@ -326,6 +327,7 @@ def load_base(model_path: str | Path, out: Path, force: bool, resume: bool, devi
     device = resolve_device(device_name, info.local_rank)
     say(f"loading {model_path}")
     opened = open_model(model_path, device, kind="language-model")
+    require_float(opened.model, model_path, "fine-tuning")
     return opened.model, opened.tokenizer, device
 
 

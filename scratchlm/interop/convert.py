@@ -10,6 +10,7 @@ from scratchlm.interop.load import detect_model, open_model
 from scratchlm.model.folder import save_model_folder
 from scratchlm.model.info import architecture
 from scratchlm.model.model import count_params
+from scratchlm.model.quantize import dequantize, quantization_of
 
 ExportFormat = Literal["hf", "gguf"]
 EXPORT_DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gguf": ("f32", "f16", "q8_0", "q4_0")}
@@ -48,7 +49,9 @@ def import_model(source: str | Path, out: str | Path, pattern: str | None = None
 
 
 def export_model(source: str | Path, fmt: ExportFormat, out: str | Path, dtype: str | None = None) -> ConversionSummary:
-    """Write the model at `source` as a Hugging Face folder (`fmt="hf"`) or a GGUF file."""
+    """Write the model at `source` as a Hugging Face folder (`fmt="hf"`) or a GGUF file. A
+    quantized model is written as the float weights its codes stand for (a tied head, quantized
+    apart from the embedding, as an output matrix of its own)."""
     start = time.perf_counter()
     source, out = Path(source), Path(out)
     if fmt not in EXPORT_DTYPES:
@@ -65,6 +68,8 @@ def export_model(source: str | Path, fmt: ExportFormat, out: str | Path, dtype: 
         raise InputFileError(f"{out}: already exists; choose a new output path")
     opened = open_model(source, kind="language-model")
     model, tokenizer = opened.model, opened.tokenizer
+    if quantization_of(model) is not None:  # other tools read float weights (or quantize them again)
+        model = dequantize(model)
     if fmt == "hf":
         from scratchlm.interop.hf import export_hf
 

@@ -66,7 +66,7 @@ class OpenedModel:
 
 def open_model(path: str | Path, device: str | torch.device = "cpu", pattern: str | None = None,
                kind: ModelKind | None = None) -> OpenedModel:
-    """The model (float32, eval mode, on `device`) and tokenizer at `path`, whatever its format.
+    """The model (eval mode, on `device`; float32, or as quantized by `scratchlm quantize`) and tokenizer at `path`, whatever its format.
     `pattern` overrides the pre-tokenizer of an imported tokenizer. With `kind`, a model of the
     other kind is a one-line InputFileError naming the path and what it holds: every command
     that generates or trains text passes kind="language-model", so its `.model` is a GPT."""

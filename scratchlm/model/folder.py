@@ -13,7 +13,15 @@ config.json is a versioned header, so a reader knows what it holds before it bui
      "architecture": "<one line, scratchlm.model.info.architecture>",
      "tokenizer": "tokenizer.json",
      "model": {ModelConfig},
-     "labels": [...], "pooling": "last" | "mean", "max_length": N}     <- classifiers only
+     "labels": [...], "pooling": "last" | "mean", "max_length": N,     <- classifiers only
+     "quantization": {"method": "int8" | "int4", "group_size": N,    <- quantized models only
+                      "layers": [names of the quantized linear layers]}}
+
+A quantized model's folder (format_version 3, written by `scratchlm quantize`) stores each listed
+layer as its quantized tensors (`scratchlm.model.quantize.quantized_tensors`: int8 rows and
+scales, or int4 codes two to a byte and their (scale, zero) groups) and the rest in bfloat16;
+it opens as the quantized model, ready to run. Float folders stay format_version 2, which
+older readers take.
 
 A checkpoint of a sharded run (FSDP2, tensor or pipeline parallel) holds `shards/`, each rank's
 slices written by torch.distributed.checkpoint, in place of model.safetensors; it opens too, its
@@ -32,7 +40,7 @@ from typing import Literal, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor
 
 from scratchlm.atomic_io import write_text_atomic, written_atomically
@@ -42,6 +50,7 @@ from scratchlm.model.classifier import SequenceClassifier, TextClassifier
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.info import architecture
 from scratchlm.model.model import GPT, allocate_on_cpu
+from scratchlm.model.quantize import load_quantized_layers, quantization_of, quantized_tensors
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 from scratchlm.tokenizer.formats import read_json
 
@@ -52,8 +61,10 @@ TOKENIZER = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 FORMAT = "scratchlm-model"
 # Raise it when a reader of this version could misread a newer folder. 2: separate q, k, v and
-# SwiGLU gate, up projections (1 had them fused).
-FORMAT_VERSION = 2
+# SwiGLU gate, up projections (1 had them fused). 3: quantized weights (only quantized folders
+# are written as 3).
+FORMAT_VERSION = 3
+FLOAT_FORMAT_VERSION = 2
 OLD_CLASSIFIER_FORMAT = "scratchlm-classifier"  # the first classifier folders
 OLD_CLASSIFIER_WEIGHTS = "classifier.safetensors"
 
@@ -73,6 +84,7 @@ class FolderHeader:
     max_length: int | None = None  # classifiers: texts are cut to this many tokens
     weights: str = WEIGHTS
     tokenizer: str = TOKENIZER
+    quantization: dict | None = None  # how the weights are quantized (scratchlm.model.quantize.quantization_of)
 
 
 def model_header(config_path: Path) -> FolderHeader | None:
@@ -108,6 +120,10 @@ def _versioned_header(data: dict, where: Path) -> FolderHeader:
     else:
         header = FolderHeader("language-model", _model_config(data.get("model"), where))
     header.tokenizer = tokenizer
+    quantization = data.get("quantization")
+    if quantization is not None and (kind != "language-model" or not isinstance(quantization, dict)):
+        raise InputFileError(f"{where}: quantization must be an object, and only a language model's")
+    header.quantization = quantization
     return header
 
 
@@ -140,7 +156,10 @@ def save_model_folder(folder: str | Path, model: GPT | SequenceClassifier, token
     folder = Path(folder)  # created by the first write, once the header is known to be right
     write_model_files(folder, model, tokenizer, labels=labels, max_length=max_length)
     with written_atomically(folder / WEIGHTS) as tmp:
-        save_model(model, str(tmp))
+        if quantization_of(model) is None:
+            save_model(model, str(tmp))
+        else:
+            save_file(quantized_tensors(model), str(tmp))
     return folder
 
 
@@ -172,8 +191,12 @@ def describes(model: torch.nn.Module) -> bool:
 
 def _header_dict(model: GPT | SequenceClassifier, labels: list[str] | None, max_length: int | None) -> dict:
     kind: ModelKind = "classifier" if isinstance(model, SequenceClassifier) else "language-model"
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-              "architecture": architecture(model.config), "tokenizer": TOKENIZER, "model": model.config.to_dict()}
+    quantization = quantization_of(model)
+    header = {"format": FORMAT, "format_version": FLOAT_FORMAT_VERSION if quantization is None else FORMAT_VERSION,
+              "kind": kind, "architecture": architecture(model.config), "tokenizer": TOKENIZER,
+              "model": model.config.to_dict()}
+    if quantization is not None:
+        header["quantization"] = quantization
     if kind == "classifier":
         if labels is None or len(labels) != model.score.out_features:
             raise ValueError(f"a classifier with {model.score.out_features} outputs needs as many labels, not {labels!r}")
@@ -206,6 +229,8 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", co
         if header.kind != "language-model":
             raise InputFileError(f"{folder}: holds a {header.kind}, not a language model")
         config, tokenizer_path = header.config, folder / header.tokenizer
+        if header.quantization is not None:
+            return _load_quantized(folder, header, device), load_tokenizer(tokenizer_path)
     elif not (folder / WEIGHTS).is_file():
         raise InputFileError(f"{folder}: no {WEIGHTS} here")
     model = _load_weights(_empty_gpt(config), folder / WEIGHTS)
@@ -226,6 +251,31 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> T
     return TextClassifier(model, load_tokenizer(folder / header.tokenizer), header.labels, header.max_length)
 
 
+def _load_quantized(folder: Path, header: FolderHeader, device: str | torch.device) -> GPT:
+    assert header.quantization is not None
+    if header.quantization.get("method") == "int4" and torch.device(device).type != "cpu":
+        raise InputFileError(f"{folder}: holds an int4 model, which runs on the CPU kernel here; open it with --device cpu")
+    path = folder / header.weights
+    model = _empty_gpt(header.config)
+    try:
+        rest = load_quantized_layers(model, _read_safetensors(path), header.quantization)
+    except ValueError as exc:
+        raise InputFileError(f"{path}: {exc}") from None
+    missing, unexpected = load_state_dict_upgraded(model, rest)
+    quantized = set(header.quantization["layers"])
+    missing = [name for name in missing if name.rpartition(".")[0] not in quantized]  # loaded above
+    if missing or unexpected:
+        raise InputFileError(f"{path}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
+    return model.to(device).eval()
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise InputFileError(f"{path}: not a safetensors file ({exc})") from None
+
+
 def _empty_gpt(config: ModelConfig) -> GPT:
     with torch.device("meta"):  # no random initialisation of weights about to be overwritten
         model = GPT(config)
@@ -239,11 +289,7 @@ def _load_weights(model: M, path: Path) -> M:
         read_shards(state, shards)
         model.load_state_dict(state["model"])
         return model
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise InputFileError(f"{path}: not a safetensors file ({exc})") from None
-    missing, unexpected = load_state_dict_upgraded(model, tensors)
+    missing, unexpected = load_state_dict_upgraded(model, _read_safetensors(path))
     if missing or unexpected:
         raise InputFileError(f"{path}: weights do not match the model config ({sorted(missing or unexpected)[0]})")
     return model

@@ -116,9 +116,11 @@ def load_init_model(config: TrainConfig, shards_tokenizer: Tokenizer, shards: To
     """The model named by `config.init_from` on `device`, with the run's dropout, and its own
     tokenizer (which keeps its chat template and BOS/EOS metadata for the final model folder)."""
     from scratchlm.interop import open_model
+    from scratchlm.model.quantize import require_float
 
     opened = open_model(config.init_from, device, kind="language-model")
     model, tokenizer = opened.model, opened.tokenizer
+    require_float(model, config.init_from, "training")
     check_same_vocabulary(shards_tokenizer, tokenizer, shards, config.init_from)
     model_config = init_model_config(config, model.config)
     if model_config != model.config:  # dropout lives in the modules: rebuild, keep the weights
