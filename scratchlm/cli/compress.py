@@ -35,35 +35,63 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
 
     pr = stages.add_parser(
         "prune",
-        help="prune a model's linear layers (magnitude or Wanda; unstructured or 2:4)",
-        description="Zero the least important weights of every linear layer in the blocks (attention q, k, v, "
-        "proj; MLP gate, up, down; not the embedding or the head) and write an ordinary model folder to OUT, "
-        "with prune_report.json giving the sparsity each layer reached. magnitude: the smallest |W| of each "
-        "layer. wanda (Sun et al. 2023): |W| times the norm of its input feature over calibration text, "
-        "compared within each output row, block by block on the already pruned model; no weight is updated. "
-        "--pattern 2:4 zeroes 2 of every 4 consecutive weights of a row (sparsity 0.5). The zeros are stored "
-        "as zeros: the folder is as large and as fast as before, until a sparse kernel runs it. " + MODEL_HELP,
+        help="prune a model: zero weights (magnitude, Wanda; unstructured or 2:4) or cut blocks or MLP channels",
+        description="Unstructured (--method magnitude|wanda): zero the least important weights of every linear layer "
+        "in the blocks (attention q, k, v, proj; MLP gate, up, down; not the embedding or the head); "
+        "prune_report.json gives the sparsity each layer reached. magnitude: the smallest |W| of each layer. wanda "
+        "(Sun et al. 2023): |W| times the norm of its input feature over calibration text, compared within each "
+        "output row, block by block on the already pruned model; no weight is updated. --pattern 2:4 zeroes 2 of "
+        "every 4 consecutive weights of a row (sparsity 0.5). The zeros are stored as zeros: the folder is as large "
+        "and as fast as before, until a sparse kernel runs it. Structured (--method depth|width): a smaller model. "
+        "depth removes the --sparsity share of blocks that turn the hidden state least (ShortGPT's Block Influence); "
+        "width removes that share of every block's MLP channels, those with the weakest activations (rounded to "
+        "a multiple of 64). --distill STEPS then trains the cut model to match the whole one's next-token "
+        "distributions on the calibration text (KL divergence, through the training loop; run files in OUT/distill/). "
+        "Either way OUT is an ordinary model folder. " + MODEL_HELP,
     )
     pr.add_argument("model", help="the model to prune")
     pr.add_argument("--out", type=Path, required=True, help="the pruned model folder to write")
-    pr.add_argument("--method", choices=["magnitude", "wanda"], default="wanda", help="how weights are scored (default: wanda)")
-    pr.add_argument("--sparsity", type=float, default=0.5, help="fraction of each layer's weights to zero, unstructured (default: 0.5)")
+    pr.add_argument("--method", choices=["magnitude", "wanda", "depth", "width"], default="wanda",
+                    help="magnitude or wanda (zero weights), depth or width (remove blocks or MLP channels) (default: wanda)")
+    pr.add_argument("--sparsity", type=float, default=None,
+                    help="share to remove: of each layer's weights (magnitude, wanda; default 0.5), of the blocks "
+                    "(depth) or of the MLP channels (width) (default 0.25)")
     pr.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured",
-                    help="unstructured, or 2:4: 2 of every 4 consecutive weights (default: unstructured)")
+                    help="magnitude, wanda: unstructured, or 2:4: 2 of every 4 consecutive weights (default: unstructured)")
     pr.add_argument("--calibration", type=Path, default=None,
-                    help="text file whose activations weigh the weights (wanda; default: the embedded corpus)")
+                    help="text file whose activations measure importance, and that --distill trains on "
+                    "(default: the embedded corpus)")
     pr.add_argument("--sequences", type=int, default=32, help="calibration sequences (default: 32)")
     pr.add_argument("--length", type=int, default=256, help="tokens per calibration sequence (default: 256)")
+    pr.add_argument("--distill", type=int, default=0, metavar="STEPS",
+                    help="depth, width: distil the cut model from the whole one for STEPS steps (default: 0, none)")
+    pr.add_argument("--distill-lr", type=float, default=3e-4, help="distillation's peak learning rate (default: 3e-4)")
+    pr.add_argument("--distill-batch", type=int, default=8, help="calibration windows per distillation step (default: 8)")
     pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr.add_argument("--force", action="store_true", help="write into a non-empty --out")
     pr.set_defaults(run=_prune)
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from scratchlm.compress.distill import DistillConfig
     from scratchlm.compress.prune import prune_model
+    from scratchlm.compress.structured import STRUCTURES, prune_structure_model
+    from scratchlm.errors import ConfigError
 
-    report = prune_model(args.model, args.out, args.method, args.sparsity, args.pattern, args.calibration,
-                         args.sequences, args.length, args.device, args.force, note=print)
+    if args.method in STRUCTURES:
+        if args.pattern != "unstructured":
+            raise ConfigError(f"--pattern {args.pattern} is for magnitude and wanda; {args.method} removes whole {'blocks' if args.method == 'depth' else 'channels'}")
+        distill = DistillConfig(args.distill, args.distill_lr, args.distill_batch) if args.distill else None
+        cut = prune_structure_model(args.model, args.out, args.method, 0.25 if args.sparsity is None else args.sparsity,
+                                    args.calibration, args.sequences, args.length, distill, args.device, args.force, note=print)
+        print(f"{args.method}: {cut.params_before:,} -> {cut.params_after:,} parameters "
+              f"({1 - cut.params_after / cut.params_before:.1%} fewer)")
+        for stage, numbers in cut.held_out.items():
+            print(f"held-out KL to the unpruned model, {stage}: {numbers['val_kl']:.4f} nats/token")
+        print(f"wrote {args.out}/ (a model folder, prune_report.json{', distill/' if distill else ''})")
+        return 0
+    report = prune_model(args.model, args.out, args.method, 0.5 if args.sparsity is None else args.sparsity, args.pattern,
+                         args.calibration, args.sequences, args.length, args.device, args.force, args.distill, note=print)
     print(f"{args.method} {args.pattern}: {report.sparsity:.2%} of the blocks' linear weights are zero "
           f"({min(report.layers.values()):.2%} to {max(report.layers.values()):.2%} per layer)")
     print(f"wrote {args.out}/ (a model folder, prune_report.json)")

@@ -196,7 +196,7 @@ def read_calibration(tokenizer: Tokenizer, path: str | Path | None, sequences: i
 
 def prune_model(model_path: str, out: str, method: str = "wanda", sparsity: float = 0.5, pattern: str = "unstructured",
                 calibration: str | None = None, sequences: int = 32, length: int = 256, device: str = "cpu",
-                force: bool = False, note: Callable[[str], None] | None = None) -> PruneReport:
+                force: bool = False, distill_steps: int = 0, note: Callable[[str], None] | None = None) -> PruneReport:
     """Prune the language model at `model_path` (anything `open_model` opens) and write it as a
     model folder `out`, with prune_report.json (the sparsity of every layer). Calibration text:
     the file `calibration`, else the embedded corpus (CPython's documentation)."""
@@ -207,6 +207,8 @@ def prune_model(model_path: str, out: str, method: str = "wanda", sparsity: floa
     from scratchlm.model.folder import save_model_folder
 
     sparsity = check_settings(method, pattern, sparsity)
+    if distill_steps:
+        raise ConfigError(f"--distill trains a structurally pruned model (depth, width); training would refill {method}'s zeros")
     target = check_out_folder(out, force)
     if method == "wanda":
         check_calibration_size(sequences, length)
