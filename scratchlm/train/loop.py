@@ -1,5 +1,6 @@
 """The one training loop. Every kind of training runs through `train_loop`: pretraining
-(`scratchlm.train.pretrain`), and classification, instruction SFT and DPO (`scratchlm.finetune`).
+(`scratchlm.train.pretrain`), classification, instruction SFT and DPO (`scratchlm.finetune`), and
+distillation of a pruned model (`scratchlm.compress.distill`).
 
 A kind of training brings a `Task`: `batch(index)`, the index-th micro-batch of the whole run,
 and `step(model, batch)`, its loss and what to log beside it. The loop owns the rest, the same
