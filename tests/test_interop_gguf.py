@@ -283,13 +283,16 @@ def test_quantized_export_reads_back_as_its_dequantized_weights(family, dtype, t
     types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
     rounded = random_model(FAMILIES[family])
     with torch.no_grad():  # what the file holds: matrices of whole 32-weight rows quantized, other matrices f16
-        for p in rounded.parameters():
+        for name, p in rounded.named_parameters():
+            kept = name in ("embed.weight", "head.weight")  # Q8_0 in a Q4_0 file, as llama.cpp keeps them
             if p.dim() == 2 and p.shape[1] % 32 == 0:
-                p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), qtype), qtype)).reshape(p.shape))
+                kind = GGMLQuantizationType.Q8_0 if kept else qtype
+                p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), kind), kind)).reshape(p.shape))
             elif p.dim() == 2:
                 p.copy_(p.half().float())
-    assert qtype in types.values() and all(t in (qtype, GGMLQuantizationType.F16, GGMLQuantizationType.F32)
-                                          for t in types.values())
+    assert qtype in types.values() and all(t in (qtype, GGMLQuantizationType.Q8_0, GGMLQuantizationType.F16,
+                                                  GGMLQuantizationType.F32) for t in types.values())
+    assert types["token_embd.weight"] == GGMLQuantizationType.Q8_0
     back, _ = import_gguf(path)
     ids = torch.randint(0, 320, (2, 33), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(back, ids), logits(rounded, ids))

@@ -445,7 +445,7 @@ def _export_array(model: GPT, slot: TensorSlot, dtype: str) -> np.ndarray:
     w = torch.cat([model.get_parameter(p).detach() for p in slot.params])
     if slot.rope_heads is not None:
         w = permute_for_llama_cpp(w, slot.rope_heads)
-    kind = _stored_as(dtype, tuple(w.shape))
+    kind = _stored_as(dtype, tuple(w.shape), slot.gguf_name)
     if kind == "q8_0":
         return quantize_q8_0(w.to("cpu", torch.float32).numpy())
     if kind == "q4_0":
@@ -453,14 +453,22 @@ def _export_array(model: GPT, slot: TensorSlot, dtype: str) -> np.ndarray:
     return w.to("cpu", torch.float16 if kind == "f16" else torch.float32).contiguous().numpy()
 
 
-def _stored_as(dtype: str, shape: tuple[int, ...]) -> str:
-    """How a tensor of `shape` is written in an export of `dtype`: matrices in that type (a
-    quantized one needs rows of whole 32-weight blocks), 1-D tensors (norms, biases) in f32, as
-    llama.cpp's converter and quantizer do."""
+# Tensors a 4-bit export keeps in Q8_0: the embedding table and the output head, which turn
+# tokens into hidden states and hidden states into logits (a tied head is the table). llama.cpp's
+# quantizer keeps them at 6 to 8 bits too (Q6_K by default; gguf-py writes no K-quant, so Q8_0).
+KEPT_AT_8_BITS = ("token_embd.weight", "output.weight")
+
+
+def _stored_as(dtype: str, shape: tuple[int, ...], name: str) -> str:
+    """How the tensor `name` of `shape` is written in an export of `dtype`: matrices in that type
+    (a quantized one needs rows of whole 32-weight blocks; a q4_0 export keeps KEPT_AT_8_BITS in
+    q8_0), 1-D tensors (norms, biases) in f32, as llama.cpp's converter and quantizer do."""
     if len(shape) < 2 or dtype == "f32":
         return "f32"
     if dtype in ("q8_0", "q4_0") and shape[-1] % QUANT_BLOCK:
         return "f16"
+    if dtype == "q4_0" and name in KEPT_AT_8_BITS:
+        return "q8_0"
     return dtype
 
 
@@ -520,7 +528,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str =
             # copy of the whole model in memory.
             for slot in slots:
                 shape = _slot_shape(model, slot)
-                kind = _stored_as(dtype, tuple(shape))
+                kind = _stored_as(dtype, tuple(shape), slot.gguf_name)
                 if kind in ("q8_0", "q4_0"):  # the table takes the bytes' shape with the type
                     per_block = 34 if kind == "q8_0" else 18
                     byte_shape = (*shape[:-1], shape[-1] // QUANT_BLOCK * per_block)
