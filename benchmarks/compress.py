@@ -11,7 +11,8 @@ then each is measured in a fresh process of its own:
                     (before scoring, whose activations would swamp it); Python and torch alone
                     hold about 225 MB of it
     tok/s           greedy decode at batch 1 and 8, 32 new tokens, prefill included, the median
-                    of 3 timings after a warm-up (with --speed)
+                    of 3 timings after a warm-up (with --speed; base and structured only, as GPTQ
+                    runs int4's kernel and unstructured pruning and GGUF read back float32's)
 
     python benchmarks/compress.py --parts base [gptq gguf prune structured] [--speed] [--limit 30]
                                   [--distill 100] [--work DIR] [--out FILE.json]
@@ -20,7 +21,8 @@ Parts: base (float32, bfloat16, int8, int4 round-to-nearest in groups of 32 and 
 divide SmolLM2's width of 576), gptq
 (int4 GPTQ, same groups; calibrated on the embedded corpus, 8 windows of 128 tokens), gguf (GGUF
 Q8_0 and Q4_0 exports read back), prune (magnitude and Wanda, 50% unstructured and 2:4), structured
-(depth and width 25%, before and after --distill steps of distillation on the embedded corpus).
+(depth and width 25%, before and after --distill steps of distillation on the embedded corpus,
+4 windows of 128 tokens a step).
 Bits per byte and tasks are deterministic; only the speed columns need a quiet machine.
 """
 
@@ -70,6 +72,15 @@ def decode_rate(model, tokenizer, batch: int, new_tokens: int) -> float:
     return statistics.median(rates)
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory: VmHWM, which belongs to the process image (getrusage's
+    ru_maxrss would carry over the parent's peak across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def measure(source: str, dtype: str, text_path: str | None, chars: int, limit: int, speed: bool, new_tokens: int) -> dict:
     """One model, in this process: what the module docstring lists."""
     from scratchlm.eval.language_modeling import evaluate_text
@@ -85,7 +96,7 @@ def measure(source: str, dtype: str, text_path: str | None, chars: int, limit: i
         row["tok_s_batch8"] = round(decode_rate(model, tokenizer, 8, new_tokens), 1)
     else:
         decode_rate(model, tokenizer, 1, 4)  # the memory of a decode, without its timings
-    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row["peak_rss_mb"] = peak_rss_mb()
     text, _ = held_out_text(text_path, chars)
     with torch.no_grad():
         row["bits_per_byte"] = round(evaluate_text(model, tokenizer, text, batch_size=4).bits_per_byte, 4)
@@ -96,7 +107,8 @@ def measure(source: str, dtype: str, text_path: str | None, chars: int, limit: i
 
 
 def make_models(parts: list[str], work: Path, distill_steps: int) -> list[tuple[str, str, str, dict]]:
-    """(mode, folder or file, dtype to load it in, what making it reported) for every part asked."""
+    """(mode, folder or file, dtype to load it in, what making it reported) for every part asked,
+    base and structured first: their decode speeds differ, the rest run one of base's kernels."""
     from models import smollm2_path
 
     from scratchlm.compress.distill import DistillConfig
@@ -128,6 +140,15 @@ def make_models(parts: list[str], work: Path, distill_steps: int) -> list[tuple[
             folder = work / f"int4-g{group}"
             made.append((f"int4 g{group}", str(folder), "float32",
                          once(folder, lambda f, g=group: quantize_model(base, f, "int4", "rtn", g))))
+    if "structured" in parts:
+        for method in ("depth", "width"):
+            for steps in (0, distill_steps):
+                folder = work / f"{method}-25-distill{steps}"
+                config = DistillConfig(steps, batch_size=4) if steps else None
+                label = f"{method} 25%" + (f", distilled {steps} steps" if steps else ", not distilled")
+                made.append((label, str(folder), "float32",
+                             once(folder, lambda f, m=method, c=config: prune_structure_model(
+                                 base, f, m, 0.25, sequences=32, length=128, distill_config=c, progress=False))))
     if "gptq" in parts:
         for group in (32, 64):  # 128 does not divide SmolLM2's width of 576
             folder = work / f"gptq-g{group}"
@@ -144,15 +165,6 @@ def make_models(parts: list[str], work: Path, distill_steps: int) -> list[tuple[
                 folder = work / f"{method}-{pattern.replace(':', '-')}"
                 made.append((f"{method} 50% {pattern}", str(folder), "float32",
                              once(folder, lambda f, m=method, p=pattern: prune_model(base, f, m, 0.5, p, sequences=8, length=128))))
-    if "structured" in parts:
-        for method in ("depth", "width"):
-            for steps in (0, distill_steps):
-                folder = work / f"{method}-25-distill{steps}"
-                config = DistillConfig(steps, batch_size=4) if steps else None
-                label = f"{method} 25%" + (f", distilled {steps} steps" if steps else ", not distilled")
-                made.append((label, str(folder), "float32",
-                             once(folder, lambda f, m=method, c=config: prune_structure_model(
-                                 base, f, m, 0.25, sequences=32, length=128, distill_config=c, progress=False))))
     return made
 
 
@@ -175,8 +187,10 @@ def main() -> None:
         return
     rows = []
     for mode, source, dtype, made in make_models(args.parts, args.work, args.distill):
+        # GPTQ runs int4's kernel, unstructured pruning and GGUF read back float32's: the same speed
+        timed = args.speed and not any(word in mode for word in ("GPTQ", "GGUF", "magnitude", "wanda"))
         command = [sys.executable, __file__, "--measure", source, dtype, "--chars", str(args.chars), "--limit", str(args.limit),
-                   "--new-tokens", str(args.new_tokens)] + (["--speed"] if args.speed else []) + (["--text", args.text] if args.text else [])
+                   "--new-tokens", str(args.new_tokens)] + (["--speed"] if timed else []) + (["--text", args.text] if args.text else [])
         child = subprocess.run(command, capture_output=True, text=True, check=True)
         path = Path(source)
         size = (path / "model.safetensors" if path.is_dir() else path).stat().st_size
@@ -191,7 +205,7 @@ def main() -> None:
     print("| --- " * (9 + 2 * args.speed) + "|")
     for r in rows:
         tasks = " | ".join(f"{r[name]:.2f}" if name in r else "-" for name in TASKS)
-        timing = f" {r['tok_s_batch1']:.1f} | {r['tok_s_batch8']:.1f} |" if args.speed else ""
+        timing = (f" {r['tok_s_batch1']:.1f} | {r['tok_s_batch8']:.1f} |" if "tok_s_batch1" in r else " as its kernel's | |") if args.speed else ""
         print(f"| {r['mode']} | {r['params'] / 1e6:.1f}M | {r['bits_per_byte']:.4f} | {tasks} | {r['file_mb']:.1f} | {r['peak_rss_mb']} |{timing}")
     if args.out:
         Path(args.out).write_text(json.dumps({"text": source, "chars": len(text), "limit": args.limit, "rows": rows}, indent=2) + "\n")

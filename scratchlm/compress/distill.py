@@ -100,7 +100,7 @@ def distill(student: GPT, teacher: GPT, windows: Tensor, held_out: Tensor, confi
                         min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay)
     loop = LoopConfig(lr=config.lr, schedule=lambda step, progress: lr_multiplier(step, progress, train),
                       max_steps=config.steps, dtype="float32", log_every=max(1, config.steps // 100),
-                      eval_every=max(1, config.steps // 5), evaluate_at_start=True, desc="distilling", progress=progress)
+                      eval_every=max(1, config.steps // 2), evaluate_at_start=True, desc="distilling", progress=progress)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(folder / "metrics.jsonl") if folder is not None else MetricsLog(Path(os.devnull), enabled=False)

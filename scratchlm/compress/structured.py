@@ -172,7 +172,7 @@ def prune_structure(model: GPT, method: str, sparsity: float, calibration: Tenso
 
 
 DISTILL_WINDOWS = 4096  # at most this many windows of calibration text to distil on
-HELD_OUT_WINDOWS = 64  # at most this many of them held out to measure the distillation
+HELD_OUT_WINDOWS = 16  # at most this many of them held out to measure the distillation
 
 
 def prune_structure_model(model_path: str | Path, out: str | Path, method: str, sparsity: float = 0.25,
