@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from scratchlm.compress.distill import DistillConfig, distill, held_out_kl
 from scratchlm.compress.prune import check_calibration_size, check_out_folder, measure_inputs, read_calibration
 from scratchlm.errors import ConfigError
-from scratchlm.model.model import GPT
+from scratchlm.model.model import GPT, count_params
 
 STRUCTURES = ("depth", "width")
 
@@ -50,8 +50,11 @@ class StructuredReport:
         return asdict(self) | {"reduction": round(1 - self.params_after / self.params_before, 4)}
 
 
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def check_structure(method: str, sparsity: float) -> None:
+    if method not in STRUCTURES:
+        raise ConfigError(f"structured pruning method {method!r} is not one of {', '.join(STRUCTURES)}")
+    if not 0.0 < sparsity < 1.0:
+        raise ConfigError(f"sparsity must be between 0 and 1 (exclusive), not {sparsity}")
 
 
 @torch.no_grad()
@@ -141,14 +144,11 @@ def _columns(layer: nn.Linear, columns: Tensor) -> nn.Linear:
 def prune_structure(model: GPT, method: str, sparsity: float, calibration: Tensor, batch_size: int = 4) -> StructuredReport:
     """Remove `sparsity` of `model`'s blocks (depth) or of its MLP channels (width), the least
     important on `calibration` (N, T) token ids, in place."""
-    if method not in STRUCTURES:
-        raise ConfigError(f"structured pruning method {method!r} is not one of {', '.join(STRUCTURES)}")
-    if not 0.0 < sparsity < 1.0:
-        raise ConfigError(f"sparsity must be between 0 and 1 (exclusive), not {sparsity}")
+    check_structure(method, sparsity)
     if calibration.numel() == 0:
         raise ConfigError(f"{method} pruning needs calibration text (its activations measure importance)")
     model.eval()
-    report = StructuredReport(method, sparsity, params(model), 0)
+    report = StructuredReport(method, sparsity, count_params(model.config), 0)
     if method == "depth":
         influence = block_influence(model, calibration, batch_size)
         count = round(len(model.blocks) * sparsity)
@@ -167,7 +167,7 @@ def prune_structure(model: GPT, method: str, sparsity: float, calibration: Tenso
         norms = channel_importance(model, calibration, batch_size)
         narrow_mlp(model, [norm.topk(kept).indices for norm in norms])
         report.hidden_before, report.hidden_after = hidden, kept
-    report.params_after = params(model)
+    report.params_after = count_params(model.config)  # the config follows every cut
     return report
 
 
@@ -190,10 +190,7 @@ def prune_structure_model(model_path: str | Path, out: str | Path, method: str, 
     from scratchlm.model.folder import save_model_folder
     from scratchlm.model.quantize import require_float
 
-    if method not in STRUCTURES:
-        raise ConfigError(f"structured pruning method {method!r} is not one of {', '.join(STRUCTURES)}")
-    if not 0.0 < sparsity < 1.0:
-        raise ConfigError(f"sparsity must be between 0 and 1 (exclusive), not {sparsity}")
+    check_structure(method, sparsity)
     target = check_out_folder(out, force)
     check_calibration_size(sequences, length)
     opened = open_model(model_path, device, kind="language-model")
