@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from scratchlm.devices import TORCH_DTYPES
 from scratchlm.errors import ConfigError
 from scratchlm.model.model import GPT, rope_tables
+from scratchlm.model.packed import pack_linears
 
 QUANTIZATIONS = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel takes
@@ -195,7 +196,9 @@ def quantize_int4(model: GPT, group_size: int = 64) -> GPT:
 
 def prepare_for_inference(model: GPT, dtype: str = "float32", quantize: str = "none", group_size: int = 64) -> GPT:
     """The model as `--dtype` and `--quantize` ask (int8 and int4 imply bfloat16 activations;
-    `group_size` is int4's). A model opened quantized from its folder runs as it is."""
+    `group_size` is int4's). A model opened quantized from its folder runs as it is. A float
+    model on the CPU gets oneDNN's packed linear layers (`scratchlm.model.packed`): inference
+    only, from here on."""
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"quantization {quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
     done = quantization_of(model)
@@ -211,7 +214,7 @@ def prepare_for_inference(model: GPT, dtype: str = "float32", quantize: str = "n
         return quantize_int8(model)
     if quantize == "int4":
         return quantize_int4(model, group_size)
-    return cast_for_inference(model, dtype)
+    return pack_linears(cast_for_inference(model, dtype))
 
 
 
