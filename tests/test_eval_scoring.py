@@ -147,6 +147,90 @@ def test_greedy_flag_is_true_exactly_when_every_token_is_the_argmax(model, token
     assert [s.greedy for s in scores] == [True, False]
 
 
+# Shared contexts: each distinct context runs once into a KV cache that its continuations copy.
+SHARED_BLOCK, SHARED_VOCAB = 16, 64
+TINY_FAMILIES = {
+    "llama": get_preset("cpu-tiny").replace(vocab_size=SHARED_VOCAB, block_size=SHARED_BLOCK, n_kv_head=2),
+    "gpt2": get_preset("cpu-tiny").replace(vocab_size=SHARED_VOCAB, block_size=SHARED_BLOCK, positions="learned",
+                                           norm="layernorm", mlp="gelu", bias=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_FAMILIES))
+def family_model(request) -> GPT:
+    torch.manual_seed(3)
+    return GPT(TINY_FAMILIES[request.param]).eval()
+
+
+@torch.no_grad()
+def score_alone(model, context: list[int], continuation: list[int]) -> tuple[float, bool, float]:
+    """(log-probability, greedy, smallest |target logit - best other logit|) of one request from
+    one forward pass of its last block_size + 1 tokens (the truncation rule)."""
+    tokens = (context + continuation)[-(model.config.block_size + 1) :]
+    logits = model(torch.tensor([tokens[:-1]]))[0][0, -len(continuation) :].double()
+    target = torch.tensor(continuation)
+    logprob = F.log_softmax(logits, -1).gather(-1, target[:, None]).sum().item()
+    target_logit = logits.gather(-1, target[:, None])[:, 0]
+    best_other = logits.scatter(-1, target[:, None], -math.inf).amax(-1)
+    return logprob, bool((target_logit > best_other).all()), (target_logit - best_other).abs().min().item()
+
+
+@st.composite
+def shared_context_requests(draw) -> list[tuple[list[int], list[int]]]:
+    """Requests whose contexts are cut from one token stream: several choices per context,
+    contexts that are prefixes of one another or differ only in their last token, some longer
+    than the model's context (truncated), of 1 to 2 * block_size tokens."""
+    token = st.integers(0, SHARED_VOCAB - 1)
+    stream = draw(st.lists(token, min_size=2 * SHARED_BLOCK, max_size=2 * SHARED_BLOCK))
+    requests = []
+    for _ in range(draw(st.integers(1, 4))):
+        context = stream[: draw(st.integers(1, 2 * SHARED_BLOCK - 1))] + draw(st.lists(token, max_size=1))
+        for _ in range(draw(st.integers(1, 5))):
+            requests.append((context, draw(st.lists(token, min_size=1, max_size=SHARED_BLOCK // 2))))
+    return draw(st.permutations(requests))
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests=shared_context_requests(), batch_size=st.integers(1, 9))
+def test_shared_context_scores_equal_each_request_run_alone(family_model, requests, batch_size):
+    scores = score_continuations(family_model, requests, batch_size=batch_size, truncate=True)
+    for (context, continuation), score in zip(requests, scores):
+        logprob, greedy, margin = score_alone(family_model, context, continuation)
+        assert score.tokens == len(continuation)
+        # float32 logits differ from the lone pass by ~1e-6 (another attention kernel, summation
+        # order, padding width); a sum of at most 8 log-probabilities stays far inside 1e-4.
+        assert score.logprob == pytest.approx(logprob, abs=1e-4)
+        if margin > 1e-4:  # a near-tie may fall either way within that error
+            assert score.greedy == greedy
+
+
+def test_a_shared_context_runs_once_and_each_choice_feeds_its_last_token_and_continuation(family_model):
+    context = list(range(10))
+    choices = [[20, 21, 22], [23], [24, 25], [26, 27]]
+    fed = []
+    hook = family_model.register_forward_pre_hook(lambda module, args: fed.append(tuple(args[0].shape)))
+    try:
+        score_continuations(family_model, [(context, c) for c in choices], batch_size=16)
+    finally:
+        hook.remove()
+    assert fed == [(1, len(context) - 1), (len(choices), 3)]
+
+
+def test_a_model_without_a_kv_cache_scores_a_whole_row_per_request(family_model):
+    class Wrapped(torch.nn.Module):  # a module that is not a GPT: no cache to share a context through
+        def __init__(self, gpt: GPT) -> None:
+            super().__init__()
+            self.gpt, self.config = gpt, gpt.config
+
+        def forward(self, idx):
+            return self.gpt(idx)
+
+    requests = [(list(range(9)), [30, 31]), (list(range(9)), [32]), ([5, 6], [7, 8, 9])]
+    scores = score_continuations(Wrapped(family_model), requests, batch_size=2)
+    for score, (context, continuation) in zip(scores, requests):
+        assert score.logprob == pytest.approx(score_alone(family_model, context, continuation)[0], abs=1e-4)
+
+
 def test_empty_continuation_or_context_is_refused(model):
     with pytest.raises(ConfigError, match="continuation has no tokens"):
         score_continuations(model, [([1, 2], [])])

@@ -6,8 +6,12 @@ Three questions cover every benchmark:
   lm-eval's `loglikelihood`.) Requests are sorted longest first, right-padded and run in
   batches; a causal model never lets a padded position change an earlier one, so a batch gives
   the numbers each request would give alone, and the longest batch runs first, so running out of
-  memory happens at once rather than at the end. Log-softmax is taken only at the continuation's
-  positions: a full float32 (batch, time, vocab) log-softmax of a 50k vocabulary is gigabytes.
+  memory happens at once rather than at the end. Multiple choice sends each context once per
+  choice, so each distinct context of a batch runs once: its tokens but the last fill a KV cache
+  row (no logits needed), copied for each of its continuations, and one more pass feeds every
+  request its context's last token and its continuation. A model that cannot take a cache runs
+  each request as one whole row. Log-softmax is taken only at the continuation's positions: a
+  full float32 (batch, time, vocab) log-softmax of a 50k vocabulary is gigabytes.
 - How surprising is each token of a long text? (`rolling_token_nats`: perplexity, bits per
   byte.) A text longer than the context is scored with a sliding window advancing by `stride`;
   each token is scored once, in the first window that holds it, which is the window where it
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from scratchlm.errors import ConfigError, ContextTooLongError
-from scratchlm.model import GPT
+from scratchlm.model import GPT, KVCache
 from scratchlm.model.sampling import SamplingConfig, encode_prompt, generate_text
 from scratchlm.tokenizer import Tokenizer
 
@@ -107,20 +111,72 @@ def _fit_request(context: Sequence[int], continuation: Sequence[int], block_size
     return tokens[-(block_size + 1) :]
 
 
-LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits of one forward pass: (rows, width, vocab) * 4 bytes
+LOGITS_BUDGET_BYTES = 1 << 30  # one forward pass's float32 logits, (rows, width, vocab) * 4 bytes, and its KV cache
 
 
-def _batches(items: Sequence, batch_size: int, width_of, vocab_size: int) -> Iterator[list]:
-    """Consecutive batches of at most `batch_size` items, fewer when their logits would pass
-    `LOGITS_BUDGET_BYTES`: one 8192-token window of a 49k vocabulary is already 1.6 GB of logits,
-    so a fixed batch size that suits short multiple-choice requests would exhaust memory on long
-    windows. Items come longest first, so each batch's first item sets its width."""
-    start = 0
-    while start < len(items):
-        per_row = max(width_of(items[start]), 1) * vocab_size * 4
-        rows = max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_row))
-        yield list(items[start : start + rows])
-        start += rows
+def _batches(
+    items: Sequence, batch_size: int, shape_of, vocab_size: int, cache_bytes_per_position: int = 0, max_span: int | None = None
+) -> Iterator[list]:
+    """Consecutive batches of at most `batch_size` items, fewer when their logits and cache would
+    pass `LOGITS_BUDGET_BYTES`: one 8192-token window of a 49k vocabulary is already 1.6 GB of
+    logits, so a fixed batch size that suits short multiple-choice requests would exhaust memory
+    on long windows. `shape_of(item)` is (cached, fed): positions already in the KV cache and
+    positions the forward pass feeds. A batch is as wide as its widest item and its cache holds
+    the most cached plus the most fed positions, which must not pass `max_span` (the model's
+    context). Items come longest first, so the first batch is about the largest."""
+    batch: list = []
+    cached = fed = 0
+    for item in items:
+        item_cached, item_fed = shape_of(item)
+        grown_cached, grown_fed = max(cached, item_cached), max(fed, item_fed)
+        rows = len(batch) + 1
+        per_row = max(grown_fed, 1) * vocab_size * 4 + (grown_cached + grown_fed) * cache_bytes_per_position
+        too_big = rows > batch_size or rows * per_row > LOGITS_BUDGET_BYTES
+        if batch and (too_big or (max_span is not None and grown_cached + grown_fed > max_span)):
+            yield batch
+            batch, (grown_cached, grown_fed) = [], (item_cached, item_fed)
+        batch.append(item)
+        cached, fed = grown_cached, grown_fed
+    if batch:
+        yield batch
+
+
+def _takes_cache(model: torch.nn.Module) -> bool:
+    """Whether `model` can run on a KV cache: a whole GPT (LoRA-wrapped or quantized layers
+    included). Anything else, such as a pipeline stage without embedding or head, is scored a
+    whole row per request."""
+    return isinstance(model, GPT) and model.embed is not None and model.head is not None
+
+
+def _right_padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    idx = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        idx[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return idx.to(device)
+
+
+def _shared_prefix_cache(model: GPT, prefixes: Sequence[Sequence[int]], sources: Sequence[int], fed_width: int) -> KVCache | None:
+    """A KV cache with one row per prefix (run once, right-padded) followed by one row per
+    entry of `sources`, a copy of that prefix's row; room for `fed_width` more positions.
+    None when every prefix is empty: there is nothing to share."""
+    longest = max(len(p) for p in prefixes)
+    if longest == 0:
+        return None
+    n = len(prefixes)
+    device = _model_device(model)
+    cache = model.new_cache(n + len(sources), longest + fed_width)
+    model(_right_padded(prefixes, device), cache=cache.rows(0, n), last_only=True)
+    # The forward pass set every row's length to `longest`. A shorter row's keys past its own
+    # length are the padding's: with its length set back, the mask of the next step hides them
+    # (a query at position p sees keys 0..p) and that step's writes overwrite them.
+    cache.lengths[:n] = torch.tensor([len(p) for p in prefixes], device=device)
+    if sources:
+        # KVCache.copy_row for many rows at once: one copy per tensor, not one per row and tensor.
+        source = torch.tensor(sources, device=device)
+        for tensor in (*cache.keys, *cache.values):
+            tensor[n:] = tensor[source]
+        cache.lengths[n:] = cache.lengths[source]
+    return cache
 
 
 @torch.no_grad()
@@ -133,36 +189,60 @@ def score_continuations(
     progress: bool = False,
 ) -> list[ContinuationScore]:
     """Log-probability of each (context ids, continuation ids) request's continuation, in input
-    order, and whether greedy decoding would have produced it."""
+    order, and whether greedy decoding would have produced it. `batch_size` bounds the rows of
+    the pass that scores continuations; requests that share a context share its one run."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, not {batch_size}")
-    block_size = model.config.block_size
+    config = model.config
     # Validate every request before the first forward: a bad request found after an hour is worse.
-    runs = [_fit_request(ctx, cont, block_size, truncate, n) for n, (ctx, cont) in enumerate(requests)]
+    runs = [_fit_request(ctx, cont, config.block_size, truncate, n) for n, (ctx, cont) in enumerate(requests)]
     lengths = [len(cont) for _, cont in requests]
-    order = sorted(range(len(runs)), key=lambda n: len(runs[n]), reverse=True)
+    # The shared part of a request is its (truncated) context but the last token, which is fed
+    # with the continuation: its position predicts the continuation's first token, so the shared
+    # run needs no logits at all. A model without a cache shares nothing: one group, the empty prefix.
+    takes_cache = _takes_cache(model)
+    shared = [tuple(tokens[: len(tokens) - n_cont - 1]) if takes_cache else () for tokens, n_cont in zip(runs, lengths)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for n, prefix in enumerate(shared):
+        groups.setdefault(prefix, []).append(n)
+    # Longest first, a group's requests next to each other: they share a batch, and a group that is
+    # split over two batches runs its context in each.
+    order = [
+        n
+        for members in sorted(groups.values(), key=lambda m: max(len(runs[n]) for n in m), reverse=True)
+        for n in sorted(members, key=lambda n: len(runs[n]), reverse=True)
+    ]
+    cache_bytes = 2 * config.n_layer * config.kv_heads * config.head_dim * model.embed.weight.element_size() if takes_cache else 0
     results: list[ContinuationScore | None] = [None] * len(runs)
     device = _model_device(model)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(runs), unit="req", desc="score", disable=not progress)
     try:
-        for batch in _batches(order, batch_size, lambda n: len(runs[n]) - 1, model.config.vocab_size):
-            width = max(len(runs[n]) - 1 for n in batch)
-            idx = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, n in enumerate(batch):
-                fed = runs[n][:-1]
-                idx[row, : len(fed)] = torch.tensor(fed)
-            logits, _ = model(idx.to(device))
+        for batch in _batches(order, batch_size, lambda n: (len(shared[n]), len(runs[n]) - 1 - len(shared[n])),
+                              config.vocab_size, cache_bytes, config.block_size):
+            # Cache rows: the first request of each distinct prefix (prefilled), then the others (copied).
+            first_of: dict[tuple[int, ...], int] = {}
+            for n in batch:
+                first_of.setdefault(shared[n], n)
+            prefixes = list(first_of)
+            slot = {prefix: s for s, prefix in enumerate(prefixes)}
+            leaders = set(first_of.values())
+            batch = [*first_of.values(), *(n for n in batch if n not in leaders)]  # in cache row order
+            fed = [runs[n][len(shared[n]) : -1] for n in batch]
+            cache = _shared_prefix_cache(model, prefixes, [slot[shared[n]] for n in batch[len(prefixes) :]],
+                                         max(len(f) for f in fed))
+            idx = _right_padded(fed, device)
+            logits, _ = model(idx) if cache is None else model(idx, cache=cache)
             # Gather every continuation position of the batch at once (one device sync per
             # batch, not per request); log-softmax runs on those rows only.
             rows, positions, targets = [], [], []
             for row, n in enumerate(batch):
-                tokens, n_cont = runs[n], lengths[n]
-                first = len(tokens) - 1 - n_cont  # input position that predicts the first continuation token
+                n_cont = lengths[n]
+                first = len(fed[row]) - n_cont  # fed position that predicts the first continuation token
                 rows += [row] * n_cont
                 positions += range(first, first + n_cont)
-                targets += tokens[-n_cont:]
+                targets += runs[n][-n_cont:]
             owner = torch.tensor(rows, device=device)
             target = torch.tensor(targets, device=device)
             picked = logits[owner, torch.tensor(positions, device=device)].float()
@@ -223,7 +303,7 @@ def rolling_token_nats(
     model.eval()
     bar = tqdm(total=len(nats), unit="tok", unit_scale=True, desc="score", disable=not progress)
     try:
-        for batch in _batches(windows, batch_size, lambda w: w.end - w.start, model.config.vocab_size):
+        for batch in _batches(windows, batch_size, lambda w: (0, w.end - w.start), model.config.vocab_size):
             width = max(w.end - w.start for w in batch)
             idx = torch.zeros(len(batch), width, dtype=torch.long)
             for row, w in enumerate(batch):
