@@ -28,6 +28,18 @@ def test_normalize_composes_unicode_and_keeps_curly_quotes_and_indentation():
     assert normalize_text("a    b", NormalizeConfig(collapse_spaces=True)) == "a b"
 
 
+def test_normalize_can_strip_a_project_gutenberg_header_and_licence():
+    book = (
+        "The Project Gutenberg eBook of A Book\r\n\r\nTitle: A Book\r\n"
+        "*** START OF THE PROJECT GUTENBERG EBOOK A BOOK ***\r\n\r\nChapter 1\r\n\r\nIt was a dark night.\r\n"
+        "    *** END OF THE PROJECT GUTENBERG EBOOK A BOOK ***\r\nSection 1. General Terms of Use\r\n"
+    )
+    assert normalize_text(book, NormalizeConfig(strip_gutenberg=True)) == "Chapter 1\n\nIt was a dark night."
+    assert "Terms of Use" in normalize_text(book)  # off by default
+    no_markers = "Chapter 1\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nno end line"
+    assert normalize_text(no_markers, NormalizeConfig(strip_gutenberg=True)) == normalize_text(no_markers)
+
+
 def test_normalize_rejects_an_unknown_unicode_form():
     with pytest.raises(ConfigError, match="unicode_form"):
         NormalizeConfig(unicode_form="NFX")

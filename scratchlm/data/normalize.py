@@ -25,6 +25,7 @@ class NormalizeConfig:
     strip_control: bool = True  # control characters other than tab and newline
     whitespace: bool = True  # \r\n and \r -> \n, no trailing spaces, at most one blank line in a row
     collapse_spaces: bool = False  # runs of spaces inside a line -> one space (off: code keeps its alignment)
+    strip_gutenberg: bool = False  # a Project Gutenberg book -> the text between its START and END lines
 
     def __post_init__(self) -> None:
         if self.unicode_form not in ("NFC", "NFKC", "none"):
@@ -38,6 +39,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")  # keeps \t 
 _TRAILING = re.compile(r"[ \t\u00a0\u3000]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _SPACE_RUNS = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+# "*** START OF THE PROJECT GUTENBERG EBOOK PRIDE AND PREJUDICE ***" (older books: "THIS").
+_GUTENBERG_START = re.compile(r"^[ \t]*\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK[^\n]*\n", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^[ \t]*\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK", re.M | re.I)
 
 
 MAX_PASSES = 4
@@ -49,12 +53,22 @@ def normalize_text(text: str, config: NormalizeConfig = NormalizeConfig()) -> st
     normalising twice must give what normalising once gave."""
     if not config.enabled:
         return text
+    if config.strip_gutenberg:
+        text = strip_gutenberg(text)
     for _ in range(MAX_PASSES):
         fixed = _normalize_once(text, config)
         if fixed == text:
             break
         text = fixed
     return text
+
+
+def strip_gutenberg(text: str) -> str:
+    """The book inside Project Gutenberg's header and licence: the text between its "*** START
+    OF ..." and "*** END OF ..." lines; the text unchanged when it does not have both."""
+    start = _GUTENBERG_START.search(text)
+    end = _GUTENBERG_END.search(text, start.end()) if start else None
+    return text[start.end() : end.start()] if start and end else text
 
 
 def _normalize_once(text: str, config: NormalizeConfig) -> str:
