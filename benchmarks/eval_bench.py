@@ -59,13 +59,16 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per system and batch size; the median counts")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--modes", default="float32",
+                        help="scratchlm sides, comma-separated: float32 and bfloat16 (`scratchlm eval --dtype`, oneDNN's "
+                             "packed layers on a CPU), mkl-float32 (the model as loaded: PyTorch's default linear layers)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from scratchlm.eval.runner import run_task
+    from scratchlm.eval.runner import prepare_for_evaluation, run_task
     from scratchlm.eval.scoring import split_context
     from scratchlm.tokenizer.tokens import document_start
     from scratchlm.eval.tasks import load_task
@@ -75,6 +78,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = import_gguf(path)
     ours_load = time.perf_counter() - t0
+    modes = args.modes.split(",")
+    models = {mode: model if mode == "mkl-float32" else prepare_for_evaluation(import_gguf(path)[0], mode) for mode in modes}
 
     import transformers
 
@@ -94,11 +99,12 @@ def main() -> None:
 
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        ours_times, hf_times = [], []
+        ours_times, hf_times, results = {mode: [] for mode in modes}, [], {}
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            result = run_task(model, tokenizer, task, batch_size=batch_size, limit=args.limit)
-            ours_times.append(time.perf_counter() - t0)
+            for mode in modes:
+                t0 = time.perf_counter()
+                results[mode] = run_task(models[mode], tokenizer, task, batch_size=batch_size, limit=args.limit)
+                ours_times[mode].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             scores = hf_scores(hf, requests, batch_size)
             hf_times.append(time.perf_counter() - t0)
@@ -106,13 +112,16 @@ def main() -> None:
         for n, example in enumerate(examples):
             mine = [s for s, o in zip(scores, owner) if o == n]
             hf_correct += max(range(len(mine)), key=mine.__getitem__) == example["label"]
-        ours_s, hf_s = statistics.median(ours_times), statistics.median(hf_times)
-        rows.append({
-            "batch_size": batch_size, "examples": len(examples), "requests": len(requests),
-            "scratchlm_examples_per_s": len(examples) / ours_s, "transformers_examples_per_s": len(examples) / hf_s,
-            "speedup": hf_s / ours_s, "scratchlm_acc": result.metrics["acc"], "transformers_acc": hf_correct / len(examples),
-        })
-        print(json.dumps(rows[-1]))
+        hf_s = statistics.median(hf_times)
+        for mode in modes:
+            ours_s = statistics.median(ours_times[mode])
+            rows.append({
+                "batch_size": batch_size, "mode": mode, "examples": len(examples), "requests": len(requests),
+                "scratchlm_examples_per_s": len(examples) / ours_s, "transformers_examples_per_s": len(examples) / hf_s,
+                "speedup": hf_s / ours_s, "scratchlm_acc": results[mode].metrics["acc"],
+                "transformers_acc": hf_correct / len(examples),
+            })
+            print(json.dumps(rows[-1]))
 
     report = {
         "command": "python benchmarks/eval_bench.py " + " ".join(
@@ -122,10 +131,10 @@ def main() -> None:
         "task": args.task, "load_seconds": {"scratchlm": ours_load, "transformers": hf_load}, "rows": rows,
     }
     print(f"\nload: scratchlm {ours_load:.1f} s, transformers {hf_load:.1f} s ({torch.get_num_threads()} threads)")
-    print("| batch | scratchlm examples/s | transformers examples/s | speedup | acc (ours / HF) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| batch | scratchlm side | scratchlm examples/s | transformers examples/s | speedup | acc (ours / HF) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['batch_size']} | {r['scratchlm_examples_per_s']:.2f} | {r['transformers_examples_per_s']:.2f} | "
+        print(f"| {r['batch_size']} | {r['mode']} | {r['scratchlm_examples_per_s']:.2f} | {r['transformers_examples_per_s']:.2f} | "
               f"{r['speedup']:.2f}x | {r['scratchlm_acc']:.3f} / {r['transformers_acc']:.3f} |")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

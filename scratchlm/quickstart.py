@@ -12,10 +12,11 @@ from scratchlm.data.shards import split_tokens
 from scratchlm.data.tokenize import tokenize_files
 from scratchlm.errors import ConfigError
 from scratchlm.tokenizer import train_tokenizer
+from scratchlm.tokenizer.train import auto_vocab_size, corpus_bytes
 from scratchlm.train.config import load_train_config, resolve_recipe
 from scratchlm.train.pretrain import RunSummary, pretrain
 
-QUICKSTART_VOCAB = 2048  # beat 4096 for minutes-long CPU budgets (docs/benchmarks.md)
+QUICKSTART_VOCAB = "auto"  # sized to the corpus: 2048 for the embedded corpus (docs/benchmarks.md)
 
 
 @dataclass
@@ -30,7 +31,7 @@ class QuickstartResult:
 def quickstart(
     out: str | Path = "runs/quickstart",
     overrides: list[str] | None = None,
-    vocab_size: int = QUICKSTART_VOCAB,
+    vocab_size: int | str = QUICKSTART_VOCAB,
     progress: bool = True,
     log=print,
 ) -> QuickstartResult:
@@ -39,6 +40,8 @@ def quickstart(
     if (root / "run" / "metrics.jsonl").exists():
         raise ConfigError(f"{root} already holds a quickstart; choose another --out or delete it")
     config = load_train_config(resolve_recipe("quickstart"), overrides)
+    if vocab_size == "auto":
+        vocab_size = auto_vocab_size(corpus_bytes(None))
     log(f"[1/3] training a {vocab_size}-token BPE tokenizer on the embedded corpus (CPython's documentation)")
     tokenizer, _, read = train_tokenizer(None, vocab_size, progress=progress)
     tokenizer_path = tokenizer.save(root / "tokenizer.json")

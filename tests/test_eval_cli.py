@@ -187,3 +187,17 @@ def test_gguf_export_refuses_to_overwrite_a_file(models, tmp_path, capsys):
     assert main(["export", str(models[0]), "--format", "gguf", "--out", str(out)]) == 0
     assert main(["export", str(models[0]), "--format", "gguf", "--out", str(out)]) == 2
     assert "already exists" in error_line(capsys)
+
+
+def test_eval_in_bfloat16_scores_close_to_float32_and_says_so(models, text_file, tmp_path):
+    folder = models[0]
+    bits = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["eval", str(folder), "--text", str(text_file), "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        results = json.loads((tmp_path / dtype / "results.json").read_text())
+        assert results["model"]["dtype"] == dtype
+        assert results["model"]["parameters"] == sum(p.numel() for p in open_model(folder).model.parameters())
+        bits[dtype] = results["language_modeling"]["text"]["bits_per_byte"]
+    # bfloat16 rounds weights and activations to 8 significant bits: a relative change of a few
+    # parts in a thousand per layer, far below the bits per byte of an untrained model.
+    assert bits["bfloat16"] == pytest.approx(bits["float32"], rel=0.02)

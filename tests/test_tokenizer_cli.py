@@ -140,3 +140,21 @@ def test_outputs_are_readable_by_others(trained):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(trained.stat().st_mode) == 0o666 & ~umask
+
+
+def test_auto_vocab_size_grows_with_the_corpus():
+    from scratchlm.tokenizer.train import auto_vocab_size
+
+    # One entry per 512 bytes, a power of two: the small books of docs/benchmarks.md and the embedded corpus.
+    assert [auto_vocab_size(n) for n in (0, 380_000, 670_000, 1_921_643, 10**10)] == [512, 512, 1024, 2048, 32768]
+
+
+def test_vocab_size_auto_sizes_to_the_input_and_a_bad_value_is_a_usage_error(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a text with words {i * 7} and more words\n" for i in range(12000)))
+    assert 2 * 512 * 512 < corpus.stat().st_size < 4 * 512 * 512  # room for 1024 entries, not 2048
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--input", str(corpus), "--out", str(out), "--quiet", "--workers", "1"]) == 0
+    assert Tokenizer.load(out).vocab_size == 1024
+    result = run("tokenizer", "train", "--vocab-size", "big", "--out", str(tmp_path / "x.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "'big' is not a number or 'auto'" in result.stderr

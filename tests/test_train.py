@@ -282,6 +282,47 @@ def test_muon_orthogonalizes_and_trains(shards, tmp_path):
     assert losses[-1] < losses[0] - 0.5
 
 
+def test_muon_stacks_matrices_of_one_shape_and_steps_as_one_matrix_at_a_time_would():
+    from scratchlm.train.optim import Muon, orthogonalize
+
+    torch.manual_seed(0)
+    shapes = [(32, 32), (32, 32), (96, 32), (32, 96), (96, 32), (16, 48)]  # (96, 32) joins (32, 96)'s stack
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    expected = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    optimizer = Muon([{"params": params, "use_muon": True, "lr": 0.02, "momentum": 0.95}])
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, g in enumerate(grads):  # the matrix-at-a-time algorithm, written out
+            buffers[i].lerp_(g, 0.05)
+            update = orthogonalize(g.lerp(buffers[i], 0.95))
+            expected[i] += -0.02 * max(1.0, g.size(0) / g.size(1)) ** 0.5 * update
+    for p, want in zip(params, expected):
+        # Batched and single products sum in other orders: float32 rounding through 5 iterations.
+        torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_muons_adamw_groups_step_as_torchs_adamw_does():
+    from scratchlm.train.optim import Muon
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(8, 4), (16,), (3, 5)]]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    muon = Muon([{"params": ours, "use_muon": False, "lr": 3e-3, "weight_decay": 0.1}], betas=(0.9, 0.95))
+    adamw = torch.optim.AdamW(theirs, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        muon.step()
+        adamw.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)  # same arithmetic, other order
+
+
 def test_plan_command_suggests_a_preset_and_a_time(capsys):
     from scratchlm.cli import main
 
@@ -347,3 +388,18 @@ def test_pretraining_joins_the_process_group_on_the_device_it_was_given(shards, 
     with pytest.raises(Joined):
         pretrain(shards, tmp_path / "run", load_train_config(None, TINY + ["max_steps=1", "device=cuda:0"]))
     assert given == [torch.device("cuda:0")]  # was "cpu" (so gloo) for any name but "auto" and "cuda"
+
+
+def test_mfu_never_reads_above_one_hundred_percent():
+    """A CPU's peak is measured; measured while the machine was busy it reads low, and a run that
+    then goes faster than it raises it (measuring again) rather than reporting MFU over 100%."""
+    from scratchlm.devices import PeakFlops, device_peak
+
+    peak = device_peak(torch.device("cpu"))
+    assert peak.measured_dtype == "float32" and "measured float32" in peak.source and peak.flops > 0
+    assert device_peak(torch.device("cpu"), torch.bfloat16).measured_dtype == "bfloat16"
+    low = PeakFlops(1.0, "measured float32 matmul rate", "float32")  # as if measured under heavy load
+    raised = low.raised_to(5.0)
+    assert raised.flops >= 5.0 and "measured again" in raised.source
+    assert PeakFlops(1e12, "published").raised_to(2e12).flops == 2e12  # no re-measuring a published figure
+    assert low.raised_to(0.5) is low

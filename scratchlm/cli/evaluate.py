@@ -71,6 +71,9 @@ def _add_eval_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--truncate", action="store_true",
                      help="crop examples longer than the model's context from the left instead of stopping with an error")
     cmd.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                     help="weights and activations of a language model (default: float32); bfloat16 is about "
+                          "twice as fast on CPUs with bfloat16 instructions and moves scores slightly")
 
 
 def _eval_inputs(args: argparse.Namespace, shards: Path | None = None) -> tuple[list[str], str | Path | None]:
@@ -88,7 +91,7 @@ def _eval_inputs(args: argparse.Namespace, shards: Path | None = None) -> tuple[
 
 def _eval(args: argparse.Namespace) -> int:
     from scratchlm.atomic_io import check_writable_file
-    from scratchlm.eval.runner import RESULTS_FILE, default_results_dir, evaluate_model, save_report
+    from scratchlm.eval.runner import RESULTS_FILE, default_results_dir, evaluate_model, prepare_for_evaluation, save_report
     from scratchlm.eval.tasks import builtin_tasks, load_task
     from scratchlm.interop import open_model
 
@@ -102,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = args.out or default_results_dir(args.model)
     check_writable_file(out / RESULTS_FILE)  # before the work, not after it
     opened = open_model(args.model, args.device)  # a language model or a classifier
-    model, tokenizer = opened.model, opened.tokenizer
+    model, tokenizer = prepare_for_evaluation(opened.model, args.dtype), opened.tokenizer
     tasks, text = _eval_inputs(args, args.shards)
     report = evaluate_model(model, tokenizer, tasks=tasks, text=text, shards=args.shards, stride=args.stride,
                             batch_size=args.batch_size, limit=args.limit, truncate=args.truncate)
@@ -120,7 +123,7 @@ def _compare(args: argparse.Namespace) -> int:
     tasks, text = _eval_inputs(args)
     comparison = compare_models(args.models, labels=split_list(args.labels) or None, tasks=tasks, text=text,
                                 stride=args.stride, batch_size=args.batch_size, limit=args.limit,
-                                truncate=args.truncate, device=args.device)
+                                truncate=args.truncate, device=args.device, dtype=args.dtype)
     print(comparison_markdown(comparison))
     written = save_comparison(comparison, args.out)
     print("wrote " + ", ".join(str(p) for p in written.values()))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from scratchlm.atomic_io import save_figure_atomic, write_text_atomic
 from scratchlm.errors import ConfigError
-from scratchlm.eval.runner import EvalReport, json_ready, evaluate_model
+from scratchlm.eval.runner import EvalReport, json_ready, evaluate_model, prepare_for_evaluation
 
 TOKENIZER_NOTE = (
     "Bits per byte is measured per UTF-8 byte of the same text, so it compares models with different "
@@ -111,6 +111,7 @@ def compare_models(
     device: str = "cpu",
     progress: bool = True,
     log=print,
+    dtype: str = "float32",
 ) -> Comparison:
     """Evaluate each model in `sources` (anything `open_model` opens) on the same text and tasks."""
     from scratchlm.interop import open_model
@@ -120,7 +121,7 @@ def compare_models(
     for label, source in zip(labels, sources):
         log(f"[{label}] loading {source}")
         opened = open_model(source, device)
-        model, tokenizer = opened.model, opened.tokenizer
+        model, tokenizer = prepare_for_evaluation(opened.model, dtype), opened.tokenizer
         reports.append(evaluate_model(model, tokenizer, tasks=tasks, text=text, stride=stride, batch_size=batch_size,
                                       limit=limit, truncate=truncate, progress=progress))
         del model  # free it before the next model loads

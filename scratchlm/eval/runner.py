@@ -44,7 +44,7 @@ from scratchlm.eval.metrics import accuracy, confusion_matrix, exact_match, gene
 from scratchlm.eval.scoring import ContinuationScore, greedy_generate, score_continuations, split_context
 from scratchlm.tokenizer.tokens import document_start
 from scratchlm.eval.tasks import Task, format_classification_prompt, load_task, references
-from scratchlm.model import GPT
+from scratchlm.model import GPT, count_params
 from scratchlm.model.classifier import TextClassifier
 from scratchlm.model.info import architecture
 from scratchlm.tokenizer import Tokenizer
@@ -343,6 +343,19 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 # ---- a whole evaluation --------------------------------------------------------------------
+def prepare_for_evaluation(model: GPT | TextClassifier, dtype: str = "float32") -> GPT | TextClassifier:
+    """A language model in `dtype`, on oneDNN's packed linear layers on a CPU
+    (`scratchlm.model.quantize.prepare_for_inference`): evaluation only reads it. A classifier
+    runs as it is, in float32."""
+    if isinstance(model, TextClassifier):
+        if dtype != "float32":
+            raise ConfigError(f"--dtype {dtype} is for language models; a classifier is evaluated in float32")
+        return model
+    from scratchlm.model.quantize import prepare_for_inference
+
+    return prepare_for_inference(model, dtype)
+
+
 def describe_model(model: GPT | TextClassifier, tokenizer: Tokenizer) -> dict[str, Any]:
     """What the report says about the model: enough to tell two results apart."""
     extra = {}
@@ -354,7 +367,7 @@ def describe_model(model: GPT | TextClassifier, tokenizer: Tokenizer) -> dict[st
     parameter = next(model.parameters(), None)
     return {
         **extra,
-        "parameters": sum(p.numel() for p in model.parameters()),  # tied weights counted once
+        "parameters": count_params(config),  # from the config: packed and quantized layers hold weights as buffers
         "summary": architecture(config),
         "config": config.to_dict(),
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.content_hash},

@@ -83,9 +83,36 @@ def train_bpe(
     return tokenizer_from_merges(merges, pattern, special_tokens, name=name)
 
 
+# One vocabulary entry per this many bytes of training text, rounded down to a power of two. On
+# 2 CPU cores with minutes of training, 512 tokens beat 1024 and 2048 on a 0.38 MB book, 1024
+# won on a 0.67 MB one, and 2048 beat 4096 on the embedded corpus (docs/benchmarks.md): a token
+# the text holds too few times is not learnt, and each costs a row of the embedding and the head.
+BYTES_PER_VOCAB_ENTRY = 512
+AUTO_VOCAB_MIN, AUTO_VOCAB_MAX = 512, 32768  # above 2048 an extrapolation, capped at common sizes
+
+
+def auto_vocab_size(corpus_bytes: int) -> int:
+    """The vocabulary `--vocab-size auto` picks for `corpus_bytes` of training text."""
+    size = AUTO_VOCAB_MIN
+    while size * 2 <= corpus_bytes // BYTES_PER_VOCAB_ENTRY and size < AUTO_VOCAB_MAX:
+        size *= 2
+    return size
+
+
+def corpus_bytes(inputs: Sequence[str | Path] | None, max_bytes: int | None = None) -> int:
+    """Bytes `train_tokenizer` would read: the files' sizes, or the embedded corpus's."""
+    if inputs:
+        total = sum(path.stat().st_size for path in expand_inputs(inputs))
+    else:
+        from scratchlm.text.embedded import embedded_documents
+
+        total = sum(len(text.encode()) for text in embedded_documents(max_bytes))
+    return total if max_bytes is None else min(total, max_bytes)
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path] | None,
-    vocab_size: int,
+    vocab_size: int | str,
     pattern: str = DEFAULT_PATTERN_NAME,
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
@@ -94,7 +121,12 @@ def train_tokenizer(
     progress: bool = False,
 ) -> tuple[Tokenizer, TrainReport, ReadReport]:
     """Train on files and directories (streamed in blocks), or on the embedded corpus when
-    `inputs` is empty. Returns the tokenizer and what reading and training saw."""
+    `inputs` is empty. `vocab_size` "auto" sizes the vocabulary to the corpus
+    (`auto_vocab_size`). Returns the tokenizer and what reading and training saw."""
+    if vocab_size == "auto":
+        vocab_size = auto_vocab_size(corpus_bytes(inputs, max_bytes))
+    elif not isinstance(vocab_size, int):
+        raise ConfigError(f"vocab_size must be a number or 'auto', not {vocab_size!r}")
     read = ReadReport()
     if inputs:
         blocks: Iterable[str] = read_text_blocks(expand_inputs(inputs), read, max_bytes=max_bytes)

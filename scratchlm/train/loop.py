@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from scratchlm.devices import autocast_dtype, peak_flops, peak_memory_mb, reset_peak_memory
+from scratchlm.devices import PeakFlops, autocast_dtype, device_peak, peak_memory_mb, reset_peak_memory
 from scratchlm.errors import ConfigError, TrainingError
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.checkpoint import resume_checkpoint, save_checkpoint, save_sharded_checkpoint, set_latest
@@ -125,6 +125,7 @@ class LoopResult:
     mfu: float | None = None
     peak_memory_mb: float = 0.0
     start_memory_mb: float = 0.0  # held when training began (the model, the data)
+    peak_flops: PeakFlops | None = None  # what MFU is a share of
     model: nn.Module | None = None  # the trained model, whole, on the main process (None on the others)
 
 
@@ -213,7 +214,7 @@ def train_loop(
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     train_model = layout.train_model
-    peak = peak_flops(device) if info.is_main and config.flops_per_token else None
+    peak = device_peak(device, amp) if info.is_main and config.flops_per_token else None
     evaluation: dict[str, float] = {}
     if evaluate is not None and config.evaluate_at_start and step == 0:
         evaluation = evaluate(layout.eval_model)
@@ -285,7 +286,9 @@ def train_loop(
         if step % config.log_every == 0 or step == 1 or last:
             tokens_per_s = window.tokens / max(window.seconds, 1e-9)
             window = _Window()
-            mfu = config.flops_per_token * tokens_per_s / peak if peak else None
+            if peak is not None:
+                peak = peak.raised_to(config.flops_per_token * tokens_per_s)
+                mfu = config.flops_per_token * tokens_per_s / peak.flops
             row = {"step": step, "loss": round(loss_value, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                    **_rounded(sums), "tokens_per_s": round(tokens_per_s, 1), "tokens": tokens_total,
                    "elapsed": round(time.perf_counter() - start, 2)}
@@ -328,7 +331,8 @@ def train_loop(
     whole = layout.whole_model()
     if whole is not None:
         whole.eval()
-    return LoopResult(step, tokens_total, seconds, last_loss, evaluation, tokens_per_s, mfu, peak_memory, start_memory, whole)
+    return LoopResult(step, tokens_total, seconds, last_loss, evaluation, tokens_per_s, mfu, peak_memory, start_memory,
+                      peak_flops=peak, model=whole)
 
 
 def _rounded(numbers: dict[str, float]) -> dict[str, float]:

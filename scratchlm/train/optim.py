@@ -53,17 +53,18 @@ def lr_at(step: int, progress: float, config: TrainConfig) -> float:
 
 def orthogonalize(update: Tensor, steps: int = 5) -> Tensor:
     """Approximately replace the matrix by U V^T of its SVD (all singular values near 1) with a
-    quintic Newton-Schulz iteration, coefficients from Jordan et al. 2024 (Muon)."""
+    quintic Newton-Schulz iteration, coefficients from Jordan et al. 2024 (Muon). `update` may
+    be a stack (n, rows, cols) of matrices of one shape, orthogonalised each on its own."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = update.float()
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if transposed else x).to(update.dtype)
+    return (x.mT if transposed else x).to(update.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -78,23 +79,53 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if group["use_muon"]:
-                    buf = state.setdefault("momentum", torch.zeros_like(p))
-                    buf.lerp_(p.grad, 1 - group["momentum"])
-                    update = orthogonalize(p.grad.lerp(buf, group["momentum"]))
-                    p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                    continue
-                beta1, beta2 = group["betas"]
-                state["step"] = state.get("step", 0) + 1
-                m = state.setdefault("exp_avg", torch.zeros_like(p))
-                v = state.setdefault("exp_avg_sq", torch.zeros_like(p))
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
-                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
         return None
+
+    def _adamw_step(self, group: dict) -> None:
+        """AdamW on the whole group at once (torch._foreach_*: one operation per step of the
+        algorithm, not one per tensor)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        for state, p in zip(states, params):
+            state["step"] = state.get("step", 0) + 1
+            state.setdefault("exp_avg", torch.zeros_like(p))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p))
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        denom = torch._foreach_div(v, [1 - beta2 ** s["step"] for s in states])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, m, denom, [-group["lr"] / (1 - beta1 ** s["step"]) for s in states])
+
+    def _muon_step(self, group: dict) -> None:
+        """Nesterov momentum, then one Newton-Schulz run per matrix shape rather than per matrix:
+        a small model's step is dominated by the count of small operations, not their size. A
+        matrix taller than wide joins the stack of its transpose's shape."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        buffers = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+        nesterov = torch._foreach_lerp(grads, buffers, group["momentum"])
+        wide = [u.mT if u.size(0) > u.size(1) else u for u in nesterov]
+        stacks: dict[tuple[int, ...], list[int]] = {}
+        for i, u in enumerate(wide):
+            stacks.setdefault(tuple(u.shape), []).append(i)
+        for indices in stacks.values():
+            updates = orthogonalize(torch.stack([wide[i] for i in indices]))
+            for i, update in zip(indices, updates):
+                p = params[i]
+                p.add_(update.mT if p.size(0) > p.size(1) else update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)

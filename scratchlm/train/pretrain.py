@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from scratchlm.data.shards import TokenShards
+from scratchlm.devices import PeakFlops
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.model import GPT, ModelConfig, count_params, flops_per_token, get_preset
 from scratchlm.tokenizer import Tokenizer, load_tokenizer
@@ -54,6 +55,7 @@ class RunSummary:
     start_val_loss: float | None = None  # before the first step, for runs with init_from
     start_val_bpb: float | None = None
     peak_memory_mb: float = 0.0
+    peak_flops: PeakFlops | None = None  # what MFU is a share of
     layout: str = "1 process"  # how the run was spread over torchrun's processes
 
 
@@ -299,7 +301,8 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
                         evaluate=validation)
     summary = RunSummary(run_dir, result.steps, result.tokens, result.seconds, params, result.final_loss,
                          result.evaluation.get("val_loss"), result.evaluation.get("val_bpb"), result.tokens_per_s,
-                         result.mfu, peak_memory_mb=result.peak_memory_mb, layout=_layout_text(config, info))
+                         result.mfu, peak_memory_mb=result.peak_memory_mb, peak_flops=result.peak_flops,
+                         layout=_layout_text(config, info))
     if info.is_main:
         model = result.model  # whole again: shards gathered, pipeline stages collected
         save_model_folder(run_dir / "model", model, tokenizer)

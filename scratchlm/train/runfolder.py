@@ -45,6 +45,8 @@ def write_report(run_dir: Path, summary, config, model_config: ModelConfig, shar
         f"| steps / tokens | {summary.steps:,} / {summary.tokens:,} |",
         f"| wall time | {summary.seconds:.1f} s |",
         f"| throughput | {summary.tokens_per_s:,.0f} tokens/s" + (f", MFU {summary.mfu:.1%}" if summary.mfu else "") + " |",
+        *([f"| MFU is a share of | {summary.peak_flops.flops / 1e9:,.0f} GFLOP/s: {summary.peak_flops.source} |"]
+          if summary.mfu and summary.peak_flops else []),
         f"| peak memory | {summary.peak_memory_mb:,.0f} MB" + (" per process" if summary.layout != "1 process" else "") + " |",
         f"| layout | {summary.layout} |",
         "",
