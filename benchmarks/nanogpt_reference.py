@@ -63,6 +63,10 @@ VARIANTS: dict[str, tuple[int | str, list[str]]] = {
     "vocab1024-3layers": (1024, ["model_config.n_layer=3"]),
     "vocab1024-batch8": (1024, ["micro_batch=8"]),
     "vocab1024-muon0.04": (1024, ["muon_lr=0.04"]),
+    # model size, the rest of the recipe as it is (Muon, QK-norm, untied head)
+    "small": ("auto", ["model=cpu-small"]),
+    "small-ctx128": ("auto", ["model=cpu-small", "seq_len=128"]),
+    "small-ctx64-batch12": ("auto", ["model=cpu-small", "seq_len=64", "micro_batch=12"]),
     # nanoGPT's shapes (4 layers, width 128, 4 heads, context 64, batch 12, AdamW at its 1e-3) in our
     # architecture, for training speed side by side; 512 is our smallest sensible vocabulary (its: ~80 characters)
     "nanogpt-shapes": (512, ["model_config.n_layer=4", "model_config.n_head=4", "model_config.n_embd=128", "seq_len=64",

@@ -403,3 +403,15 @@ def test_mfu_never_reads_above_one_hundred_percent():
     assert raised.flops >= 5.0 and "measured again" in raised.source
     assert PeakFlops(1e12, "published").raised_to(2e12).flops == 2e12  # no re-measuring a published figure
     assert low.raised_to(0.5) is low
+
+
+def test_auto_model_grows_when_the_corpus_is_small_for_the_budget():
+    from scratchlm.train.pretrain import SMALL_CORPUS_TOKENS_PER_SECOND, choose_model
+
+    config = load_train_config(None, ["max_time=120s"])
+    assert config.model == "auto"
+    enough = choose_model(config, 2048, train_tokens=SMALL_CORPUS_TOKENS_PER_SECOND * 120)
+    small = choose_model(config, 2048, train_tokens=SMALL_CORPUS_TOKENS_PER_SECOND * 120 - 1)
+    assert (enough.n_layer, enough.n_embd) == (2, 64) and (small.n_layer, small.n_embd) == (4, 128)
+    assert enough.block_size == small.block_size == 128  # cpu-small at cpu-tiny's context
+    assert choose_model(config, 2048).n_layer == 2  # no corpus size given: the budget alone decides

@@ -60,14 +60,26 @@ class RunSummary:
 
 
 # ---- model sizing ---------------------------------------------------------------------
-def choose_model(config: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The preset named by the config, or for "auto" a CPU preset sized to the time budget.
-    At 2 minutes on 2 cores cpu-tiny beat cpu-small and cpu-base (docs/benchmarks.md); longer
-    budgets afford more parameters (Chinchilla: N grows with the square root of compute)."""
+# A corpus of fewer training tokens than this per second of a short budget is seen many times
+# over (cpu-tiny reads ~40k tokens/s on 2 cores: 13+ epochs), and then a larger model uses it
+# better: on 2 cores in 2 minutes cpu-small at context 128 beat cpu-tiny on three books of
+# 0.4-1.1 MB (about 1,400-2,500 tokens per second of budget), and lost on the 1.7 MB embedded
+# corpus (4,300). docs/benchmarks.md has the runs.
+SMALL_CORPUS_TOKENS_PER_SECOND = 3000
+
+
+def choose_model(config: TrainConfig, vocab_size: int, train_tokens: int | None = None) -> ModelConfig:
+    """The preset named by the config, or for "auto" a CPU preset sized to the time budget and
+    the corpus. Up to 10 minutes, cpu-tiny (more steps beat more parameters: docs/benchmarks.md),
+    or cpu-small at context 128 when the corpus is small for the budget (`train_tokens` fewer
+    than SMALL_CORPUS_TOKENS_PER_SECOND per second); longer budgets afford more parameters
+    (Chinchilla: N grows with the square root of compute)."""
     if config.model == "auto":
         seconds = config.max_seconds or 600.0
         name = "cpu-tiny" if seconds <= 600 else "cpu-small" if seconds <= 3600 else "cpu-base"
         base = get_preset(name)
+        if name == "cpu-tiny" and train_tokens is not None and train_tokens < SMALL_CORPUS_TOKENS_PER_SECOND * seconds:
+            base = get_preset("cpu-small").replace(block_size=base.block_size)
     else:
         base = get_preset(config.model)
     padded_vocab = -(-vocab_size // 64) * 64
@@ -255,9 +267,9 @@ def _train(run_dir: Path, shards: TokenShards, tokenizer: Tokenizer, config: Tra
     if config.init_from is not None:
         # On resume too: its config and tokenizer; the checkpoint's weights then replace its own.
         init_model, tokenizer = load_init_model(config, tokenizer, shards, device)
-    model_config = init_model.config if init_model is not None else choose_model(config, tokenizer.vocab_size)
-    seq_len = training_seq_len(config, model_config)
     train_tokens = shards.tokens("train")
+    model_config = init_model.config if init_model is not None else choose_model(config, tokenizer.vocab_size, train_tokens)
+    seq_len = training_seq_len(config, model_config)
     if train_tokens < seq_len + 1:
         raise InputFileError(f"{shards.path}: train split has {train_tokens} tokens, fewer than one context window ({seq_len + 1})")
     val_tokens = _validation_tokens(shards, tokenizer, val_text, seq_len, config.eval_tokens)
