@@ -61,11 +61,11 @@ class RunSummary:
 
 # ---- model sizing ---------------------------------------------------------------------
 # A corpus of fewer training tokens than this per second of a short budget is seen many times
-# over (cpu-tiny reads ~40k tokens/s on 2 cores: 13+ epochs), and then a larger model uses it
+# over (cpu-tiny reads 30-50k tokens/s on 2 cores: 10+ epochs), and then a larger model uses it
 # better: on 2 cores in 2 minutes cpu-small at context 128 beat cpu-tiny on three books of
-# 0.4-1.1 MB (about 1,400-2,500 tokens per second of budget), and lost on the 1.7 MB embedded
-# corpus (4,300). docs/benchmarks.md has the runs.
-SMALL_CORPUS_TOKENS_PER_SECOND = 3000
+# 175k-360k tokens (1,500-3,000 per second of budget), and lost on the embedded corpus's 537k
+# (4,500). docs/benchmarks.md has the runs.
+SMALL_CORPUS_TOKENS_PER_SECOND = 4000
 
 
 def choose_model(config: TrainConfig, vocab_size: int, train_tokens: int | None = None) -> ModelConfig:
