@@ -29,3 +29,13 @@ def parse_duration(value: str | int | float) -> float:
     if not match or match.group(2).lower() not in _DURATION_UNITS:
         raise ConfigError(f"{value!r} is not a duration (examples: 90, 120s, 5m, 1.5h)")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+def parse_vocab_size(value: str) -> int | str:
+    """A vocabulary size as a user writes it: a number, or "auto" (sized to the corpus)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not a number or 'auto'") from None

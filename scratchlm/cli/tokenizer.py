@@ -8,16 +8,7 @@ from pathlib import Path
 
 from scratchlm.cli.common import argument_type
 from scratchlm.errors import ConfigError, InputFileError
-from scratchlm.units import parse_bytes
-
-
-def _vocab_size(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number or 'auto'") from None
+from scratchlm.units import parse_bytes, parse_vocab_size
 
 
 def add_commands(stages: argparse._SubParsersAction) -> None:
@@ -37,7 +28,7 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
         "embedded corpus (CPython's own documentation), which every machine has.",
     )
     train.add_argument("--input", nargs="+", metavar="PATH", help="text files or directories; hidden files and folders (.git) are skipped (default: embedded corpus)")
-    train.add_argument("--vocab-size", type=_vocab_size, default="auto", help="total vocabulary: 256 bytes + merges + special tokens; fewer if the corpus runs out of pairs seen --min-frequency times; 'auto' (the default): one entry per 512 bytes of text, a power of two from 512 to 32768")
+    train.add_argument("--vocab-size", type=argument_type(parse_vocab_size), default="auto", help="total vocabulary: 256 bytes + merges + special tokens; fewer if the corpus runs out of pairs seen --min-frequency times; 'auto' (the default): one entry per 512 bytes of text, a power of two from 512 to 32768")
     train.add_argument("--out", required=True, type=Path, help="where to write the tokenizer (JSON)")
     train.add_argument("--pattern", default=None, help="pre-tokenization: a name, gpt4 (default), gpt2, llama3 or smollm, or a regex whose matches must cover all text")
     train.add_argument(

@@ -14,10 +14,13 @@ layer is for inference only: no gradients, CPU only, and the model is not saved 
 swapped.
 """
 
+from functools import cache
+
 import torch
 from torch import Tensor, nn
 
 
+@cache
 def onednn_available() -> bool:
     """Whether this PyTorch build has the oneDNN linear kernels (x86 and most ARM builds do)."""
     try:
