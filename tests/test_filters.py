@@ -466,3 +466,78 @@ def test_invalid_config_is_a_config_error(values, field):
 def test_unknown_config_key_is_a_config_error():
     with pytest.raises(ConfigError, match="min_words"):
         build(FilterConfig, {"min_word": 3})
+
+
+# ---- bad words and blocked URLs ------------------------------------------------------------------
+ONLY_VOUCHING = FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["The page linked to porn sites.", "PORN.", "a (porno) link", "ends with bullshit", "a blow job",
+     "rosy palm and her 5 sisters", "Some S&M gear", "the g-spot, they said", "two\ngirls one cup"],
+)  # fmt: skip
+def test_a_listed_word_or_phrase_rejects_the_document_as_toxicity_bad_word(text):
+    assert QualityFilter(ONLY_VOUCHING)(GOOD_ENGLISH + text) == (GOOD_ENGLISH + text, "toxicity:bad_word")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Scunthorpe United won at home.", "A classic novel.", "The analysis of assets.", "Sussex and Essex.",
+     "a cocktail party", "Middlesex", "passport", "shitake", "sextant", "grapefruit", "homosexuality studies"],
+)  # fmt: skip
+def test_a_word_that_only_contains_a_listed_word_is_kept(text):
+    assert QualityFilter(ONLY_VOUCHING)(GOOD_ENGLISH + text)[1] is None
+
+
+def test_bad_words_are_on_by_default_and_switch_off():
+    text = GOOD_ENGLISH + "Free porn here."
+    assert FilterConfig().bad_words and FilterConfig().bad_words_languages == ("en",)
+    assert QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words=False))(text)[1] is None
+    assert QualityFilter(FilterConfig(enabled=False))(text)[1] is None
+
+
+def test_bad_words_of_other_languages_and_of_a_user_file(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# project list\nFrobnicate\nsecret plan\n\n")
+    custom = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words_file=str(words)))
+    assert custom(GOOD_ENGLISH + "They FROBNICATE it.")[1] == "toxicity:bad_word"
+    assert custom(GOOD_ENGLISH + "The secret\n  plan.")[1] == "toxicity:bad_word"  # any whitespace between words
+    assert custom(GOOD_ENGLISH + "Frobnicated.")[1] is None
+    assert custom(GOOD_ENGLISH + "porn")[1] == "toxicity:bad_word"  # added to the English list
+    german = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words_languages="de"))
+    assert german(GERMAN + "Du Arschloch.")[1] == "toxicity:bad_word"
+    assert german(GOOD_ENGLISH + "porn")[1] is None
+    # Chinese is written without spaces: a listed word counts inside a run of characters.
+    chinese = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words_languages=["zh"]))
+    assert chinese("这是一个关于做爱的故事")[1] == "toxicity:bad_word"
+    with pytest.raises(ConfigError, match="no shipped list for 'xx'"):
+        FilterConfig(bad_words_languages=["en", "xx"])
+    with pytest.raises(ConfigError, match="bad_words_file: .* is not a file"):
+        FilterConfig(bad_words_file=str(tmp_path / "missing.txt"))
+    assert build(FilterConfig, {"bad_words_languages": "en, de"}).bad_words_languages == ("en", "de")
+
+
+def test_a_blocklisted_domain_and_its_subdomains_are_rejected(tmp_path):
+    blocklist = tmp_path / "domains.txt"
+    blocklist.write_text("# spam farms\nspam.example\nhttps://Ads.Tracker.ORG/\n")
+    check = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, url_blocklist=str(blocklist)))
+    for url in ("https://spam.example/a", "http://www.spam.example:8080/x", "https://a.b.SPAM.example./", "spam.example/page",
+                "https://user@ads.tracker.org/p", "https://x.ads.tracker.org"):  # fmt: skip
+        assert check(GOOD_ENGLISH, url=url)[1] == "url:blocklisted", url
+    for url in (None, "", "https://notspam.example/", "https://spam.example.org/", "https://tracker.org/", "https://[::1/"):
+        assert check(GOOD_ENGLISH, url=url)[1] is None, url
+    with pytest.raises(ConfigError, match="url_blocklist: .* is not a file"):
+        FilterConfig(url_blocklist=str(tmp_path / "missing.txt"))
+
+
+def test_a_filter_that_has_loaded_its_lists_still_pickles(tmp_path):
+    blocklist = tmp_path / "domains.txt"
+    blocklist.write_text("spam.example\n")
+    check = QualityFilter(FilterConfig(url_blocklist=str(blocklist)))
+    check(GOOD_ENGLISH, url="https://spam.example/")
+    check(GOOD_ENGLISH)
+    copy = pickle.loads(pickle.dumps(check))
+    assert copy(GOOD_ENGLISH, url="https://spam.example/")[1] == "url:blocklisted"
+    # A sentence: C4's line cleaning, which runs first, drops lines of fewer than three words.
+    assert copy(GOOD_ENGLISH + "The site sells porn to anyone who asks.")[1] == "toxicity:bad_word"

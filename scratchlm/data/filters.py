@@ -1,7 +1,7 @@
 """Document quality filters: the heuristic rules of the published web-text pipelines.
 
-Four rule sets and a language check, each a small pure function of the text and a
-`FilterConfig`, combined by `QualityFilter`:
+Four rule sets, a language check, a bad-word check and a URL blocklist, each a small pure
+function of the text (or URL) and a `FilterConfig`, combined by `QualityFilter`:
 
 * **C4** (Raffel et al. 2020, §2.2; rules as coded in tfds `c4_utils.py` and datatrove's
   `C4QualityFilter`): a line-level *cleaning* that drops boilerplate lines and changes the text,
@@ -11,11 +11,17 @@ Four rule sets and a language check, each a small pure function of the text and 
 * **FineWeb** (Penedo et al. 2024; datatrove `FineWebQualityFilter`).
 * **Language identification** (FineWeb: fastText lid.176, keep English scored above 0.65; here
   py3langid by default, which ships its model in the wheel and so works offline).
+* **Bad words** (C4, Raffel et al. 2020, §2.2; tfds `c4_utils.py`, datatrove `C4BadWordsFilter`):
+  drop a page holding any entry of the List of Dirty, Naughty, Obscene, and Otherwise Bad Words
+  (shipped in `wordlists/`, CC BY 4.0), matched as a whole word or phrase, case-insensitively.
+* **URL blocklist**: drop a document whose URL's host is a listed domain or a subdomain of one.
 
 `QualityFilter(config)(text)` returns `(cleaned_text, reason)`; `reason` is None for a kept
 document, else one of these strings (the rule that fired first):
 
+    url:blocklisted
     c4:lorem_ipsum  c4:curly_bracket  c4:too_few_sentences
+    toxicity:bad_word
     gopher_quality:too_few_words  gopher_quality:too_many_words
     gopher_quality:mean_word_length_low  gopher_quality:mean_word_length_high
     gopher_quality:hash_ratio  gopher_quality:ellipsis_ratio
@@ -29,8 +35,9 @@ document, else one of these strings (the rule that fired first):
     language:<code>  (the identified language, e.g. language:de, is not in `languages`)
     language:low_score  (a wanted language, scored below `min_language_score`)
 
-Order and what each rule sees: C4 cleaning runs first and its document rules next (cheap, and
-they decide the output text). The Gopher rules then look at the text *as it came in*, as in
+Order and what each rule sees: the URL blocklist runs first (it reads no text). C4 cleaning
+runs next and its document rules and the bad-word check after it (cheap, and, as in C4, on the
+cleaned page). The Gopher rules then look at the text *as it came in*, as in
 the FineWeb pipeline, which ran them before C4: the cleaning removes every blank line, which
 would make the paragraph-repetition rules dead. The FineWeb rules and the language check look
 at the cleaned text (FineWeb ran its own rules after C4); language identification is the
@@ -50,10 +57,12 @@ lazily; codes must match those in `config.languages`.
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from scratchlm.errors import ConfigError
 
@@ -129,6 +138,17 @@ class FilterConfig:
     languages: tuple[str, ...] | None = None
     min_language_score: float = 0.65  # FineWeb's threshold on the identifier's probability
 
+    # Bad words (C4). On by default, as in C4: a pretraining corpus should not teach a model
+    # pornographic or slur-laden text. It also removes harmless pages (disproportionately text
+    # about LGBTQ+ people and in African-American English: Dodge et al. 2021), and FineWeb left
+    # it out (blocking adult sites by URL instead): turn it off where that loss matters more.
+    bad_words: bool = True
+    bad_words_languages: tuple[str, ...] = ("en",)  # shipped LDNOOBW lists, by language code
+    bad_words_file: str | None = None  # your own list, one word or phrase per line, added to them
+    # A file of domains, one per line: a document whose URL's host is one of them or a subdomain
+    # of one is rejected. Documents carry a URL only from sources with `url_field`.
+    url_blocklist: str | None = None
+
     def __post_init__(self) -> None:
         languages = self.languages
         if isinstance(languages, str):
@@ -136,6 +156,7 @@ class FilterConfig:
         if isinstance(languages, (list, tuple)):
             languages = tuple(code.strip() if isinstance(code, str) else code for code in languages)
         object.__setattr__(self, "languages", languages or None)
+        self._check_word_lists()
         codes_ok = self.languages is None or (
             isinstance(self.languages, tuple) and all(isinstance(code, str) and code for code in self.languages)
         )
@@ -163,6 +184,24 @@ class FilterConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"filters: {message}")
+
+    def _check_word_lists(self) -> None:
+        """Normalise `bad_words_languages` as `languages` is, and refuse a list that does not
+        exist now, rather than in every worker process later."""
+        codes = self.bad_words_languages
+        if isinstance(codes, str):
+            codes = codes.split(",")
+        if not isinstance(codes, (list, tuple)) or not all(isinstance(code, str) for code in codes):
+            raise ConfigError(f'filters: bad_words_languages must be a list of language codes such as ["en"], not {codes!r}')
+        codes = tuple(code.strip() for code in codes if code.strip())
+        object.__setattr__(self, "bad_words_languages", codes)
+        unknown = [code for code in codes if code not in bad_word_languages()]
+        if unknown:
+            raise ConfigError(f"filters: bad_words_languages: no shipped list for {', '.join(map(repr, unknown))} (lists: {', '.join(bad_word_languages())}); give your own with bad_words_file")
+        for key in ("bad_words_file", "url_blocklist"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"filters: {key}: {path} is not a file (one entry per line)")
 
 
 # ---- words and lines ----------------------------------------------------------------------
@@ -408,22 +447,107 @@ def language_filter(text: str, config: FilterConfig, identify: Identify) -> str 
     return None
 
 
+# ---- bad words and blocked URLs --------------------------------------------------------------
+WORDLISTS = Path(__file__).with_name("wordlists")
+# Scripts written without spaces between words: there a listed word counts wherever it occurs,
+# as in tfds c4_utils and datatrove; elsewhere only as a whole word.
+_UNSPACED_LANGUAGES = frozenset({"ja", "th", "zh"})
+
+
+def bad_word_languages() -> list[str]:
+    """Codes of the shipped bad-word lists (`wordlists/CODE.txt`)."""
+    return sorted(path.stem for path in WORDLISTS.glob("*.txt"))
+
+
+def read_list(path: str | Path) -> list[str]:
+    """Entries of a one-per-line list in lower case; blank lines and `#` comments skipped."""
+    with open(path, encoding="utf-8") as handle:
+        entries = (" ".join(line.lower().split()) for line in handle)
+        return [entry for entry in entries if entry and not entry.startswith("#")]
+
+
+def trie_pattern(words: Iterable[str]) -> str:
+    """A regular expression matching any of `words` (lower case, single spaces between the
+    words of a phrase), shaped as their prefix tree: the engine then tries one branch per
+    character at a position instead of every word, so that a scan costs time linear in the text
+    (measured on 2 MB of English: 35 MB/s, against 5 MB/s for a flat alternation of the 403
+    English entries)."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a word ends here
+
+    def branch(node: dict) -> str:
+        ends = "" in node
+        # The space inside a phrase matches any run of whitespace, a line break included.
+        parts = [(r"\s+" if char == " " else re.escape(char)) + branch(child) for char, child in sorted(node.items()) if char]
+        if not parts:
+            return ""
+        body = parts[0] if len(parts) == 1 and not ends else f"(?:{'|'.join(parts)})"
+        return body + "?" if ends else body
+
+    return branch(trie)
+
+
+def bad_words_regex(config: FilterConfig) -> re.Pattern[str]:
+    """One pattern for the configured lists, to search in lower-cased text. Whole words and
+    phrases: not preceded or followed by a word character, so "Scunthorpe" and "classic" pass
+    (the same rule as tfds's `(?:\\W|^)(...)(?:\\W|$)`)."""
+    bounded: set[str] = set()
+    anywhere: set[str] = set()
+    for code in config.bad_words_languages:
+        (anywhere if code in _UNSPACED_LANGUAGES else bounded).update(read_list(WORDLISTS / f"{code}.txt"))
+    if config.bad_words_file:
+        bounded.update(read_list(config.bad_words_file))
+    alternatives = [f"(?<!\\w){trie_pattern(bounded)}(?!\\w)" if bounded else "", trie_pattern(anywhere) if anywhere else ""]
+    return re.compile("|".join(a for a in alternatives if a) or "(?!)")  # (?!) matches nothing
+
+
+def url_host(url: str | None) -> str | None:
+    """The lower-case host of a URL ("https://User@Blog.Example.com:8080/x" gives
+    "blog.example.com"); a URL without a scheme ("example.com/x") is read as one with."""
+    if not url:
+        return None
+    try:
+        host = urlsplit(url if "//" in url else f"//{url}").hostname
+    except ValueError:  # an invalid IPv6 literal or port
+        return None
+    return host.rstrip(".") if host else None
+
+
+def read_domains(path: str | Path) -> frozenset[str]:
+    """The domains of a blocklist file; an entry written as a URL counts as its host."""
+    return frozenset(url_host(entry) or entry for entry in read_list(path))
+
+
+def is_blocked(host: str, domains: frozenset[str]) -> bool:
+    """Whether `host` is a listed domain or a subdomain of one: each of its suffixes at a dot
+    is looked up, so the cost is the number of labels, whatever the size of the list."""
+    labels = host.split(".")
+    return any(".".join(labels[i:]) in domains for i in range(len(labels)))
+
+
 # ---- all together --------------------------------------------------------------------------
 class QualityFilter:
     """`filter(text) -> (cleaned text, reason or None)` with the rule sets of `config`.
 
-    Picklable, to be sent to worker processes: the default language identifier is loaded on the
-    first document that needs it, once per instance (and per process), and is not pickled. A
-    custom `identify` is pickled with the filter, so it should load its model lazily too.
+    Picklable, to be sent to worker processes: the default language identifier, the bad-word
+    pattern and the domain blocklist are loaded on the first document that needs them, once per
+    instance (and per process), and are not pickled. A custom `identify` is pickled with the
+    filter, so it should load its model lazily too.
     """
 
     def __init__(self, config: FilterConfig = FilterConfig(), identify: Identify | None = None) -> None:
         self.config = config
         self._identify = identify
         self._loaded: Identify | None = None
+        self._bad_words: re.Pattern[str] | None = None
+        self._blocked: frozenset[str] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_loaded": None}
+        return {**self.__dict__, "_loaded": None, "_bad_words": None, "_blocked": None}
 
     def identify(self, text: str) -> tuple[str, float]:
         if self._identify is not None:
@@ -432,11 +556,28 @@ class QualityFilter:
             self._loaded = py3langid_identifier()
         return self._loaded(text)
 
-    def __call__(self, text: str) -> tuple[str, str | None]:
+    def has_bad_word(self, text: str) -> bool:
+        if self._bad_words is None:
+            self._bad_words = bad_words_regex(self.config)
+        return self._bad_words.search(text.lower()) is not None
+
+    def blocks_url(self, url: str | None) -> bool:
+        host = url_host(url)
+        if host is None or self.config.url_blocklist is None:
+            return False
+        if self._blocked is None:
+            self._blocked = read_domains(self.config.url_blocklist)
+        return is_blocked(host, self._blocked)
+
+    def __call__(self, text: str, url: str | None = None) -> tuple[str, str | None]:
         config = self.config
         if not config.enabled:
             return text, None
+        if self.blocks_url(url):
+            return text, "url:blocklisted"
         cleaned, reason = c4_clean(text, config) if config.c4 else (text, None)
+        if reason is None and config.bad_words and self.has_bad_word(cleaned):
+            reason = "toxicity:bad_word"
         # The Gopher rules read the text as it came in; see the module docstring.
         if reason is None and config.gopher_quality:
             reason = gopher_quality(text, config)

@@ -139,7 +139,7 @@ def clean_batch(records: list[Document | ReadFailure], cleaner: Cleaner, counts:
         nbytes = len(text.encode("utf-8"))
         start = time.perf_counter()
         counts.enter("filter", doc.source, nbytes)
-        text, reason = cleaner.quality(text)
+        text, reason = cleaner.quality(text, url=doc.url)
         counts.seconds["filter"] += time.perf_counter() - start
         if reason:
             reject(doc.id, doc.source, "filter", reason, text, nbytes)
@@ -150,5 +150,5 @@ def clean_batch(records: list[Document | ReadFailure], cleaner: Cleaner, counts:
         text, found = redact_pii(text, cleaner.config.pii)
         counts.pii.update(found)
         counts.seconds["pii"] += time.perf_counter() - start
-        survivors.append(Document(doc.id, doc.source, text))
+        survivors.append(Document(doc.id, doc.source, text, url=doc.url))
     return survivors, ledger

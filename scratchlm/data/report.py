@@ -1,10 +1,12 @@
-"""`report.md` of a prepare run: where every document went, from `stats.json`."""
+"""`report.md` of a prepare run: where every document went, from `stats.json`; and
+`diversity.png` beside it, the plots of its `diversity` section."""
 
 from pathlib import Path
 
-from scratchlm.atomic_io import write_text_atomic
+from scratchlm.atomic_io import save_figure_atomic, write_text_atomic
 
 _STAGES = ("read", "extract", "normalize", "filter", "pii")
+DIVERSITY_PLOT = "diversity.png"
 
 
 def _mb(n: int | float | None) -> str:
@@ -25,6 +27,7 @@ def render_report(stats: dict) -> str:
     ]
     if stats["tokens"]:
         lines.append(f"- tokens written: {stats['tokens']['train']:,} train, {stats['tokens']['val']:,} validation")
+    lines += _sources_section(stats["sources"])
     lines += ["", "## Stages, per source", "", "Documents (and bytes) entering each stage; HTML extraction only sees HTML documents.", ""]
     lines.append(_row("source", *_STAGES, "kept train", "kept val", "weight", "epochs: target (written)"))
     lines.append(_row(*["---"] * (len(_STAGES) + 5)))
@@ -55,6 +58,8 @@ def render_report(stats: dict) -> str:
         lines.append(f"- clusters: {sizes}")
     if stats["pii_replaced"] and any(stats["pii_replaced"].values()):
         lines += ["", "## PII replaced", "", ", ".join(f"{kind}: {n:,}" for kind, n in stats["pii_replaced"].items())]
+    if stats.get("diversity"):
+        lines += _diversity_section(stats["diversity"])
     issues = stats["read_issues"]
     if issues["counts"]:
         lines += ["", "## Input problems that cost no document", ""]
@@ -69,6 +74,84 @@ def render_report(stats: dict) -> str:
     lines.append(f"- wall clock: {total:.1f} s{rate}; " + ", ".join(f"{k} {v:.1f} s" for k, v in stats["phase_seconds"].items() if k != "total"))
     lines.append("- CPU seconds per stage, summed over workers: " + ", ".join(f"{k} {v:.1f}" for k, v in stats["stage_seconds"].items()))
     return "\n".join(lines) + "\n"
+
+
+def _sources_section(sources: dict) -> list[str]:
+    """Where each source came from and on what terms, as its config declared."""
+    lines = ["", "## Sources", "", _row("source", "license", "url", "weight", "notes"), _row(*["---"] * 5)]
+    for name, source in sources.items():
+        weight = "natural" if source.get("weight") is None else f"{source['weight']:g}"
+        cells = [_quote(source.get(key) or "-") for key in ("license", "url")]
+        lines.append(_row(name, *cells, weight, _quote(source.get("notes") or "-")))
+    return lines
+
+
+def _diversity_section(diversity: dict) -> list[str]:
+    unit = diversity["share_unit"]
+    lines = ["", "## Diversity", "", f"![languages, lengths, domains and shares per source]({DIVERSITY_PLOT})", "",
+             f"Kept documents; share: of the {unit} of the training mixture; languages by py3langid on each document's first "
+             f"{diversity['language_chars']:,} characters; lengths in bytes (percentiles to within a histogram bin).", ""]  # fmt: skip
+    lines.append(_row("source", "documents", "share", "top languages", "median length", "p5 – p95", "top domains"))
+    lines.append(_row(*["---"] * 7))
+    for name, group in [*diversity["sources"].items(), ("all", diversity["overall"])]:
+        share = "-" if group["share"] is None else f"{group['share']:.1%}"
+        total = group["documents"] or 1
+        languages = ", ".join(f"{code} {n / total:.0%}" for code, n in list(group["languages"].items())[:3]) or "-"
+        p = group["length_bytes"]["percentiles"]
+        spread = "-" if p["p5"] is None else f"{p['p5']:,} – {p['p95']:,}"
+        median = "-" if p["p50"] is None else f"{p['p50']:,}"
+        domains = ", ".join(f"{host} ({n:,})" for host, n in group["domains"]["top"][:3]) or "-"
+        lines.append(_row(name, f"{group['documents']:,}", share, languages, median, spread, _quote(domains)))
+    return lines
+
+
+def plot_diversity(diversity: dict, path: str | Path) -> Path:
+    """Four panels: each source's share of the mixture, its length histogram, its languages and
+    the top domains overall."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    sources = diversity["sources"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), dpi=100)
+    share, lengths, languages, domains = axes.flat
+    share.barh(list(sources), [g["share"] or 0 for g in sources.values()], color="tab:blue")
+    share.set_xlabel(f"share of the training mixture ({diversity['share_unit']})")
+    share.invert_yaxis()
+    for name, group in sources.items():
+        rows = group["length_bytes"]["histogram"]
+        if rows:
+            lengths.stairs([n for _, _, n in rows], [rows[0][0], *(high for _, high, _ in rows)], label=name)
+    lengths.set_xscale("log")
+    lengths.set_xlabel("document length (bytes)")
+    lengths.set_ylabel("documents")
+    codes = list(diversity["overall"]["languages"])[:8]
+    left = [0.0] * len(codes)
+    for name, group in sources.items():
+        counts = [group["languages"].get(code, 0) for code in codes]
+        languages.barh(codes, counts, left=left, label=name)
+        left = [a + b for a, b in zip(left, counts)]
+    languages.set_xlabel("documents")
+    languages.invert_yaxis()
+    top = diversity["overall"]["domains"]["top"][:10]
+    if top:
+        domains.barh([host for host, _ in top], [n for _, n in top], color="tab:green")
+        domains.invert_yaxis()
+    else:
+        domains.text(0.5, 0.5, "no document URLs\n(set url_field on a source)", ha="center", va="center", transform=domains.transAxes)
+    domains.set_xlabel("documents")
+    for ax, title in zip(axes.flat, ("share per source", "length distribution", "languages", "top domains")):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    if len(sources) > 1:
+        lengths.legend()
+        languages.legend()
+    fig.tight_layout()
+    try:
+        return save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _example(example: dict) -> str:
@@ -86,4 +169,7 @@ def _quote(text: str) -> str:
 
 
 def write_report(stats: dict, path: str | Path) -> Path:
+    """`report.md` at `path`, and the diversity plots beside it."""
+    if stats.get("diversity"):
+        plot_diversity(stats["diversity"], Path(path).with_name(DIVERSITY_PLOT))
     return write_text_atomic(path, render_report(stats))

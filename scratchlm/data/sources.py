@@ -46,7 +46,9 @@ BINARY_PROBE_BYTES = 8192
 @dataclass(frozen=True)
 class SourceConfig:
     """One input source of a pipeline. `weight` is its share of the training mixture (by bytes);
-    leave it out on every source to keep the sources' natural proportions."""
+    leave it out on every source to keep the sources' natural proportions. `license`, `url` and
+    `notes` say where the data came from and on what terms: they are copied into the shard
+    manifest, `stats.json` and the report, for a model card to cite."""
 
     name: str
     paths: list[str] = field(default_factory=list)
@@ -59,6 +61,10 @@ class SourceConfig:
     weight: float | None = None
     split: str = "train"  # which split of a dataset with several
     streaming: bool = False  # hub datasets: stream instead of downloading whole
+    url_field: str | None = None  # jsonl, csv, parquet, hf: each record's page URL (blocklist, domains)
+    license: str | None = None  # e.g. "CC-BY-4.0" (an SPDX identifier where there is one)
+    url: str | None = None  # where the data set is published
+    notes: str | None = None  # anything a reader of the model card should know
 
     def __post_init__(self) -> None:
         where = f"source {self.name!r}"
@@ -82,6 +88,7 @@ class Document:
     source: str
     text: str
     html: bool = False  # text is raw HTML, to be extracted
+    url: str | None = None  # the page the text came from, where the source names it (url_field)
 
 
 @dataclass
@@ -108,6 +115,11 @@ class ReadIssue:
 
 
 Record = Document | ReadFailure | ReadIssue
+
+
+def source_provenance(config: SourceConfig) -> dict:
+    """What a model card cites about a source: the `sources` entries of the shard manifest."""
+    return {"name": config.name, "license": config.license, "url": config.url, "notes": config.notes, "weight": config.weight}
 
 
 def source_files(config: SourceConfig) -> list[Path]:
@@ -257,7 +269,8 @@ def _record(config: SourceConfig, where: str, record: object, nbytes: int) -> Re
         return ReadFailure(doc_id, config.name, problem, f"{where}: {shown}", nbytes)
     if record_id is not None:
         doc_id = record_id
-    return Document(doc_id, config.name, text, html=config.html)
+    url = record.get(config.url_field) if config.url_field else None
+    return Document(doc_id, config.name, text, html=config.html, url=url if isinstance(url, str) and url else None)
 
 
 def _read_jsonl(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
@@ -344,7 +357,7 @@ def _read_parquet(path: Path, config: SourceConfig) -> Iterator[Record]:
     if config.text_field not in names:
         yield ReadFailure(str(path), config.name, "missing_field", f"{path}: no column {config.text_field!r} (columns: {', '.join(names)})")
         return
-    columns = [config.text_field] + ([config.id_field] if config.id_field and config.id_field in names else [])
+    columns = list(dict.fromkeys(f for f in (config.text_field, config.id_field, config.url_field) if f and f in names))
     row = 0
     try:
         for batch in table.iter_batches(batch_size=1024, columns=columns):
