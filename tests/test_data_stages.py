@@ -1,6 +1,11 @@
 """The per-document stages and the readers: normalisation, PII, mixing and split, sources."""
 
+import gzip
 import json
+import shutil
+import subprocess
+import sys
+import tracemalloc
 import unicodedata
 
 import numpy as np
@@ -12,6 +17,7 @@ from scratchlm.data.normalize import NormalizeConfig, normalize_text
 from scratchlm.data.pii import PIIConfig, redact_pii
 from scratchlm.data.sources import Document, ReadFailure, ReadIssue, SourceConfig, read_source
 from scratchlm.errors import ConfigError, InputFileError
+from conftest import finishes_within
 
 
 # ---- normalisation --------------------------------------------------------------------------
@@ -81,6 +87,22 @@ def test_pii_kinds_can_be_switched_off():
     text = "mail a@b.org from 10.0.0.1"
     assert redact_pii(text, PIIConfig(email=""))[0] == "mail a@b.org from <IP_ADDRESS>"
     assert redact_pii(text, PIIConfig(enabled=False))[0] == text
+
+
+EMAIL_ON_HOSTILE_TEXT = """
+from scratchlm.data.pii import redact_pii
+for text in ("%41" * 333_000 + "@", "a%" * 500_000 + "@", "a." * 500_000 + "@", "x@" + "a." * 500_000, "a@" * 500_000):
+    assert redact_pii(text)[1]["email"] == 0
+print("done")
+"""
+
+
+def test_email_pattern_runs_in_linear_time_on_hostile_text():
+    """1 MB texts built to make a backtracking pattern try a match at every position. Here they
+    take about 0.1 s each; the pattern before this test took 4 s on 100 KB of `%41` and grows
+    with the square of the length (minutes for 1 MB), so the 60 s cap is far from both."""
+    run = subprocess.run([sys.executable, "-c", EMAIL_ON_HOSTILE_TEXT], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr
 
 
 # ---- mixing and split -----------------------------------------------------------------------
@@ -197,3 +219,88 @@ def test_format_hf_needs_a_dataset_and_a_source_needs_a_name():
         build(SourceConfig, {"paths": ["x"]}, "c.toml: sources[0]")
     with pytest.raises(ConfigError, match="must be a string"):
         build(PIIConfig, {"email": False}, "[pii]")
+
+
+def bomb(path, megabytes: int = 200) -> None:
+    """A gzip file of a JSON line holding `megabytes` MB of text, then a good line: it
+    compresses about 1000 to 1."""
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        handle.write(b'{"text": "')
+        for _ in range(megabytes):
+            handle.write(b"a" * 1_000_000)
+        handle.write(b'"}\n{"text": "good"}\n')
+
+
+def test_a_gzip_bomb_is_rejected_as_too_large_without_being_read_whole(tmp_path):
+    bomb(tmp_path / "bomb.jsonl.gz")
+    shutil.copy(tmp_path / "bomb.jsonl.gz", tmp_path / "bomb.txt.gz")  # the same bytes, read as one text
+    tracemalloc.start()
+    try:
+        as_text = records(SourceConfig("t", paths=[str(tmp_path / "bomb.txt.gz")], max_document_bytes="64KiB"))
+        as_lines = records(SourceConfig("j", paths=[str(tmp_path / "bomb.jsonl.gz")], max_document_bytes="64KiB"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak  # reading either whole takes 200 MB; measured: under 1 MB
+    (whole,) = as_text
+    assert (whole.issue, whole.nbytes) == ("too_large", 65_537)  # read as far as one byte over the limit
+    assert whole.detail == f"{tmp_path}/bomb.txt.gz: more than 65,536 bytes (a text file is read whole), over max_document_bytes = 64KiB"
+    too_long, good = as_lines
+    assert (too_long.id, too_long.issue, too_long.nbytes) == (f"{tmp_path}/bomb.jsonl.gz:1", "too_large", 200_000_013)
+    assert too_long.detail.endswith("bomb.jsonl.gz:1: a line of 200,000,013 bytes, over max_document_bytes = 64KiB")
+    assert (good.id, good.text) == (f"{tmp_path}/bomb.jsonl.gz:2", "good")
+
+
+def test_every_reader_rejects_a_document_over_max_document_bytes_and_reads_on(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    long = "x" * 2000
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": long}) + "\n\n" + json.dumps({"text": "four"}) + "\n")
+    (tmp_path / "b.csv").write_text(f"text\none\n{long}\n\nfour\n\"two\nlines\"\n")
+    pq.write_table(pa.table({"text": ["one", long, "three"]}), tmp_path / "c.parquet")
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "short"}, {"text": long}], indent=1))  # read whole, as one
+    (tmp_path / "e.txt").write_text(long)
+    got = records(SourceConfig("s", paths=[str(tmp_path / "*")], max_document_bytes="1KB"))
+    outcome = [(r.id.split("/")[-1], r.issue if isinstance(r, ReadFailure) else r.text) for r in got]
+    assert outcome == [("a.jsonl:1", "one"), ("a.jsonl:2", "too_large"), ("a.jsonl:4", "four"),
+                       ("b.csv:2", "one"), ("b.csv:3", "too_large"), ("b.csv:5", "four"), ("b.csv:6", "two\nlines"),
+                       ("c.parquet:row0", "one"), ("c.parquet:row1", "too_large"), ("c.parquet:row2", "three"),
+                       ("d.json", "too_large"), ("e.txt", "too_large")]  # fmt: skip
+    details = {r.id.split("/")[-1]: r.detail.split("/")[-1] for r in got if isinstance(r, ReadFailure)}
+    assert details["c.parquet:row1"] == "c.parquet:row1: a text of 2,000 bytes, over max_document_bytes = 1KB"
+    assert details["d.json"] == "d.json: a JSON array of more than 1,000 bytes (read whole: convert it to JSONL), over max_document_bytes = 1KB"
+
+
+def test_max_document_bytes_must_be_a_positive_size():
+    with pytest.raises(ConfigError, match="source 's': max_document_bytes: 'lots' is not a size"):
+        SourceConfig("s", paths=["x"], max_document_bytes="lots")
+    with pytest.raises(ConfigError, match="source 's': max_document_bytes must be positive"):
+        SourceConfig("s", paths=["x"], max_document_bytes="0")
+    assert SourceConfig("s", paths=["x"]).document_limit == 8_000_000
+
+
+def test_deeply_nested_json_is_a_malformed_line_not_a_crash(tmp_path):
+    (tmp_path / "deep.jsonl").write_text(json.dumps({"text": "before"}) + "\n" + "[" * 100_000 + "\n" + json.dumps({"text": "after"}) + "\n")
+    (tmp_path / "deep.json").write_text("[" * 100_000)  # a file starting with `[` is one JSON array
+    before, deep, after, array = records(SourceConfig("s", paths=[str(tmp_path / "deep.jsonl"), str(tmp_path / "deep.json")]))
+    assert (before.text, after.text) == ("before", "after")
+    assert (deep.id, deep.issue, deep.detail) == (f"{tmp_path}/deep.jsonl:2", "malformed_json", f"{tmp_path}/deep.jsonl:2: malformed JSON (nested too deeply)")
+    assert (array.issue, array.detail) == ("malformed_json", f"{tmp_path}/deep.json:1: malformed JSON array (nested too deeply)")
+
+
+def test_symlink_loops_end_and_each_real_file_is_read_once(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "sub" / "b.txt").write_text("beta")
+    (root / "self").symlink_to(".")  # two loops: Python's own `**` lists paths exponentially
+    (root / "sub" / "up").symlink_to("..")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.txt").write_text("gamma")
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    with finishes_within(60):
+        by_glob = records(SourceConfig("s", paths=[f"{root}/**/*.txt"]))
+        by_folder = records(SourceConfig("s", paths=[str(root)]))
+    assert [d.text for d in by_glob] == ["alpha", "gamma", "beta"]  # `**` follows links to folders, each real folder once
+    assert [d.text for d in by_folder] == ["alpha", "beta"]  # a folder walk does not follow links to folders

@@ -257,6 +257,25 @@ def test_cli_runs_the_pipeline_and_pretraining_reads_its_shards(documents, token
     assert bad.status == 2 and bad.err.count("\n") == 1 and "did you mean 'num_perm'" in bad.err and "Traceback" not in bad.err
 
 
+def test_cli_rejects_an_over_long_or_deeply_nested_line_naming_file_and_line(documents, tmp_path, cli):
+    root = tmp_path / "in"
+    root.mkdir()
+    lines = [json.dumps({"text": documents[0]}), "[" * 100_000, json.dumps({"text": "x " * 150_000}), json.dumps({"text": documents[3]})]
+    (root / "a.jsonl").write_text("\n".join(lines) + "\n")
+    run = cli("data", "prepare", "--input", root, "--out", tmp_path / "out", "--set", "sources.max_document_bytes=200KB", "--quiet")
+    assert run.status == 0, run.err
+    ledger = {entry["id"].rsplit("/", 1)[-1]: entry for entry in read_ledger(tmp_path / "out")}
+    assert list(ledger) == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3", "a.jsonl:4"]
+    assert (ledger["a.jsonl:2"]["stage"], ledger["a.jsonl:2"]["reason"]) == ("read", "read:malformed_json")
+    assert ledger["a.jsonl:2"]["detail"].endswith("a.jsonl:2: malformed JSON (nested too deeply)")
+    assert (ledger["a.jsonl:3"]["stage"], ledger["a.jsonl:3"]["reason"]) == ("read", "read:too_large")
+    assert ledger["a.jsonl:3"]["detail"].endswith("a.jsonl:3: a line of 300,013 bytes, over max_document_bytes = 200KB")
+    assert ledger["a.jsonl:1"].get("stage") != "read" and ledger["a.jsonl:4"].get("stage") != "read"  # the lines around them are read
+
+    bad = cli("data", "prepare", "--input", root, "--out", tmp_path / "o2", "--set", "sources.max_document_bytes=lots")
+    assert bad.status == 2 and bad.err.count("\n") == 1 and "max_document_bytes: 'lots' is not a size" in bad.err and "Traceback" not in bad.err
+
+
 MEMORY_PROBE = """
 import resource, sys
 from scratchlm.data.prepare import load_prepare_config, prepare

@@ -3,7 +3,7 @@
 A source is a set of files (paths, folders or glob patterns) in one format, or a Hugging Face
 dataset. Reading streams: one document at a time, whatever the size of a file. Every record
 the reader meets comes out as a `Document` or, when it cannot become one (malformed JSON on a
-line, a missing field, a binary or empty file), as a `ReadFailure` that says where and why, so
+line, a missing field, a binary or empty file, a record over `max_document_bytes`), as a `ReadFailure` that says where and why, so
 the pipeline's accounting covers bad input too. Document ids are `file` (a whole file),
 `file:line` or `file:rowN`, or the record's own id field: stable across runs, so the ledger and
 the report can name them; the source's name travels beside the id.
@@ -20,17 +20,21 @@ A `.gz`, `.bz2` or `.xz` suffix on a text, jsonl, csv or html file is decompress
 
 import bz2
 import csv
+import fnmatch
 import glob
 import gzip
 import json
 import lzma
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.text.reading import decode_text, expand_inputs
+from scratchlm.units import parse_bytes
 
 Format = Literal["auto", "text", "jsonl", "csv", "parquet", "html", "hf"]
 _EXTENSIONS = {
@@ -58,6 +62,9 @@ class SourceConfig:
     id_field: str | None = None
     text_unit: Literal["file", "paragraph", "line"] = "file"  # for text files
     html: bool = False  # the text field holds HTML (jsonl, csv, parquet, hf): extract the main text
+    # A document over this is rejected (read:too_large) after reading at most this much of it:
+    # one runaway record (a file with no line breaks, a gzip bomb) cannot exhaust memory.
+    max_document_bytes: str = "8MB"
     weight: float | None = None
     split: str = "train"  # which split of a dataset with several
     streaming: bool = False  # hub datasets: stream instead of downloading whole
@@ -80,6 +87,17 @@ class SourceConfig:
             raise ConfigError(f"{where}: format hf reads a Hugging Face dataset: give dataset = FOLDER or NAME, not paths")
         if self.weight is not None and not self.weight > 0:
             raise ConfigError(f"{where}: weight must be positive, not {self.weight}")
+        try:
+            limit = parse_bytes(self.max_document_bytes)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: max_document_bytes: {exc}") from None
+        if limit < 1:
+            raise ConfigError(f"{where}: max_document_bytes must be positive, not {self.max_document_bytes!r}")
+
+    @cached_property  # asked once per record
+    def document_limit(self) -> int:
+        """`max_document_bytes` in bytes."""
+        return parse_bytes(self.max_document_bytes)
 
 
 @dataclass
@@ -127,7 +145,7 @@ def source_files(config: SourceConfig) -> list[Path]:
     found: list[Path] = []
     for pattern in config.paths:
         if glob.has_magic(pattern):
-            matches = sorted(m for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+            matches = sorted(m for m in _glob_files(pattern) if Path(m).is_file())
             if not matches:
                 raise InputFileError(f"source {config.name!r}: pattern {pattern!r} matches no files")
             found.extend(expand_inputs(matches))
@@ -136,6 +154,57 @@ def source_files(config: SourceConfig) -> list[Path]:
     # A file named twice (a folder and a file in it, overlapping patterns) is read once.
     seen: set[Path] = set()
     return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def _glob_files(pattern: str) -> list[str]:
+    """What `glob.glob(pattern, recursive=True)` finds, except that `**` enters each real folder
+    once. Python's `**` follows links to folders without end: a link to a parent folder makes it
+    list paths until the OS refuses them, and two such links make that exponential."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)  # no `**`: each part goes one folder down, so it ends
+    first_magic = next(n for n, part in enumerate(parts) if glob.has_magic(part))
+    prefix = os.sep.join(parts[:first_magic]) or (os.sep if pattern.startswith(os.sep) else "")
+    rest = tuple(part for part in parts[first_magic:] if part)
+    root = prefix or os.curdir
+    found = []
+    for folder, files in _walk_each_folder_once(root, hidden=any(part.startswith(".") for part in rest)):
+        inside = os.path.relpath(folder, root).split(os.sep)
+        inside = [] if inside == [os.curdir] else inside
+        found.extend(os.path.join(prefix, *inside, name) for name in files if _glob_matches((*inside, name), rest))
+    return found
+
+
+def _walk_each_folder_once(root: str, hidden: bool) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) under `root`, following links to folders but entering each real
+    folder (device and inode) once, so a link loop ends; folders in sorted order, so which of two
+    paths to a file comes first does not depend on the file system."""
+    entered: set[tuple[int, int]] = set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:  # gone or unreadable since it was listed: glob skips such folders too
+            continue
+        if (info.st_dev, info.st_ino) in entered:
+            folders.clear()
+            continue
+        entered.add((info.st_dev, info.st_ino))
+        folders[:] = sorted(f for f in folders if hidden or not f.startswith("."))
+        yield folder, files
+
+
+def _glob_matches(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path components `names` match pattern components `parts` as glob does: `**` is
+    any number of folders, and a wildcard matches no hidden name (one starting with a dot)."""
+    if not parts:
+        return not names
+    if parts[0] == "**" and len(parts) == 1:  # a final `**` is what lies inside a folder, not the folder
+        return bool(names) and not any(name.startswith(".") for name in names)
+    if parts[0] == "**":
+        return _glob_matches(names, parts[1:]) or (bool(names) and not names[0].startswith(".") and _glob_matches(names[1:], parts))
+    if not names or (names[0].startswith(".") and glob.has_magic(parts[0]) and not parts[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(names[0], parts[0]) and _glob_matches(names[1:], parts[1:])
 
 
 def file_format(path: Path, config: SourceConfig) -> str:
@@ -183,11 +252,15 @@ def read_file(path: Path, config: SourceConfig) -> Iterator[Record]:
                     line = _line_of(record, line)
                     yield record
                 return
-            raw = handle.read()
+            # One more byte than the limit tells an over-long file, and a gzip bomb stops there.
+            raw = handle.read(config.document_limit + 1)
     except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
         # A truncated or corrupt compressed file: what was read before stays, the rest is lost.
         where = f"{path}:{line + 1}" if line else str(path)
         yield ReadFailure(where, config.name, "unreadable_file", f"{where}: cannot read on from here ({exc})")
+        return
+    if len(raw) > config.document_limit:
+        yield _too_large(config, doc_id, f"more than {config.document_limit:,} bytes (a {fmt} file is read whole)", len(raw))
         return
     text, bad = decode_text(raw)
     if bad:
@@ -197,6 +270,24 @@ def read_file(path: Path, config: SourceConfig) -> Iterator[Record]:
         yield Document(doc_id, config.name, text, html=True)
     else:
         yield from _text_units(doc_id, config, text)
+
+
+def _too_large(config: SourceConfig, where: str, what: str, nbytes: int) -> ReadFailure:
+    return ReadFailure(where, config.name, "too_large", f"{where}: {what}, over max_document_bytes = {config.max_document_bytes}", nbytes)
+
+
+def _lines_within(handle: BinaryIO, limit: int) -> Iterator[bytes | int]:
+    """The lines of `handle` with their line breaks; a line of more than `limit` bytes comes out
+    as its length instead. That line is skipped in pieces of at most `limit` + 1 bytes, never
+    held whole, so a file without line breaks (or a gzip bomb) costs no more memory than that."""
+    while line := handle.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n") and (line := handle.readline(limit + 1)):
+            size += len(line)
+        yield size
 
 
 def _line_of(record: Record, previous: int) -> int:
@@ -267,6 +358,9 @@ def _record(config: SourceConfig, where: str, record: object, nbytes: int) -> Re
     if problem:
         shown = f"{config.text_field!r} missing" if problem == "missing_field" else f"{config.text_field!r} is not a string" if problem == "field_not_text" else "not a JSON object"
         return ReadFailure(doc_id, config.name, problem, f"{where}: {shown}", nbytes)
+    if len(text) > config.document_limit // 4 and (size := len(text.encode("utf-8", "surrogatepass"))) > config.document_limit:
+        # Parquet and dataset rows come whole from their readers: refused here, not read in pieces.
+        return _too_large(config, where, f"a text of {size:,} bytes", size)
     if record_id is not None:
         doc_id = record_id
     url = record.get(config.url_field) if config.url_field else None
@@ -274,15 +368,19 @@ def _record(config: SourceConfig, where: str, record: object, nbytes: int) -> Re
 
 
 def _read_jsonl(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
-    for number, line in enumerate(handle, 1):
+    limit = config.document_limit
+    for number, line in enumerate(_lines_within(handle, limit), 1):
+        where = f"{path}:{number}"
+        if isinstance(line, int):
+            yield _too_large(config, where, f"a line of {line:,} bytes", line)
+            continue
         if number == 1:
             line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
             if line.lstrip().startswith(b"["):
-                yield from _read_json_array(path, line + handle.read(), config)
+                yield from _read_json_array(path, line + handle.read(limit + 1 - len(line)), config)
                 return
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         text, bad = decode_text(line)
         if bad:
             yield ReadIssue(config.name, where, "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD")
@@ -291,11 +389,18 @@ def _read_jsonl(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[
         except json.JSONDecodeError as exc:
             yield ReadFailure(where, config.name, "malformed_json", f"{where}: malformed JSON ({exc.msg}; column {exc.colno})", len(line))
             continue
+        except RecursionError:  # `[[[[...`: the parser recurses once per level
+            yield ReadFailure(where, config.name, "malformed_json", f"{where}: malformed JSON (nested too deeply)", len(line))
+            continue
         yield _record(config, where, record, len(line))
 
 
 def _read_json_array(path: Path, raw: bytes, config: SourceConfig) -> Iterator[Record]:
-    """A `.json` file holding one array of records (read whole: use JSONL for big files)."""
+    """A `.json` file holding one array of records, read whole (`raw` is at most the document
+    limit and one byte: a bigger file is refused, JSONL is the format for big files)."""
+    if len(raw) > config.document_limit:
+        yield _too_large(config, str(path), f"a JSON array of more than {config.document_limit:,} bytes (read whole: convert it to JSONL)", len(raw))
+        return
     text, bad = decode_text(raw)
     if bad:
         yield ReadIssue(config.name, str(path), "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD")
@@ -304,45 +409,77 @@ def _read_json_array(path: Path, raw: bytes, config: SourceConfig) -> Iterator[R
     except json.JSONDecodeError as exc:
         yield ReadFailure(str(path), config.name, "malformed_json", f"{path}:{exc.lineno}: malformed JSON array ({exc.msg}; column {exc.colno})", len(raw))
         return
+    except RecursionError:
+        yield ReadFailure(str(path), config.name, "malformed_json", f"{path}:1: malformed JSON array (nested too deeply)", len(raw))
+        return
     for index, record in enumerate(records):
         yield _record(config, f"{path}:item{index}", record, 0)
 
 
 def _read_csv(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
-    issues: list[ReadIssue] = []
+    lines = _CsvLines(path, handle, config)
+    delimiter = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
+    # Documents are long (the default 128 KiB cap would cut them), but a quoted field left open
+    # must not gather the rest of the file: the field cap is the document limit.
+    previous_cap = csv.field_size_limit(config.document_limit)
+    try:
+        yield from _csv_rows(path, csv.DictReader(lines, delimiter=delimiter), lines, config)
+    finally:
+        csv.field_size_limit(previous_cap)
 
-    def lines() -> Iterator[str]:
-        for number, raw in enumerate(handle, 1):
+
+class _CsvLines:
+    """The decoded lines fed to the CSV reader, and what the reader cannot tell: the problems met
+    on the way (`pending`), and the line the current row started on (the reader skips empty
+    lines, so its line count names a row's last line, not its first)."""
+
+    def __init__(self, path: Path, handle: BinaryIO, config: SourceConfig) -> None:
+        self.path, self.handle, self.config = path, handle, config
+        self.pending: list[ReadIssue | ReadFailure] = []
+        self.row_start = 0  # 0 until a line with content arrives
+
+    def __iter__(self) -> Iterator[str]:
+        for number, raw in enumerate(_lines_within(self.handle, self.config.document_limit), 1):
+            where = f"{self.path}:{number}"
+            if isinstance(raw, int):
+                self.pending.append(_too_large(self.config, where, f"a line of {raw:,} bytes", raw))
+                raw = b"\n"  # an empty line in its place, which the reader skips
+            elif not self.row_start and raw not in (b"\n", b"\r\n"):
+                self.row_start = number
             text, bad = decode_text(raw)
             if bad:
-                issues.append(ReadIssue(config.name, f"{path}:{number}", "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD"))
+                self.pending.append(ReadIssue(self.config.name, where, "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD"))
             yield text
 
-    delimiter = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
-    csv.field_size_limit(1 << 30)  # documents are long; the default 128 KiB cap would cut them
-    reader = csv.DictReader(lines(), delimiter=delimiter)
+
+def _csv_rows(path: Path, reader: csv.DictReader, lines: _CsvLines, config: SourceConfig) -> Iterator[Record]:
     try:
         fieldnames = reader.fieldnames
     except csv.Error as exc:
         yield ReadFailure(str(path), config.name, "malformed_csv", f"{path}:1: {exc}")
         return
     if fieldnames is None or config.text_field not in fieldnames:
+        yield from lines.pending
         yield ReadFailure(str(path), config.name, "missing_field", f"{path}: no column {config.text_field!r} (columns: {', '.join(fieldnames or [])})")
         return
     while True:
-        line = reader.line_num + 1
+        lines.row_start = 0
         try:
             row = next(reader)
         except StopIteration:
-            yield from issues
+            yield from lines.pending
             return
         except csv.Error as exc:
-            yield from issues
-            yield ReadFailure(f"{path}:{line}", config.name, "malformed_csv", f"{path}:{line}: {exc}")
+            yield from lines.pending
+            where = f"{path}:{lines.row_start or reader.line_num}"
+            if "field limit" in str(exc):  # a field spanning lines, or a quote left open
+                yield _too_large(config, where, f"a field of more than {config.document_limit:,} characters (the rest of the file is lost with it)", 0)
+            else:
+                yield ReadFailure(where, config.name, "malformed_csv", f"{where}: {exc}")
             return  # the reader cannot resynchronise after a broken quote
-        yield from issues
-        issues.clear()
-        yield _record(config, f"{path}:{line}", row, 0)
+        yield from lines.pending
+        lines.pending.clear()
+        yield _record(config, f"{path}:{lines.row_start}", row, 0)
 
 
 def _read_parquet(path: Path, config: SourceConfig) -> Iterator[Record]:
