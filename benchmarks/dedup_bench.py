@@ -50,6 +50,7 @@ from scratchlm.data.dedup import (
     MinHashConfig,
     MinHasher,
     UnionFind,
+    balanced_bands,
     band_hashes,
     deduplicate,
     exact_jaccard,
@@ -207,7 +208,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    config = MinHashConfig(num_perm=args.num_perm, threshold=args.threshold)
+    # datasketch's own banding and signature-agreement verification, so both sides run the same
+    # algorithm (scratchlm's defaults since issue 19 band for recall and verify exactly).
+    bands, rows = balanced_bands(args.threshold, args.num_perm)
+    config = MinHashConfig(num_perm=args.num_perm, threshold=args.threshold, bands=bands, rows=rows, verify="estimate")
     texts, planted = build_corpus(args.mb)
     corpus_mb = sum(len(t.encode()) for t in texts) / 1e6
     planted_jaccard = [exact_jaccard(texts[i], texts[j], config.ngram) for i, j in planted]

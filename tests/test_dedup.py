@@ -15,7 +15,9 @@ from scratchlm.data.dedup import (
     MinHashConfig,
     MinHasher,
     UnionFind,
+    balanced_bands,
     band_hashes,
+    candidate_pairs,
     catch_probability,
     choose_bands,
     deduplicate,
@@ -185,8 +187,8 @@ def test_minhasher_pickles_small_and_gives_the_same_signatures():
 # ---- LSH parameters ----------------------------------------------------------------------
 @pytest.mark.parametrize("threshold", [0.5, 0.7, 0.8, 0.9])
 @pytest.mark.parametrize("num_perm", [64, 128, 256])
-def test_choose_bands_matches_datasketch_and_fits_the_signature(threshold, num_perm):
-    bands, rows = choose_bands(threshold, num_perm)
+def test_balanced_bands_match_datasketch_and_fit_the_signature(threshold, num_perm):
+    bands, rows = balanced_bands(threshold, num_perm)
     assert (bands, rows) == _optimal_param(threshold, num_perm, 0.5, 0.5)
     assert bands * rows <= num_perm
     # The S-curve's steep part straddles the threshold: pairs 0.1 above are mostly caught, pairs
@@ -194,6 +196,33 @@ def test_choose_bands_matches_datasketch_and_fits_the_signature(threshold, num_p
     assert 0.25 <= catch_probability(threshold, bands, rows) <= 0.75
     assert catch_probability(min(1.0, threshold + 0.1), bands, rows) >= 0.75
     assert catch_probability(threshold - 0.2, bands, rows) <= 0.12
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.8, 0.9])
+@pytest.mark.parametrize("num_perm", [64, 128, 256])
+@pytest.mark.parametrize("recall", [0.9, 0.95, 0.99])
+def test_choose_bands_catches_the_asked_share_at_the_threshold_with_fewest_false_candidates(threshold, num_perm, recall):
+    bands, rows = choose_bands(threshold, num_perm, recall)
+    assert bands * rows <= num_perm
+    assert catch_probability(threshold, bands, rows) >= recall
+    # Brute force: no other banding that reaches the recall catches fewer pairs at any of these
+    # similarities below the threshold... up to the area criterion, which a sum over a grid checks.
+    grid = np.linspace(0.0, threshold, 201)
+
+    def false_area(b: int, r: int) -> float:
+        return float(np.mean([catch_probability(float(s), b, r) for s in grid]))
+
+    ours = false_area(bands, rows)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            if catch_probability(threshold, b, r) >= recall:
+                assert ours <= false_area(b, r) + 1e-3
+
+
+def test_default_banding_finds_pairs_at_the_threshold_where_datasketchs_rule_finds_half():
+    bands, rows = MinHashConfig().lsh_params()
+    assert catch_probability(0.8, bands, rows) >= 0.95
+    assert catch_probability(0.8, *balanced_bands(0.8, 128)) < 0.5
 
 
 def test_s_curve_rises_monotonically_from_zero_to_one():
@@ -215,6 +244,7 @@ def test_s_curve_rises_monotonically_from_zero_to_one():
         ({"threshold": 0.0}, "threshold must be in"),
         ({"num_perm": 0}, "num_perm must be at least 1"),
         ({"ngram": 0}, "ngram must be at least 1"),
+        ({"recall": 1.0}, "recall must be in"),
     ],
 )
 def test_bad_minhash_settings_raise_config_error(settings_, message):
@@ -311,7 +341,7 @@ def test_many_exact_copies_form_one_cluster():
 
 def test_near_duplicates_reads_signatures_from_a_memory_map(tmp_path):
     texts, _ = planted_corpus(0.01, seed=3)
-    config = MinHashConfig()
+    config = MinHashConfig(verify="estimate")
     signatures = MinHasher(config).signatures(texts)
     path = tmp_path / "signatures.u32"
     signatures.tofile(path)
@@ -335,3 +365,45 @@ def test_identical_texts_are_always_one_cluster(texts, data):
     copies = [k for k, t in enumerate(texts) if t == texts[i]]
     assert len({int(keeper[k]) for k in copies}) == 1 and keeper[copies[0]] <= copies[0]
     assert all(keeper[k] <= k for k in range(len(texts)))
+
+
+# ---- recall at the threshold, by Jaccard bucket --------------------------------------------
+def planted_pairs_by_bucket(per_fraction: int, seed: int = 0) -> tuple[list[str], list[tuple[int, int, float]]]:
+    """Unrelated documents, each followed by one copy with 0 to 8% of its words replaced (Jaccard
+    of word 5-grams from about 0.65 to 1); returns the texts and (original, copy, exact Jaccard)."""
+    rng = random.Random(seed)
+    texts: list[str] = []
+    pairs = []
+    for fraction in (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.06, 0.08):
+        for _ in range(per_fraction):
+            base = random_doc(rng, 400)
+            texts += [" ".join(base), " ".join(replace_words(base, fraction, rng))]
+            pairs.append((len(texts) - 2, len(texts) - 1, exact_jaccard(texts[-2], texts[-1], 5)))
+    return texts, pairs
+
+
+def test_default_settings_remove_at_least_95_percent_of_pairs_at_or_above_the_threshold_and_none_below():
+    texts, pairs = planted_pairs_by_bucket(60)
+    keeper = deduplicate(texts, MinHashConfig())
+    found = {j: keeper[j] == i for i, j, _ in pairs}
+    above = [found[j] for _, j, s in pairs if s >= 0.8]
+    below = [found[j] for _, j, s in pairs if s < 0.8]
+    # Each pair at 0.8 is caught with probability >= 0.953 and pairs above it more often; with a
+    # few hundred pairs the share found is within a few points of its mean (~0.98), seeds fixed.
+    assert len(above) >= 200 and len(below) >= 100
+    assert sum(above) / len(above) >= 0.95
+    # The bucket nearest the threshold, on its own.
+    edge = [found[j] for _, j, s in pairs if 0.8 <= s < 0.85]
+    assert len(edge) >= 40 and sum(edge) / len(edge) >= 0.9
+    # Exact verification: no pair below the threshold is merged, whatever LSH proposed.
+    assert not any(below)
+
+
+def test_candidate_pairs_are_the_same_whatever_the_partitions():
+    texts, _ = planted_pairs_by_bucket(5, seed=4)
+    config = MinHashConfig()
+    bands = band_hashes(MinHasher(config).signatures(texts), *config.lsh_params())
+    whole = candidate_pairs(bands)
+    assert len(whole) >= 20
+    for partitions in (2, 3, 7):
+        assert np.array_equal(candidate_pairs(bands, partitions), whole)

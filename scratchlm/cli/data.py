@@ -45,7 +45,9 @@ def add_commands(stages: argparse._SubParsersAction) -> None:
     prep.add_argument("--text-field", default=None, help="JSONL/CSV/Parquet field holding the text (default: text)")
     prep.add_argument("--languages", default=None, metavar="CODES", help="keep only these languages, comma-separated ISO 639-1 codes, e.g. en or en,fr (default: any)")
     prep.add_argument("--val-fraction", default=None, help="share of documents held out for validation (default: 0.01)")
-    prep.add_argument("--workers", default=None, help="worker processes (default: every core)")
+    prep.add_argument("--workers", default=None, help="worker processes (default: every core; with --executor ray and no --address, the CPUs of the local Ray instance)")
+    prep.add_argument("--executor", default=None, choices=("local", "ray"), help="where the per-chunk work runs: local (a process pool on this machine, the default) or ray (a Ray cluster; results are the same)")
+    prep.add_argument("--address", default=None, metavar="ADDR", help="with --executor ray: the Ray cluster to join (e.g. auto, or ray://head:10001); default: start a local Ray instance for the run and stop it after")
     prep.add_argument("--strict", action="store_true", help="stop at the first bad input (malformed line, binary file, undecodable bytes)")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. filters.min_words=20 or minhash.threshold=0.7 (repeatable)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -73,7 +75,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     if args.config is None and not args.input:
         raise ConfigError("give a config file or --input PATHS")
     overrides = list(args.set)
-    for flag, key in (("tokenizer", "tokenizer"), ("val_fraction", "val_fraction"), ("workers", "workers")):
+    for flag, key in (("tokenizer", "tokenizer"), ("val_fraction", "val_fraction"), ("workers", "workers"), ("executor", "executor"), ("address", "address")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.strict:

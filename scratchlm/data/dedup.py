@@ -19,7 +19,7 @@ and pickles small, for worker processes.
 """
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -69,9 +69,12 @@ def exact_hash(text: str) -> int:
 @dataclass(frozen=True)
 class MinHashConfig:
     """Near-deduplication settings. Word 5-grams as FineWeb and datatrove use them (they take 112
-    hashes in 14 bands of 8, a curve centred near 0.72 similarity); here the bands follow from
-    `threshold` for any `num_perm` unless both `bands` and `rows` are given. The signature uses
-    all `num_perm` values for verification, even when bands*rows is smaller."""
+    hashes in 14 bands of 8, a curve centred near 0.72 similarity and no verification); here
+    `threshold` means "remove pairs at least this similar": the bands follow from it so that LSH
+    catches at least `recall` of the pairs exactly at the threshold (more above it), and exact
+    verification then drops the candidates below it. Give both `bands` and `rows` to choose them
+    yourself. The signature uses all `num_perm` values for estimates, even when bands*rows is
+    smaller."""
 
     enabled: bool = True
     num_perm: int = 128
@@ -79,7 +82,8 @@ class MinHashConfig:
     threshold: float = 0.8
     bands: int | None = None
     rows: int | None = None
-    verify: str = "estimate"
+    verify: str = "exact"
+    recall: float = 0.95  # the least share of pairs at the threshold that LSH makes candidates
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -89,6 +93,8 @@ class MinHashConfig:
             raise ConfigError(f"minhash ngram must be at least 1, got {self.ngram}")
         if not 0.0 < self.threshold <= 1.0:
             raise ConfigError(f"minhash threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 < self.recall < 1.0:
+            raise ConfigError(f"minhash recall must be in (0, 1), got {self.recall}")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"minhash verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
         if (self.bands is None) != (self.rows is None):
@@ -105,7 +111,7 @@ class MinHashConfig:
         """(bands, rows): the configured ones, else the best for the threshold."""
         if self.bands is not None and self.rows is not None:
             return self.bands, self.rows
-        return choose_bands(self.threshold, self.num_perm)
+        return choose_bands(self.threshold, self.num_perm, self.recall)
 
 
 def catch_probability(similarity: float, bands: int, rows: int) -> float:
@@ -123,21 +129,48 @@ def s_curve(
 
 
 @lru_cache(maxsize=64)
-def choose_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+def choose_bands(threshold: float, num_perm: int, recall: float = 0.95) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm that catch at least `recall` of the pairs at
+    exactly `threshold` (and so more of every pair above it: the curve rises), with the least
+    area of false positives below the threshold among those: each false candidate costs a
+    verification. When no banding reaches `recall`, the one that catches most at the threshold.
+
+    datasketch's rule (`balanced_bands`) centres the curve on the threshold instead, which finds
+    a pair at the threshold about half the time."""
+    if not 0.0 < threshold <= 1.0 or num_perm < 1 or not 0.0 < recall < 1.0:
+        raise ConfigError(f"choose_bands needs 0 < threshold <= 1, num_perm >= 1 and 0 < recall < 1, got {threshold}, {num_perm}, {recall}")
+    b, r = _bandings(num_perm)
+    caught = 1.0 - (1.0 - threshold**r[:, 0]) ** b[:, 0]
+    if not (caught >= recall).any():
+        best = int(np.argmax(caught))
+    else:
+        below = np.linspace(0.0, threshold, 513)
+        false_pos = _simpson(1.0 - (1.0 - below**r) ** b, below)
+        best = int(np.argmin(np.where(caught >= recall, false_pos, np.inf)))
+    return int(b[best, 0]), int(r[best, 0])
+
+
+@lru_cache(maxsize=64)
+def balanced_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising the area of false positives (catch
     probability below the threshold) plus false negatives (miss probability above it), equally
     weighted. This is datasketch's `_optimal_param`, integrated with Simpson's rule on a fixed
     grid instead of scipy's quad, so numpy is enough."""
     if not 0.0 < threshold <= 1.0 or num_perm < 1:
-        raise ConfigError(f"choose_bands needs 0 < threshold <= 1 and num_perm >= 1, got {threshold}, {num_perm}")
-    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=np.float64)
-    b, r = pairs[:, :1], pairs[:, 1:]
+        raise ConfigError(f"balanced_bands needs 0 < threshold <= 1 and num_perm >= 1, got {threshold}, {num_perm}")
+    b, r = _bandings(num_perm)
     below = np.linspace(0.0, threshold, 513)
     above = np.linspace(threshold, 1.0, 513)
     false_pos = _simpson(1.0 - (1.0 - below**r) ** b, below)
     false_neg = _simpson((1.0 - above**r) ** b, above)
     best = int(np.argmin(false_pos + false_neg))  # first minimum: fewest bands among ties, like datasketch
-    return int(pairs[best, 0]), int(pairs[best, 1])
+    return int(b[best, 0]), int(r[best, 0])
+
+
+def _bandings(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (bands, rows) with bands*rows <= num_perm, as two (k, 1) float columns, fewest bands first."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=np.float64)
+    return pairs[:, :1], pairs[:, 1:]
 
 
 def _simpson(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -468,26 +501,54 @@ def _set_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else len(np.intersect1d(a, b, assume_unique=True)) / union
 
 
-def candidate_pairs(band_hashes: np.ndarray) -> np.ndarray:
-    """(m, 2) int64 pairs (i < j) of documents that share a band hash, each pair once, sorted.
-
-    Each band column is argsorted (stable, so a bucket lists its documents in index order) and
-    documents are paired with up to `_BUCKET_WINDOW` predecessors in their bucket, by comparing
-    the sorted column with itself shifted. No dict of buckets: the memory is a few arrays of n."""
+def candidate_pairs(band_hashes: np.ndarray, partitions: int = 1) -> np.ndarray:
+    """(m, 2) int64 pairs (i < j) of documents that share a band hash, each pair once, sorted:
+    `bucket_pairs` over every group of `band_groups`, merged. A distributed run maps
+    `bucket_pairs` over the groups on its workers and merges the same way, with the same result."""
     n = band_hashes.shape[0]
-    keys = np.zeros(0, np.int64)
+    return merge_pairs((bucket_pairs(indices, hashes) for indices, hashes in band_groups(band_hashes, partitions)), n)
+
+
+def band_groups(band_hashes: np.ndarray, partitions: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The shuffle by (band, band hash): for each band and each of `partitions` ranges of hash
+    values, the (document indices, band hashes) whose hash falls there, indices ascending. Equal
+    hashes of one band always meet in one group, so each group's buckets are whole."""
+    n = band_hashes.shape[0]
+    indices = np.arange(n, dtype=np.int64)
     for band in range(band_hashes.shape[1]):
         column = np.asarray(band_hashes[:, band])
-        order = np.argsort(column, kind="stable")
-        ordered = column[order]
-        found = []
-        for shift in range(1, _BUCKET_WINDOW + 1):
-            same = ordered[shift:] == ordered[:-shift]
-            if not same.any():  # no bucket holds more than `shift` documents
-                break
-            found.append(order[:-shift][same] * n + order[shift:][same])
-        if found:
-            keys = np.unique(np.concatenate([keys, *found]))
+        if partitions == 1:
+            yield indices, column
+            continue
+        part = column % np.uint64(partitions)
+        for p in range(partitions):
+            mine = part == p
+            yield indices[mine], column[mine]
+
+
+def bucket_pairs(indices: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """(m, 2) int64 pairs of documents (by `indices`, ascending) with equal `hashes`.
+
+    The hashes are argsorted (stable, so a bucket lists its documents in index order) and each
+    document is paired with up to `_BUCKET_WINDOW` predecessors in its bucket, by comparing the
+    sorted hashes with themselves shifted. No dict of buckets: the memory is a few arrays of n."""
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    found = [np.zeros((0, 2), np.int64)]
+    for shift in range(1, _BUCKET_WINDOW + 1):
+        same = ordered[shift:] == ordered[:-shift]
+        if not same.any():  # no bucket holds more than `shift` documents
+            break
+        found.append(np.stack([indices[order[:-shift][same]], indices[order[shift:][same]]], axis=1))
+    return np.concatenate(found)
+
+
+def merge_pairs(groups: Iterable[np.ndarray], n: int) -> np.ndarray:
+    """The union of pair arrays over n documents, each pair once, sorted."""
+    keys = np.zeros(0, np.int64)
+    for pairs in groups:
+        if len(pairs):
+            keys = np.unique(np.concatenate([keys, pairs[:, 0] * n + pairs[:, 1]]))
     return np.stack([keys // n, keys % n], axis=1) if n else np.zeros((0, 2), np.int64)
 
 
@@ -511,16 +572,32 @@ def near_duplicates(
     if config.verify == "exact" and texts is None:
         raise ConfigError('minhash verify = "exact" needs the texts (texts(i) -> document i)')
     pairs = candidate_pairs(band_hashes)
+    shingles = lru_cache(maxsize=4096)(lambda i: shingle_hashes(texts(i), config.ngram)) if texts else None
+    return clusters(n, verify_pairs(pairs, config, signatures, shingles))
+
+
+def verify_pairs(
+    pairs: np.ndarray, config: MinHashConfig, signatures: np.ndarray | None = None,
+    shingles: Callable[[int], np.ndarray] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The candidate pairs that `config.verify` accepts: signature agreement at least the
+    threshold (`estimate`, needs `signatures`), exact shingle Jaccard at least the threshold
+    (`exact`, needs `shingles(i)`, document i's shingle hashes), or all of them (`none`)."""
     if config.verify == "estimate":
-        pairs = pairs[_signature_agreement(signatures, pairs) >= config.threshold]
-    elif config.verify == "exact":
-        shingles = lru_cache(maxsize=4096)(lambda i: shingle_hashes(texts(i), config.ngram))
+        return pairs[_signature_agreement(signatures, pairs) >= config.threshold]
+    if config.verify == "exact":
         exact = [_set_jaccard(shingles(int(i)), shingles(int(j))) for i, j in pairs]
-        pairs = pairs[np.asarray(exact, dtype=np.float64) >= config.threshold]
-    clusters = UnionFind(n)
+        return pairs[np.asarray(exact, dtype=np.float64) >= config.threshold]
+    return pairs
+
+
+def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of the pairs by union-find on one machine (it holds only the
+    documents that have a pair): `keeper`, each document's cluster's smallest index."""
+    found = UnionFind(n)
     for i, j in pairs.tolist():
-        clusters.union(i, j)
-    return clusters.labels()
+        found.union(i, j)
+    return found.labels()
 
 
 def _signature_agreement(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:

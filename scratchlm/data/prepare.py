@@ -27,12 +27,9 @@ import glob
 import hashlib
 import itertools
 import json
-import multiprocessing
-import os
-import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +40,12 @@ from tqdm import tqdm
 from scratchlm import __version__
 from scratchlm.atomic_io import write_bytes_atomic, write_text_atomic
 from scratchlm.config import build, check_keys, load_toml, merge
-from scratchlm.data.dedup import MinHashConfig, MinHasher, band_hashes, exact_hash, near_duplicates, s_curve
+from scratchlm.data.executors import EXECUTORS, Executor, make_executor
+from scratchlm.data.dedup import (
+    MinHashConfig, MinHasher, band_groups, band_hashes, bucket_pairs, clusters, exact_hash, merge_pairs, s_curve,
+    shingle_hashes, verify_pairs,
+)  # fmt: skip
+from scratchlm.data.diversity import chunk_facts, diversity
 from scratchlm.data.filters import FilterConfig, check_languages
 from scratchlm.data.mix import is_validation, repeats, source_epochs
 from scratchlm.data.normalize import NormalizeConfig
@@ -51,7 +53,7 @@ from scratchlm.data.pii import PIIConfig
 from scratchlm.data.pipeline import Cleaner, CleaningConfig, StageCounts, clean_batch
 from scratchlm.data.report import write_report
 from scratchlm.data.shards import DEFAULT_SHARD_TOKENS, SPLITS, ShardWriter, token_dtype
-from scratchlm.data.sources import ReadFailure, ReadIssue, SourceConfig, read_source, source_files
+from scratchlm.data.sources import ReadFailure, ReadIssue, SourceConfig, read_source, source_files, source_provenance
 from scratchlm.errors import ConfigError, InputFileError
 from scratchlm.units import parse_bytes
 
@@ -72,12 +74,18 @@ class PrepareSettings:
     train_bytes: str | None = None  # size of the training mixture; default: all kept train text
     exact_dedup: bool = True
     strict: bool = False  # any bad input (malformed line, binary file, bad bytes) stops the run
+    executor: str = "local"  # local: this machine's cores; ray: a Ray cluster (results are the same)
+    address: str | None = None  # the Ray cluster to join; none: start a local one for the run
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
         if self.chunk_docs < 1 or parse_bytes(self.chunk_bytes) < 1:
             raise ConfigError("chunk_docs and chunk_bytes must be positive")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, not {self.executor!r}")
+        if self.address and self.executor != "ray":
+            raise ConfigError("address (--address) is a Ray cluster's: it needs executor = \"ray\"")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 (every core) or more, not {self.workers}")
         if self.shard_tokens < 1:
@@ -149,6 +157,10 @@ def _relative_to(folder: Path, data: dict) -> dict:
 
     if isinstance(data.get("tokenizer"), str):
         data["tokenizer"] = resolve(data["tokenizer"])
+    filters = data.get("filters")
+    for key in ("bad_words_file", "url_blocklist"):
+        if isinstance(filters, dict) and isinstance(filters.get(key), str):
+            filters[key] = resolve(filters[key])
     for source in data.get("sources", []) if isinstance(data.get("sources"), list) else []:
         if isinstance(source, dict):
             if isinstance(source.get("paths"), list):
@@ -203,10 +215,24 @@ def _input_bytes(state: list) -> int | None:
     return sum(entry[2] for entry in state)
 
 
+# Source keys that change nothing the clean phase does (weight acts in mixing, which always runs).
+_PROVENANCE_KEYS = ("license", "url", "notes", "weight")
+
+
 def _clean_fingerprint(config: PrepareConfig, state: list) -> str:
-    return _digest([__version__, state, [dataclasses.asdict(s) for s in config.sources],
-                    dataclasses.asdict(config.cleaning), dataclasses.asdict(config.minhash),
-                    config.settings.chunk_docs, config.settings.chunk_bytes])
+    sources = [{k: v for k, v in dataclasses.asdict(s).items() if k not in _PROVENANCE_KEYS} for s in config.sources]
+    filters = config.cleaning.filters
+    lists = [_file_digest(path) for path in (filters.bad_words_file, filters.url_blocklist) if path]
+    return _digest([__version__, state, sources, dataclasses.asdict(config.cleaning), lists,
+                    dataclasses.asdict(config.minhash), config.settings.chunk_docs, config.settings.chunk_bytes])  # fmt: skip
+
+
+def _file_digest(path: str) -> str:
+    """A word list or blocklist edited in place must redo the cleaning: its content counts, not its name."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as error:
+        raise InputFileError(f"{path}: cannot read ({error.strerror})") from None
 
 
 # ---- the worker side ---------------------------------------------------------------------
@@ -228,21 +254,6 @@ class _Worker:
             from scratchlm.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.tokenizer_path)
-
-
-# A process pool's initializer can only hand its result to later tasks through a module-level
-# name; each worker process has its own copy.
-_PROCESS_WORKER: _Worker | None = None
-
-
-def _init_process(config: PrepareConfig, work: Path, tokenizer_path: str | None) -> None:
-    global _PROCESS_WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _PROCESS_WORKER = _Worker(config, work, tokenizer_path)
-
-
-def _in_process(task: Callable, *args) -> object:
-    return task(_PROCESS_WORKER, *args)
 
 
 def _chunk_path(work: Path, phase: str, index: int, suffix: str) -> Path:
@@ -285,7 +296,7 @@ def _clean_chunk(worker: _Worker, index: int, records: list, fingerprint: str) -
         bands = np.zeros((len(texts), 0), np.uint64)
     counts.seconds["near_dedup"] += time.perf_counter() - start
     work = worker.work
-    _write_jsonl(_chunk_path(work, "clean", index, ".docs.jsonl"), ({"id": d.id, "source": d.source, "text": d.text} for d in survivors))
+    _write_jsonl(_chunk_path(work, "clean", index, ".docs.jsonl"), ({"id": d.id, "source": d.source, "text": d.text, "url": d.url} for d in survivors))
     _save_npz(
         _chunk_path(work, "clean", index, ".npz"),
         hashes=hashes, signatures=signatures, bands=bands,
@@ -324,6 +335,7 @@ def _finish_chunk(worker: _Worker, index: int, keep: np.ndarray, keeper_ids: dic
         summary["kept_bytes"][f"{doc['source']}/{doc['split']}"] += len(doc["text"].encode("utf-8"))
     if worker.tokenizer is not None:
         summary["tokens"] = _tokenize_chunk(worker, index, kept, arrays["hashes"][[int(keep[i]) == offset + i for i in range(len(docs))]])
+    summary["diversity"] = chunk_facts((doc for local, doc in enumerate(docs) if int(keep[local]) == offset + local), worker.cleaner.quality.identify)
     write_text_atomic(_chunk_path(work, "finish", index, ".json"), json.dumps(summary))
     return summary
 
@@ -350,46 +362,13 @@ def _tokenize_chunk(worker: _Worker, index: int, kept: list[dict], hashes: np.nd
     return tokens
 
 
-# ---- running chunks in parallel, with bounded memory ------------------------------------
-def _run_tasks(tasks: Iterable[tuple], workers: int, worker_args: tuple, on_done: Callable[[object], None]) -> None:
-    """Run `(function, *args)` tasks, at most `2 * workers` in flight so that a fast reader
-    cannot fill memory with chunks waiting for a worker. With one worker, run inline.
-
-    Workers ignore Ctrl-C: the main process alone handles it, and on any exception it
-    terminates them, so an interrupted run stops at once and leaves no stray processes (the
-    chunks they were writing are redone on resume, their outputs being atomic)."""
-    if workers == 1:
-        local = _Worker(*worker_args)
-        for task, *args in tasks:
-            on_done(task(local, *args))
-        return
-    pool = multiprocessing.get_context().Pool(workers, initializer=_init_process, initargs=worker_args)
-    pending: deque = deque()
-    try:
-        for task, *args in tasks:
-            if len(pending) >= 2 * workers:
-                on_done(pending.popleft().get())
-            pending.append(pool.apply_async(_in_process, (task, *args)))
-        while pending:
-            on_done(pending.popleft().get())
-    except BaseException:
-        # No join after terminate: the pool's feeder thread can stay blocked writing a chunk
-        # into a pipe no worker reads any more; it is a daemon thread and dies with us.
-        pool.terminate()
-        raise
-    pool.close()
-    pool.join()
-
-
 # ---- the run -----------------------------------------------------------------------------
-def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> PrepareResult:
-    """Run the whole pipeline into `out`; resumes a run interrupted there."""
-    start_time = time.perf_counter()
+def prepare(config: PrepareConfig, out: str | Path, progress: bool = True, executor: Executor | None = None) -> PrepareResult:
+    """Run the whole pipeline into `out`; resumes a run interrupted there. The per-chunk work
+    runs on `executor`, by default the one the settings name (`executor`, `workers`, `address`)."""
     out = Path(out)
     _check_output_folder(out, config.sources)
     work = out / "work"
-    for folder in ("clean", "finish", "tokens"):
-        (work / folder).mkdir(parents=True, exist_ok=True)
     tokenizer = None
     if config.settings.tokenizer:
         from scratchlm.tokenizer import load_tokenizer
@@ -399,8 +378,27 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
             raise ConfigError(f"{config.settings.tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
     if config.cleaning.filters.enabled and config.cleaning.filters.languages:
         check_languages(config.cleaning.filters.languages)
-    workers = config.settings.workers or os.cpu_count() or 1
-    worker_args = (config, work, config.settings.tokenizer)
+    for folder in ("clean", "finish", "tokens"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+    if executor is not None:
+        return _run(config, out, tokenizer, executor, progress)
+    settings = config.settings
+    executor = make_executor(settings.executor, settings.workers, *worker_setup(config, out), settings.address)
+    try:
+        return _run(config, out, tokenizer, executor, progress)
+    finally:
+        executor.close()
+
+
+def worker_setup(config: PrepareConfig, out: str | Path) -> tuple[type, tuple]:
+    """What an executor builds once in each worker process for a run into `out`: pass it to
+    `make_executor` (or `LocalExecutor`, `RayExecutor`) to give `prepare` an executor of your own."""
+    return _Worker, (config, Path(out) / "work", config.settings.tokenizer)
+
+
+def _run(config: PrepareConfig, out: Path, tokenizer, executor: Executor, progress: bool) -> PrepareResult:
+    start_time = time.perf_counter()
+    work = out / "work"
     timings: dict[str, float] = {}
 
     # Phase 1: clean
@@ -424,7 +422,7 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
             else:
                 yield _clean_chunk, index, records, fingerprint
 
-    _run_tasks(chunks(), workers, worker_args, lambda marker: None)
+    executor.run(chunks(), lambda marker: None, "clean")
     if bar.total and bar.n < bar.total:  # it counted text, not the JSON, CSV or HTML around it
         bar.update(bar.total - bar.n)
     bar.close()
@@ -434,14 +432,14 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
 
     # Phase 2: deduplicate
     phase_start = time.perf_counter()
-    keeper, exact, dedup_stats = _deduplicate(config, work, markers, progress)
+    keeper, exact, dedup_stats = _deduplicate(config, work, markers, executor)
     dedup_digest = hashlib.sha256(keeper.tobytes()).hexdigest()[:16]
     timings["deduplicate"] = time.perf_counter() - phase_start
 
     # Phase 3: finish
     phase_start = time.perf_counter()
     finish_fp = _digest([fingerprint, dedup_digest, config.settings.val_fraction, config.settings.seed, tokenizer.content_hash if tokenizer else None])
-    offsets = np.concatenate([[0], np.cumsum([markers[i]["survivors"] for i in range(chunk_count)])]).astype(np.int64)
+    offsets = _chunk_offsets(markers)
     referenced = _keeper_ids(work, keeper, offsets)
     finished: dict[int, dict] = {}
     todo = []
@@ -455,7 +453,7 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
         todo.append((_finish_chunk, index, keeper[lo:hi], ids, exact[lo:hi], int(lo), finish_fp))
     bar = tqdm(total=len(todo), unit="chunk", desc="finish", disable=not progress or not todo, file=sys.stderr)
 
-    _run_tasks(todo, min(workers, max(1, len(todo))), worker_args, lambda summary: bar.update(1))
+    executor.run(todo, lambda summary: bar.update(1), "finish")
     bar.close()
     finished = {i: _load_marker(_chunk_path(work, "finish", i, ".json")) for i in range(chunk_count)}
     timings["finish"] = time.perf_counter() - phase_start
@@ -479,7 +477,7 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True) -> Pr
     stats["chunks"] = {"total": chunk_count, "cleaned_before": resumed}
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     write_report(stats, out / "report.md")
-    _write_documents_manifest(out, chunk_count, finished)
+    _write_documents_manifest(out, chunk_count, finished, config)
     return PrepareResult(out, stats, manifest)
 
 
@@ -550,17 +548,15 @@ def _remove_stale(out: Path, chunk_count: int) -> None:
                     path.unlink()
 
 
-def _deduplicate(config: PrepareConfig, work: Path, markers: dict[int, dict], progress: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+def _deduplicate(config: PrepareConfig, work: Path, markers: dict[int, dict], executor: Executor) -> tuple[np.ndarray, np.ndarray, dict]:
     """keeper[i]: the global index of the document that document i is a copy of (itself when
-    kept); exact[i]: whether it is an exact copy. Exact copies are found first; near copies
-    among the remaining documents, with signatures memory-mapped from disk."""
+    kept); exact[i]: whether it is an exact copy. Exact copies are found first, on the driver
+    from 8-byte hashes; near copies among the remaining documents as large pipelines find them:
+    band hashes shuffled by (band, hash range) to the workers, which pair the documents of each
+    bucket; the candidate pairs verified (shingles computed on the workers, chunk by chunk);
+    connected components by union-find on the driver, which holds only the pairs."""
     count = len(markers)
-
-    def chunk_arrays(index: int, *names: str) -> list[np.ndarray]:
-        with np.load(_chunk_path(work, "clean", index, ".npz")) as arrays:
-            return [arrays[name] for name in names]
-
-    hashes = np.concatenate([np.zeros(0, np.uint64)] + [chunk_arrays(i, "hashes")[0] for i in range(count)])
+    hashes = np.concatenate([np.zeros(0, np.uint64)] + [_chunk_arrays(work, i, "hashes")[0] for i in range(count)])
     n = len(hashes)
     if config.settings.exact_dedup and n:
         _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
@@ -575,26 +571,26 @@ def _deduplicate(config: PrepareConfig, work: Path, markers: dict[int, dict], pr
         bands_rows = minhash.lsh_params()
         stats["bands"], stats["rows"] = bands_rows
         stats["s_curve"] = s_curve(*bands_rows)
-        sig_path = work / "signatures.npy"
-        signatures = None
-        band_rows = np.empty((len(unique), bands_rows[0]), dtype=np.uint64)
-        row, offset = 0, 0
-        for index in range(count):
-            chunk_signatures, chunk_bands = chunk_arrays(index, "signatures", "bands")
-            size = markers[index]["survivors"]
-            mine = unique[(unique >= offset) & (unique < offset + size)] - offset
-            if len(mine):
-                if signatures is None:
-                    signatures = np.lib.format.open_memmap(sig_path, mode="w+", dtype=chunk_signatures.dtype, shape=(len(unique), minhash.num_perm))
-                signatures[row : row + len(mine)] = chunk_signatures[mine]
-                band_rows[row : row + len(mine)] = chunk_bands[mine]
-            row += len(mine)
-            offset += size
-        signatures.flush()
-        texts = _text_lookup(work, markers, unique) if minhash.verify == "exact" else None
-        near = near_duplicates(band_rows, signatures, minhash, texts)
-        del signatures
-        sig_path.unlink()
+        stats["verify"] = minhash.verify
+        offsets = _chunk_offsets(markers)
+        band_rows = _unique_rows(work, offsets, unique, "bands", np.uint64, bands_rows[0])
+        partitions = max(1, -(-len(unique) // _GROUP_DOCUMENTS))
+        groups: list[np.ndarray] = []
+        executor.run(((_bucket_pairs, idx, h) for idx, h in band_groups(band_rows, partitions)), groups.append, "near_dedup")
+        pairs = merge_pairs(groups, len(unique))
+        del groups, band_rows
+        stats["candidate_pairs"] = int(len(pairs))
+        signatures = shingles = None
+        if minhash.verify == "estimate":
+            signatures = _unique_rows(work, offsets, unique, "signatures", np.uint32, minhash.num_perm, work / "signatures.npy")
+        elif minhash.verify == "exact":
+            shingles = _candidate_shingles(executor, offsets, unique, pairs)
+        pairs = verify_pairs(pairs, minhash, signatures, shingles.__getitem__ if shingles is not None else None)
+        stats["verified_pairs"] = int(len(pairs))
+        if signatures is not None:
+            del signatures
+            (work / "signatures.npy").unlink()
+        near = clusters(len(unique), pairs)
         near_global = unique[near]
         keeper[unique] = near_global
         keeper = keeper[keeper]  # an exact copy of a near duplicate points at the cluster's keeper
@@ -604,20 +600,53 @@ def _deduplicate(config: PrepareConfig, work: Path, markers: dict[int, dict], pr
     return keeper, exact, stats
 
 
-def _text_lookup(work: Path, markers: dict[int, dict], unique: np.ndarray) -> Callable[[int], str]:
-    """Text of the i-th unique document, for exact-Jaccard verification; one chunk cached."""
-    offsets = np.concatenate([[0], np.cumsum([markers[i]["survivors"] for i in range(len(markers))])])
-    cache: dict[int, list[dict]] = {}
+# Documents per band group of the near-dedup shuffle: a group's task holds 16 bytes per document.
+_GROUP_DOCUMENTS = 1 << 22
 
-    def text(i: int) -> str:
-        index = int(unique[i])
-        chunk = int(np.searchsorted(offsets, index, side="right") - 1)
-        if chunk not in cache:
-            cache.clear()
-            cache[chunk] = _read_jsonl(_chunk_path(work, "clean", chunk, ".docs.jsonl"))
-        return cache[chunk][index - offsets[chunk]]["text"]
 
-    return text
+def _chunk_arrays(work: Path, index: int, *names: str) -> list[np.ndarray]:
+    with np.load(_chunk_path(work, "clean", index, ".npz")) as arrays:
+        return [arrays[name] for name in names]
+
+
+def _chunk_offsets(markers: dict[int, dict]) -> np.ndarray:
+    """offsets[c]: the global index of chunk c's first surviving document; the last is the total."""
+    return np.concatenate([[0], np.cumsum([markers[i]["survivors"] for i in range(len(markers))])]).astype(np.int64)
+
+
+def _unique_rows(work: Path, offsets: np.ndarray, unique: np.ndarray, name: str, dtype, width: int, mapped: Path | None = None) -> np.ndarray:
+    """Rows of a per-chunk array (band hashes, signatures) for the documents in `unique`, in
+    order; in a memory-mapped file at `mapped` when given (signatures: 4 bytes per permutation)."""
+    shape = (len(unique), width)
+    out = np.lib.format.open_memmap(mapped, mode="w+", dtype=dtype, shape=shape) if mapped else np.empty(shape, dtype=dtype)
+    row = 0
+    for index in range(len(offsets) - 1):
+        mine = unique[(unique >= offsets[index]) & (unique < offsets[index + 1])] - offsets[index]
+        if len(mine):
+            out[row : row + len(mine)] = _chunk_arrays(work, index, name)[0][mine]
+        row += len(mine)
+    return out
+
+
+def _bucket_pairs(worker: "_Worker", indices: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    return bucket_pairs(indices, hashes)
+
+
+def _candidate_shingles(executor: Executor, offsets: np.ndarray, unique: np.ndarray, pairs: np.ndarray) -> dict[int, np.ndarray]:
+    """Shingle hashes of every document in a candidate pair (by its index in `unique`), computed
+    on the workers from the cleaned chunks, each chunk read once."""
+    needed = np.unique(pairs)
+    chunk_of = np.searchsorted(offsets, unique[needed], side="right") - 1
+    shingles: dict[int, np.ndarray] = {}
+    tasks = ((_chunk_shingles, int(c), unique[needed[chunk_of == c]] - offsets[c], needed[chunk_of == c]) for c in np.unique(chunk_of))
+    executor.run(tasks, shingles.update, "near_dedup")
+    return shingles
+
+
+def _chunk_shingles(worker: "_Worker", index: int, positions: np.ndarray, keys: np.ndarray) -> dict[int, np.ndarray]:
+    docs = _read_jsonl(_chunk_path(worker.work, "clean", index, ".docs.jsonl"))
+    ngram = worker.config.minhash.ngram
+    return {int(key): shingle_hashes(docs[int(p)]["text"], ngram) for key, p in zip(keys, positions)}
 
 
 def _keeper_ids(work: Path, keeper: np.ndarray, offsets: np.ndarray) -> dict[int, str]:
@@ -661,7 +690,7 @@ def _write_shards(out: Path, work: Path, tokenizer, chunk_count: int, epochs: di
     for (source, split), n in written.items():
         tokens_by_source.setdefault(source, {})[split] = n
     extra = {"source": "scratchlm data prepare", "split_rule": f"{config.settings.val_fraction:.2%} of documents, by a hash of their text",
-             "epochs": epochs, "tokens_by_source": tokens_by_source}  # fmt: skip
+             "epochs": epochs, "tokens_by_source": tokens_by_source, "sources": [source_provenance(s) for s in config.sources]}  # fmt: skip
     return writer.finish(tokenizer, extra)
 
 
@@ -685,9 +714,10 @@ def _remove_shards(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _write_documents_manifest(out: Path, chunk_count: int, finished: dict[int, dict]) -> None:
+def _write_documents_manifest(out: Path, chunk_count: int, finished: dict[int, dict], config: PrepareConfig) -> None:
     files = [{"file": f"{i:06d}.jsonl", "documents": dict(finished[i]["kept"]), "bytes": dict(finished[i]["kept_bytes"])} for i in range(chunk_count)]
-    manifest = {"format": "scratchlm-documents", "version": 1, "fields": ["id", "source", "split", "text"], "files": files}
+    manifest = {"format": "scratchlm-documents", "version": 1, "fields": ["id", "source", "split", "text"],
+                "sources": [source_provenance(s) for s in config.sources], "files": files}  # fmt: skip
     write_text_atomic(out / "documents" / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
 
@@ -716,7 +746,8 @@ def _stats(config, markers, finished, dedup, epochs, issues, issue_counts, manif
         # from the target; both are reported.
         epochs_written = written / tokens["train"] if written is not None and tokens["train"] else None
         sources[name] = {"stages": stages, "rejected": reasons, "kept": kept_docs, "kept_bytes": kept_bytes, "tokens_once": tokens,
-                         "weight": source.weight, "epochs": epochs.get(name), "epochs_written": epochs_written}  # fmt: skip
+                         "weight": source.weight, "epochs": epochs.get(name), "epochs_written": epochs_written,
+                         "license": source.license, "url": source.url, "notes": source.notes}  # fmt: skip
     reasons = Counter()
     for (_, reason), n in counts.rejected.items():
         reasons[reason] += n
@@ -736,6 +767,7 @@ def _stats(config, markers, finished, dedup, epochs, issues, issue_counts, manif
         "stage_seconds": dict(counts.seconds),
         "phase_seconds": timings,
         "tokens": {split: sum(f["tokens"] for f in manifest["splits"][split]) for split in SPLITS} if manifest else None,
+        "diversity": diversity((m.get("diversity") for m in finished.values()), sources, manifest),
         "config": {"settings": dataclasses.asdict(config.settings), "cleaning": dataclasses.asdict(config.cleaning),
                    "minhash": dataclasses.asdict(config.minhash), "sources": [dataclasses.asdict(s) for s in config.sources]},
     }  # fmt: skip
