@@ -25,6 +25,8 @@ from scratchlm.data.dedup import (
     exact_hash,
     exact_jaccard,
     near_duplicates,
+    removal_curve,
+    removal_probability,
     s_curve,
     shingle_hashes,
     words,
@@ -407,3 +409,16 @@ def test_candidate_pairs_are_the_same_whatever_the_partitions():
     assert len(whole) >= 20
     for partitions in (2, 3, 7):
         assert np.array_equal(candidate_pairs(bands, partitions), whole)
+
+
+def test_removal_curve_follows_the_verification():
+    exact, estimate, none = (MinHashConfig(verify=v) for v in ("exact", "estimate", "none"))
+    bands, rows = exact.lsh_params()
+    for s in (0.5, 0.7, 0.79):
+        assert removal_probability(s, exact) == 0.0
+        assert removal_probability(s, none) == catch_probability(s, bands, rows)
+    for s in (0.8, 0.9):
+        assert removal_probability(s, exact) == catch_probability(s, bands, rows)
+    # Signature agreement at exactly the threshold: a binomial about its mean, so about half pass.
+    assert 0.4 < removal_probability(0.8, estimate) / catch_probability(0.8, bands, rows) < 0.6
+    assert removal_curve(exact)[4] == (0.8, removal_probability(0.8, exact))

@@ -18,6 +18,7 @@ docs/benchmarks.md). The functions keep no state; a `MinHasher` holds its parame
 and pickles small, for worker processes.
 """
 
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -126,6 +127,26 @@ def s_curve(
     """(similarity, catch probability) at each point: the table to read before trusting a
     choice of bands."""
     return [(float(s), catch_probability(float(s), bands, rows)) for s in points]
+
+
+def removal_probability(similarity: float, config: MinHashConfig) -> float:
+    """Probability that a pair of this Jaccard similarity is removed: LSH makes it a candidate
+    and verification accepts it (`exact`: at or above the threshold; `estimate`: at least
+    threshold * num_perm of the signature values agree, a binomial tail; `none`: always)."""
+    bands, rows = config.lsh_params()
+    caught = catch_probability(similarity, bands, rows)
+    if config.verify == "exact":
+        return caught if similarity >= config.threshold else 0.0
+    if config.verify == "estimate":
+        n, need = config.num_perm, math.ceil(config.threshold * config.num_perm - 1e-9)
+        tail = sum(math.comb(n, k) * similarity**k * (1.0 - similarity) ** (n - k) for k in range(need, n + 1))
+        return caught * tail
+    return caught
+
+
+def removal_curve(config: MinHashConfig, points: Sequence[float] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)) -> list[tuple[float, float]]:
+    """(similarity, probability of removal) at each point: the expected recall curve of a run."""
+    return [(float(s), removal_probability(float(s), config)) for s in points]
 
 
 @lru_cache(maxsize=64)

@@ -42,7 +42,7 @@ from scratchlm.atomic_io import write_bytes_atomic, write_text_atomic
 from scratchlm.config import build, check_keys, load_toml, merge
 from scratchlm.data.executors import EXECUTORS, Executor, make_executor
 from scratchlm.data.dedup import (
-    MinHashConfig, MinHasher, band_groups, band_hashes, bucket_pairs, clusters, exact_hash, merge_pairs, s_curve,
+    MinHashConfig, MinHasher, band_groups, band_hashes, bucket_pairs, clusters, exact_hash, merge_pairs, removal_curve, s_curve,
     shingle_hashes, verify_pairs,
 )  # fmt: skip
 from scratchlm.data.diversity import chunk_facts, diversity
@@ -572,6 +572,7 @@ def _deduplicate(config: PrepareConfig, work: Path, markers: dict[int, dict], ex
         stats["bands"], stats["rows"] = bands_rows
         stats["s_curve"] = s_curve(*bands_rows)
         stats["verify"] = minhash.verify
+        stats["removal_curve"] = removal_curve(minhash)
         offsets = _chunk_offsets(markers)
         band_rows = _unique_rows(work, offsets, unique, "bands", np.uint64, bands_rows[0])
         partitions = max(1, -(-len(unique) // _GROUP_DOCUMENTS))

@@ -53,6 +53,10 @@ def render_report(stats: dict) -> str:
     if "bands" in dedup:
         curve = ", ".join(f"{s:.2f}: {p:.3f}" for s, p in dedup["s_curve"])
         lines.append(f"- MinHash LSH: {dedup['bands']} bands of {dedup['rows']} rows; chance of catching a pair by Jaccard similarity: {curve}")
+    if "removal_curve" in dedup:
+        curve = ", ".join(f"{s:.2f}: {p:.3f}" for s, p in dedup["removal_curve"])
+        lines.append(f"- candidate pairs: {dedup['candidate_pairs']:,}, of which {dedup['verified_pairs']:,} passed verification ({dedup['verify']})")
+        lines.append(f"- expected share of near copies removed, by Jaccard similarity (the recall curve): {curve}")
     if dedup["cluster_sizes"]:
         sizes = ", ".join(f"{n:,} of size {size}" for size, n in dedup["cluster_sizes"].items())
         lines.append(f"- clusters: {sizes}")
