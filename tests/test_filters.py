@@ -469,7 +469,7 @@ def test_unknown_config_key_is_a_config_error():
 
 
 # ---- bad words and blocked URLs ------------------------------------------------------------------
-ONLY_VOUCHING = FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False)
+ONLY_VOUCHING = FilterConfig(bad_words=True, c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False)
 
 
 @pytest.mark.parametrize(
@@ -490,9 +490,11 @@ def test_a_word_that_only_contains_a_listed_word_is_kept(text):
     assert QualityFilter(ONLY_VOUCHING)(GOOD_ENGLISH + text)[1] is None
 
 
-def test_bad_words_are_on_by_default_and_switch_off():
+def test_bad_words_are_off_by_default_and_switch_on():
     text = GOOD_ENGLISH + "Free porn here."
-    assert FilterConfig().bad_words and FilterConfig().bad_words_languages == ("en",)
+    assert not FilterConfig().bad_words and FilterConfig().bad_words_languages == ("en",)
+    assert QualityFilter(FilterConfig())(text)[1] is None
+    assert QualityFilter(FilterConfig(bad_words=True))(text)[1] == "toxicity:bad_word"
     assert QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words=False))(text)[1] is None
     assert QualityFilter(FilterConfig(enabled=False))(text)[1] is None
 
@@ -504,12 +506,14 @@ def test_bad_words_of_other_languages_and_of_a_user_file(tmp_path):
     assert custom(GOOD_ENGLISH + "They FROBNICATE it.")[1] == "toxicity:bad_word"
     assert custom(GOOD_ENGLISH + "The secret\n  plan.")[1] == "toxicity:bad_word"  # any whitespace between words
     assert custom(GOOD_ENGLISH + "Frobnicated.")[1] is None
-    assert custom(GOOD_ENGLISH + "porn")[1] == "toxicity:bad_word"  # added to the English list
-    german = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words_languages="de"))
+    assert custom(GOOD_ENGLISH + "porn")[1] is None  # bad_words off: the user's list alone
+    both = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words=True, bad_words_file=str(words)))
+    assert both(GOOD_ENGLISH + "porn")[1] == both(GOOD_ENGLISH + "They FROBNICATE it.")[1] == "toxicity:bad_word"
+    german = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words=True, bad_words_languages="de"))
     assert german(GERMAN + "Du Arschloch.")[1] == "toxicity:bad_word"
     assert german(GOOD_ENGLISH + "porn")[1] is None
     # Chinese is written without spaces: a listed word counts inside a run of characters.
-    chinese = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words_languages=["zh"]))
+    chinese = QualityFilter(FilterConfig(c4=False, gopher_quality=False, gopher_repetition=False, fineweb=False, bad_words=True, bad_words_languages=["zh"]))
     assert chinese("这是一个关于做爱的故事")[1] == "toxicity:bad_word"
     with pytest.raises(ConfigError, match="no shipped list for 'xx'"):
         FilterConfig(bad_words_languages=["en", "xx"])
@@ -534,7 +538,7 @@ def test_a_blocklisted_domain_and_its_subdomains_are_rejected(tmp_path):
 def test_a_filter_that_has_loaded_its_lists_still_pickles(tmp_path):
     blocklist = tmp_path / "domains.txt"
     blocklist.write_text("spam.example\n")
-    check = QualityFilter(FilterConfig(url_blocklist=str(blocklist)))
+    check = QualityFilter(FilterConfig(url_blocklist=str(blocklist), bad_words=True))
     check(GOOD_ENGLISH, url="https://spam.example/")
     check(GOOD_ENGLISH)
     copy = pickle.loads(pickle.dumps(check))

@@ -93,13 +93,13 @@ def _sources_section(sources: dict) -> list[str]:
 def _diversity_section(diversity: dict) -> list[str]:
     unit = diversity["share_unit"]
     lines = ["", "## Diversity", "", f"![languages, lengths, domains and shares per source]({DIVERSITY_PLOT})", "",
-             f"Kept documents; share: of the {unit} of the training mixture; languages by py3langid on each document's first "
-             f"{diversity['language_chars']:,} characters; lengths in bytes (percentiles to within a histogram bin).", ""]  # fmt: skip
+             f"Kept documents; share: of the {unit} of the training mixture; languages by py3langid on the first "
+             f"{diversity['language_chars']:,} characters of every {diversity['language_sample'].split()[1]} document of each source and chunk; lengths in bytes (percentiles to within a histogram bin).", ""]  # fmt: skip
     lines.append(_row("source", "documents", "share", "top languages", "median length", "p5 – p95", "top domains"))
     lines.append(_row(*["---"] * 7))
     for name, group in [*diversity["sources"].items(), ("all", diversity["overall"])]:
         share = "-" if group["share"] is None else f"{group['share']:.1%}"
-        total = group["documents"] or 1
+        total = sum(group["languages"].values()) or 1  # a sample of the documents
         languages = ", ".join(f"{code} {n / total:.0%}" for code, n in list(group["languages"].items())[:3]) or "-"
         p = group["length_bytes"]["percentiles"]
         spread = "-" if p["p5"] is None else f"{p['p5']:,} – {p['p95']:,}"
