@@ -17,6 +17,7 @@ from scratchlm.data.normalize import NormalizeConfig, normalize_text
 from scratchlm.data.pii import PIIConfig, redact_pii
 from scratchlm.data.sources import Document, ReadFailure, ReadIssue, SourceConfig, read_source
 from scratchlm.errors import ConfigError, InputFileError
+from scratchlm.text.reading import decode_text
 from conftest import finishes_within
 
 
@@ -238,17 +239,21 @@ def test_a_gzip_bomb_is_rejected_as_too_large_without_being_read_whole(tmp_path)
     try:
         as_text = records(SourceConfig("t", paths=[str(tmp_path / "bomb.txt.gz")], max_document_bytes="64KiB"))
         as_lines = records(SourceConfig("j", paths=[str(tmp_path / "bomb.jsonl.gz")], max_document_bytes="64KiB"))
+        as_paragraphs = records(SourceConfig("p", paths=[str(tmp_path / "bomb.txt.gz")], text_unit="paragraph", max_document_bytes="64KiB"))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 16 * 2**20, peak  # reading either whole takes 200 MB; measured: under 1 MB
     (whole,) = as_text
     assert (whole.issue, whole.nbytes) == ("too_large", 65_537)  # read as far as one byte over the limit
-    assert whole.detail == f"{tmp_path}/bomb.txt.gz: more than 65,536 bytes (a text file is read whole), over max_document_bytes = 64KiB"
+    assert whole.detail == (f"{tmp_path}/bomb.txt.gz: more than 65,536 bytes (a text file is read whole; "
+                            'text_unit = "paragraph" or "line" reads it in pieces), over max_document_bytes = 64KiB')
     too_long, good = as_lines
     assert (too_long.id, too_long.issue, too_long.nbytes) == (f"{tmp_path}/bomb.jsonl.gz:1", "too_large", 200_000_013)
     assert too_long.detail.endswith("bomb.jsonl.gz:1: a line of 200,000,013 bytes, over max_document_bytes = 64KiB")
     assert (good.id, good.text) == (f"{tmp_path}/bomb.jsonl.gz:2", "good")
+    (paragraph,) = as_paragraphs  # its two lines make one paragraph, counted to the end, held to the limit
+    assert (paragraph.id, paragraph.issue, paragraph.nbytes) == (f"{tmp_path}/bomb.txt.gz:1", "too_large", 200_000_030)
 
 
 def test_every_reader_rejects_a_document_over_max_document_bytes_and_reads_on(tmp_path):
@@ -270,6 +275,78 @@ def test_every_reader_rejects_a_document_over_max_document_bytes_and_reads_on(tm
     details = {r.id.split("/")[-1]: r.detail.split("/")[-1] for r in got if isinstance(r, ReadFailure)}
     assert details["c.parquet:row1"] == "c.parquet:row1: a text of 2,000 bytes, over max_document_bytes = 1KB"
     assert details["d.json"] == "d.json: a JSON array of more than 1,000 bytes (read whole: convert it to JSONL), over max_document_bytes = 1KB"
+
+
+def split_the_old_way(path, text_unit: str) -> list:
+    """What the text reader gave before it streamed: the whole file decoded and split at blank
+    lines or line breaks, then the report of its undecodable bytes (which now comes after the
+    documents, when their count is known)."""
+    raw = path.read_bytes()
+    text, bad = decode_text(raw)
+    got = []
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    separator = "\n\n" if text_unit == "paragraph" else "\n"
+    line = 1
+    for part in text.split(separator):
+        if part.strip():
+            got.append((f"{path}:{line}", part))
+        line += part.count("\n") + separator.count("\n")
+    if bad:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+        got.append(("issue", f"{path}:{line}", f"{bad} undecodable bytes replaced with U+FFFD (first on line {line})"))
+    return got
+
+
+def outcomes(config: SourceConfig) -> list:
+    return [("issue", r.where, r.detail) if isinstance(r, ReadIssue) else (r.id, r.text) for r in records(config)]
+
+
+def test_paragraphs_and_lines_of_a_file_over_the_limit_are_each_held_to_it(tmp_path):
+    paragraphs = [f"Paragraph {n}, line one.\r\nLine two of {n}." for n in range(1500)]
+    paragraphs[700] = "x" * 5000  # the one paragraph (and line) over 1 KB
+    text = "\r\n\r\n".join(paragraphs) + "\r\n"
+    (tmp_path / "book.txt").write_text(text, newline="")
+    (tmp_path / "book.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "whole.txt").write_text(text.replace("x" * 5000, "x"), newline="")  # read whole, the old way
+    expected = split_the_old_way(tmp_path / "whole.txt", "paragraph")
+    for name in ("book.txt", "book.txt.gz"):
+        got = records(SourceConfig("b", paths=[str(tmp_path / name)], text_unit="paragraph", max_document_bytes="1KB"))
+        assert len(text) > 50_000 and len(got) == 1500
+        (failure,) = [r for r in got if isinstance(r, ReadFailure)]
+        assert (failure.id, failure.issue, failure.nbytes) == (f"{tmp_path}/{name}:2101", "too_large", 5002)
+        assert failure.detail == f"{tmp_path}/{name}:2101: a paragraph of 5,002 bytes, over max_document_bytes = 1KB"
+        kept = [(r.id.split(":")[-1], r.text) for r in got if isinstance(r, Document)]
+        assert kept == [(id.split(":")[-1], part) for id, part in expected if part != "x"]
+    lines = records(SourceConfig("b", paths=[str(tmp_path / "book.txt")], text_unit="line", max_document_bytes="1KB"))
+    (failure,) = [r for r in lines if isinstance(r, ReadFailure)]
+    assert (failure.id.split("/")[-1], failure.nbytes) == ("book.txt:2101", 5002)
+    assert failure.detail.endswith("book.txt:2101: a line of 5,002 bytes, over max_document_bytes = 1KB")
+    kept = [(r.id.split(":")[-1], r.text) for r in lines if isinstance(r, Document)]
+    assert kept == [(id.split(":")[-1], line) for id, line in split_the_old_way(tmp_path / "whole.txt", "line") if line != "x"]
+
+
+@given(st.lists(st.sampled_from(["word", " ", "\t", "\n", "\n\n", "\r", "\r\n", "é", "\ufeff", "\xff", "\xe2\x82", "\ufffd"]), min_size=1, max_size=40),
+       st.sampled_from(["paragraph", "line"]))
+def test_paragraphs_and_lines_under_the_limit_are_those_of_splitting_the_whole_text(tmp_path_factory, pieces, text_unit):
+    raw = b"".join(p.encode("latin-1") if p in ("\xff", "\xe2\x82") else p.encode() for p in pieces)
+    if not raw.strip():
+        return  # an empty file, refused before any splitting
+    path = tmp_path_factory.mktemp("t") / "f.txt"
+    path.write_bytes(raw)
+    assert outcomes(SourceConfig("s", paths=[str(path)], text_unit=text_unit)) == split_the_old_way(path, text_unit)
+
+
+def test_a_truncated_compressed_text_keeps_its_paragraphs_and_names_the_first_one_lost(tmp_path):
+    payload = gzip.compress("".join(f"paragraph {n}\nsecond line {n}\n\n" for n in range(4000)).encode())
+    (tmp_path / "cut.txt.gz").write_bytes(payload[: len(payload) // 2])
+    got = records(SourceConfig("z", paths=[str(tmp_path / "cut.txt.gz")], text_unit="paragraph"))
+    *kept, failure = got
+    assert len(kept) > 100 and [d.id.split(":")[-1] for d in kept] == [str(1 + 3 * n) for n in range(len(kept))]
+    assert (failure.issue, failure.id.split(":")[-1]) == ("unreadable_file", str(1 + 3 * len(kept)))
+    assert "cannot read on from here" in failure.detail
 
 
 def test_max_document_bytes_must_be_a_positive_size():

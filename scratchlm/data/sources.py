@@ -9,7 +9,8 @@ the pipeline's accounting covers bad input too. Document ids are `file` (a whole
 the report can name them; the source's name travels beside the id.
 
 Formats (chosen by extension with `format = "auto"`):
-- text (`.txt`, `.md`, anything unknown): one document per file, or per paragraph or line;
+- text (`.txt`, `.md`, anything unknown): one document per file, or per paragraph or line (then
+  read line by line, so the file's size does not matter);
 - jsonl (`.jsonl`, `.ndjson`, `.json` with one object per line): the `text_field` of each line;
 - csv (`.csv`, `.tsv`): the `text_field` column;
 - parquet (`.parquet`): the `text_field` column, read in record batches;
@@ -45,6 +46,8 @@ _EXTENSIONS = {
     ".html": "html", ".htm": "html", ".xhtml": "html",
 }  # fmt: skip
 BINARY_PROBE_BYTES = 8192
+# What reading a file can raise: a truncated or corrupt compressed file among them.
+_READ_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError)
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ def read_file(path: Path, config: SourceConfig) -> Iterator[Record]:
         if not probe.strip() and not _has_text_after(path, len(probe)):
             yield ReadFailure(doc_id, config.name, "empty_file", f"{path}: empty file", path.stat().st_size)
             return
-    except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+    except _READ_ERRORS as exc:
         yield ReadFailure(doc_id, config.name, "unreadable_file", f"{path}: cannot read ({exc})")
         return
     if b"\x00" in probe:
@@ -252,24 +255,31 @@ def read_file(path: Path, config: SourceConfig) -> Iterator[Record]:
                     line = _line_of(record, line)
                     yield record
                 return
+            if fmt == "text" and config.text_unit != "file":
+                yield from _read_text_units(path, handle, config)
+                return
             # One more byte than the limit tells an over-long file, and a gzip bomb stops there.
             raw = handle.read(config.document_limit + 1)
-    except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+    except _READ_ERRORS as exc:
         # A truncated or corrupt compressed file: what was read before stays, the rest is lost.
         where = f"{path}:{line + 1}" if line else str(path)
         yield ReadFailure(where, config.name, "unreadable_file", f"{where}: cannot read on from here ({exc})")
         return
     if len(raw) > config.document_limit:
-        yield _too_large(config, doc_id, f"more than {config.document_limit:,} bytes (a {fmt} file is read whole)", len(raw))
+        hint = '; text_unit = "paragraph" or "line" reads it in pieces' if fmt == "text" else ""
+        yield _too_large(config, doc_id, f"more than {config.document_limit:,} bytes (a {fmt} file is read whole{hint})", len(raw))
         return
     text, bad = decode_text(raw)
     if bad:
         line = raw[: _first_bad_byte(raw)].count(b"\n") + 1
-        yield ReadIssue(config.name, f"{path}:{line}", "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD (first on line {line})")
-    if fmt == "html":
-        yield Document(doc_id, config.name, text, html=True)
-    else:
-        yield from _text_units(doc_id, config, text)
+        yield _undecodable(config, path, bad, line)
+    yield Document(doc_id, config.name, text, html=fmt == "html")
+
+
+def _undecodable(config: SourceConfig, path: Path, bad: int, line: int) -> ReadIssue:
+    """The one report of a text file's undecodable bytes: how many, and the line of the first
+    (counting line feeds only, as it always has)."""
+    return ReadIssue(config.name, f"{path}:{line}", "undecodable_bytes", f"{bad} undecodable bytes replaced with U+FFFD (first on line {line})")
 
 
 def _too_large(config: SourceConfig, where: str, what: str, nbytes: int) -> ReadFailure:
@@ -326,17 +336,78 @@ def _first_bad_byte(raw: bytes) -> int:
     return len(raw)
 
 
-def _text_units(doc_id: str, config: SourceConfig, text: str) -> Iterator[Document]:
-    if config.text_unit == "file":
-        yield Document(doc_id, config.name, text)
+def _read_text_units(path: Path, handle: BinaryIO, config: SourceConfig) -> Iterator[Record]:
+    """The paragraphs (split at blank lines) or lines of a text file, read line by line, so that
+    `max_document_bytes` applies to each of them, not to the file: a book collection or a
+    Wikipedia dump of gigabytes is read holding one paragraph at a time. The documents and ids
+    are those of splitting the whole text at "\\n\\n" (or "\\n") after turning "\\r\\n" and "\\r"
+    into "\\n": `file:N`, N the unit's first line. A unit over the limit is rejected with its
+    first line, and its text is not held past the limit; reading goes on after it."""
+    limit = config.document_limit
+    by_paragraph = config.text_unit == "paragraph"
+    bad = first_bad = 0
+    number = 0  # lines so far, a lone "\r" counted as a line break
+    start, part, size = 1, [], 0  # the paragraph being gathered: first line, lines (None once over the limit), bytes
+    failure = None
+    try:
+        for physical, raw in enumerate(_lines_within(handle, limit), 1):
+            if isinstance(raw, int):
+                lines = [(None, raw)]  # over the limit on its own: skipped, never held
+            else:
+                try:
+                    text = raw.decode("utf-8")  # the usual case, and twice as fast as decode_text
+                except UnicodeDecodeError:
+                    text, replaced = decode_text(raw)  # a "\n" ends every bad sequence: as if decoded whole
+                    bad, first_bad = bad + replaced, first_bad or physical
+                lines = _break_lines(text, len(raw))
+            for line, nbytes in lines:
+                number += 1
+                if not by_paragraph:
+                    if line is None:
+                        yield _too_large(config, f"{path}:{number}", f"a line of {nbytes:,} bytes", nbytes)
+                    elif line.strip():
+                        yield Document(f"{path}:{number}", config.name, line.removesuffix("\n"))
+                elif line == "\n" and part != []:  # a blank line after a paragraph's first line ends it
+                    yield from _paragraph(path, config, start, part, size, ended=True)
+                    start, part, size = number + 1, [], 0
+                else:
+                    size += nbytes
+                    if line is None or size > limit:
+                        part = None  # over the limit: its bytes are counted on, its text no longer held
+                    elif part is not None:
+                        part.append(line)
+    except _READ_ERRORS as exc:  # a truncated compressed file: what was read before stays
+        where = f"{path}:{start if by_paragraph else number + 1}"
+        failure = ReadFailure(where, config.name, "unreadable_file", f"{where}: cannot read on from here ({exc})")
+    if by_paragraph and not failure:
+        yield from _paragraph(path, config, start, part, size, ended=False)
+    if bad:
+        yield _undecodable(config, path, bad, first_bad)
+    if failure:
+        yield failure
+
+
+def _break_lines(text: str, nbytes: int) -> list[tuple[str, int]]:
+    """A line read up to "\\n" as the lines it holds once "\\r\\n" and a lone "\\r" break lines
+    too, each ending in "\\n" (but a file's last) and with its size in bytes."""
+    if "\r" not in text:
+        return [(text, nbytes)]
+    pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+    return [(line, len(line.encode())) for line in lines]
+
+
+def _paragraph(path: Path, config: SourceConfig, start: int, part: list[str] | None, size: int, ended: bool) -> Iterator[Record]:
+    """The document of a gathered paragraph, if it holds more than white space; `ended`: by a
+    blank line, whose "\\n\\n" takes the last line's break."""
+    where = f"{path}:{start}"
+    if part is None:
+        yield _too_large(config, where, f"a paragraph of {size:,} bytes", size)
         return
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    separator = "\n\n" if config.text_unit == "paragraph" else "\n"
-    line = 1
-    for part in text.split(separator):
-        if part.strip():
-            yield Document(f"{doc_id}:{line}", config.name, part)
-        line += part.count("\n") + separator.count("\n")
+    text = "".join(part)
+    text = text[:-1] if ended else text
+    if text.strip():
+        yield Document(where, config.name, text)
 
 
 def _field_text(record: object, config: SourceConfig) -> tuple[str | None, str | None, str]:
