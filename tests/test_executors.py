@@ -159,7 +159,9 @@ def test_local_executor_returns_results_in_task_order_with_bounded_work_in_fligh
         executor = LocalExecutor(workers, dict, ({"base": 1},))
         results = []
         executor.run(((square, i) for i in range(20)), results.append, "test")
-        assert results == [1 + i * i for i in range(20)]
+        executor.run(((square, i) for i in range(3)), results.append, "test")  # the same pool again
+        executor.close()
+        assert results == [1 + i * i for i in range(20)] + [1, 2, 5]
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ hasher, the tokenizer) and reused for every task that process gets. Stages stay 
 over chunks; an executor only decides where they run. Every task writes its outputs atomically
 and is a pure function of its arguments, so running one twice (a retry) changes nothing.
 
-- `LocalExecutor`: one worker runs inline; more run in a `ProcessPoolExecutor`. A worker that
-  dies (killed, out of memory) breaks the pool, and the run stops at once naming the stage.
+- `LocalExecutor`: one worker runs inline; more run in a `ProcessPoolExecutor`, kept for the
+  whole run. A worker that dies (killed, out of memory) breaks the pool, and the run stops at
+  once naming the stage.
 - `RayExecutor`: Ray tasks on a cluster (`address`), or on a local Ray instance started for the
   run and stopped after it. Ray retries a task whose worker died, on another worker.
 
@@ -68,39 +69,48 @@ def _call(token: str, setup: Callable, setup_args: tuple, task: Task) -> object:
 
 
 class LocalExecutor:
-    """Inline with one worker, else a process pool of `workers` processes per `run`."""
+    """Inline with one worker, else a pool of `workers` processes, started at the first `run`
+    and kept for the next ones (the phases of a run) until `close`."""
 
     def __init__(self, workers: int, setup: Callable, setup_args: tuple):
         self.workers = workers
         self._setup = (uuid.uuid4().hex, setup, setup_args)
+        self._pool: ProcessPoolExecutor | None = None
 
     def run(self, tasks: Iterable[Task], on_done: Callable[[object], None], stage: str) -> None:
         if self.workers == 1:
             for task in tasks:
                 on_done(_call(*self._setup, task))
             return
-        pool = ProcessPoolExecutor(self.workers, initializer=_init_local, initargs=self._setup)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, initializer=_init_local, initargs=self._setup)
         pending: deque[Future] = deque()
         try:
             for task in tasks:
                 if len(pending) >= 2 * self.workers:
                     on_done(pending.popleft().result())
-                pending.append(pool.submit(_call, *self._setup, task))
+                pending.append(self._pool.submit(_call, *self._setup, task))
             while pending:
                 on_done(pending.popleft().result())
         except BrokenProcessPool:
-            _stop(pool)
+            self._abandon()
             raise WorkerDiedError(
                 f"{stage}: a worker process died (killed, or out of memory?); run the same command again to resume "
                 "from the last finished chunk"
             ) from None
         except BaseException:
-            _stop(pool)
+            self._abandon()
             raise
-        pool.shutdown()
+
+    def _abandon(self) -> None:
+        if self._pool is not None:
+            _stop(self._pool)
+            self._pool = None
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
