@@ -132,7 +132,13 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
 
 
 def save_figure_atomic(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure atomically; the format follows the file's extension."""
-    with written_atomically(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None)
+    """Save a pyplot figure atomically (the format follows the file's extension) and close it,
+    saved or not: pyplot keeps every open figure in memory."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with written_atomically(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None)
+    finally:
+        plt.close(fig)
     return Path(path)

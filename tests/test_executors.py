@@ -11,26 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_prepare import messy_corpus, read_ledger
+from test_prepare import documents, messy_corpus, read_ledger, tokenizer_path  # noqa: F401 (fixtures)
 
 from scratchlm.data.executors import LocalExecutor, RayExecutor, WorkerDiedError, make_executor
 from scratchlm.data.prepare import load_prepare_config, prepare, worker_setup
 from scratchlm.errors import ConfigError
-from scratchlm.text.embedded import embedded_documents
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def documents() -> list[str]:
-    return [d for d in embedded_documents() if len(d.split()) > 60][:400]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(corpus_tokenizer, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    corpus_tokenizer.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +30,7 @@ def corpus(documents, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray instance with 2 CPUs for the module; executors find it running and keep it."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=200 << 20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=200 << 20)
     # Ray workers cannot import this test module: send its functions (the fault wrapper) by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield

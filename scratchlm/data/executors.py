@@ -138,7 +138,8 @@ class RayExecutor:
         self._ray = ray
         self._owns = not ray.is_initialized()
         if self._owns:
-            options = {"address": address} if address else {"num_cpus": workers or os.cpu_count() or 1}
+            # "local": a new instance even where `ray start` left a cluster that ray.init would join.
+            options = {"address": address} if address else {"address": "local", "num_cpus": workers or os.cpu_count() or 1}
             try:
                 ray.init(**options, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False)  # fmt: skip

@@ -152,10 +152,7 @@ def plot_diversity(diversity: dict, path: str | Path) -> Path:
         lengths.legend()
         languages.legend()
     fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path)
 
 
 def _example(example: dict) -> str:

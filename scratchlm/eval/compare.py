@@ -177,10 +177,7 @@ def plot_comparison(comparison: Comparison, out: Path) -> Path:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, out)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, out)
 
 
 def save_comparison(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]:

@@ -87,7 +87,4 @@ def plot_loss_curve(rows: list[dict], out: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, out)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, out)
