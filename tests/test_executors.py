@@ -162,3 +162,31 @@ def test_cli_runs_on_ray_and_matches_the_local_run(local_run, corpus, tokenizer_
     assert outputs(out) == outputs(local_run)
     bad = subprocess.run([*command[:-1], "--executor", "local", "--address", "auto"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "needs executor" in bad.stderr
+
+
+def test_worker_setup_makes_the_paths_workers_open_absolute(corpus_tokenizer, tmp_path, monkeypatch):
+    # A Ray worker runs in the folder its node was started in: relative paths would miss.
+    monkeypatch.chdir(tmp_path)
+    corpus_tokenizer.save(tmp_path / "tok.json")
+    (tmp_path / "block.txt").write_text("example.com\n")
+    (tmp_path / "words.txt").write_text("frobnicate\n")
+    overrides = {"tokenizer": "tok.json", "filters": {"url_blocklist": "block.txt", "bad_words_file": "words.txt"}}
+    config = load_prepare_config(None, overrides, ["in.jsonl"])
+    _, (worker_config, work, tokenizer) = worker_setup(config, "out")
+    assert work == tmp_path / "out" / "work" and Path(tokenizer) == tmp_path / "tok.json"
+    filters = worker_config.cleaning.filters
+    assert Path(filters.url_blocklist) == tmp_path / "block.txt" and Path(filters.bad_words_file) == tmp_path / "words.txt"
+
+
+def test_an_address_where_nothing_answers_fails_in_one_line_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    command = [sys.executable, "-m", "scratchlm.cli", "data", "prepare", "--input", str(tmp_path / "in.jsonl"),
+               "--out", str(tmp_path / "out"), "--executor", "ray", "--address", f"127.0.0.1:{port}"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "nothing answers there" in done.stderr
+    assert not (tmp_path / "out").exists()

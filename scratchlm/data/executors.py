@@ -19,6 +19,7 @@ waiting for a worker.
 import logging
 import os
 import signal
+import socket
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -26,7 +27,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
-from scratchlm.errors import ConfigError, ScratchLMError
+from scratchlm.errors import ConfigError, ScratchLMError, first_line
 
 Task = tuple  # (function, *args): called as function(state, *args)
 EXECUTORS = ("local", "ray")
@@ -140,11 +141,13 @@ class RayExecutor:
         if self._owns:
             # "local": a new instance even where `ray start` left a cluster that ray.init would join.
             options = {"address": address} if address else {"address": "local", "num_cpus": workers or os.cpu_count() or 1}
+            if address:
+                _check_reachable(address)
             try:
                 ray.init(**options, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False)  # fmt: skip
-            except ConnectionError as error:
-                raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({error})") from None
+            except (ConnectionError, ValueError, RuntimeError) as error:  # no cluster, a ray:// address without ray[client]
+                raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({first_line(error)})") from None
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._setup = ray.put((uuid.uuid4().hex, setup, setup_args))
         self._remote = ray.remote(_ray_call).options(max_retries=retries, retry_exceptions=False)
@@ -179,6 +182,18 @@ class RayExecutor:
     def close(self) -> None:
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()
+
+
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """Fail in seconds when nothing answers at HOST:PORT (ray.init would retry for many minutes);
+    `auto` and `local` are Ray's to resolve."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address in ("auto", "local") or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as error:
+        raise ConfigError(f"--address {address}: nothing answers there ({error.strerror or error}); is the Ray head running?") from None
 
 
 def _ray_call(setup: tuple, task: Task) -> object:

@@ -378,22 +378,37 @@ def prepare(config: PrepareConfig, out: str | Path, progress: bool = True, execu
             raise ConfigError(f"{config.settings.tokenizer}: the tokenizer has no <|endoftext|> token to separate documents")
     if config.cleaning.filters.enabled and config.cleaning.filters.languages:
         check_languages(config.cleaning.filters.languages)
-    for folder in ("clean", "finish", "tokens"):
-        (work / folder).mkdir(parents=True, exist_ok=True)
-    if executor is not None:
-        return _run(config, out, tokenizer, executor, progress)
-    settings = config.settings
-    executor = make_executor(settings.executor, settings.workers, *worker_setup(config, out), settings.address)
+    owned = executor is None
+    if owned:
+        settings = config.settings
+        executor = make_executor(settings.executor, settings.workers, *worker_setup(config, out), settings.address)
     try:
+        for folder in ("clean", "finish", "tokens"):
+            (work / folder).mkdir(parents=True, exist_ok=True)
         return _run(config, out, tokenizer, executor, progress)
     finally:
-        executor.close()
+        if owned:
+            executor.close()
 
 
 def worker_setup(config: PrepareConfig, out: str | Path) -> tuple[type, tuple]:
     """What an executor builds once in each worker process for a run into `out`: pass it to
-    `make_executor` (or `LocalExecutor`, `RayExecutor`) to give `prepare` an executor of your own."""
-    return _Worker, (config, Path(out) / "work", config.settings.tokenizer)
+    `make_executor` (or `LocalExecutor`, `RayExecutor`) to give `prepare` an executor of your own.
+
+    The paths the workers open (the output folder, the tokenizer, word lists) are made absolute
+    here: a Ray worker runs in the folder where its node was started, not in this one."""
+    settings, filters = config.settings, config.cleaning.filters
+    config = dataclasses.replace(
+        config,
+        settings=dataclasses.replace(settings, tokenizer=_absolute(settings.tokenizer)),
+        cleaning=dataclasses.replace(config.cleaning, filters=dataclasses.replace(
+            filters, bad_words_file=_absolute(filters.bad_words_file), url_blocklist=_absolute(filters.url_blocklist))),
+    )  # fmt: skip
+    return _Worker, (config, Path(out).absolute() / "work", config.settings.tokenizer)
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).absolute()) if path else path
 
 
 def _run(config: PrepareConfig, out: Path, tokenizer, executor: Executor, progress: bool) -> PrepareResult:

@@ -4,6 +4,7 @@
 from pathlib import Path
 
 from scratchlm.atomic_io import save_figure_atomic, write_text_atomic
+from scratchlm.data.diversity import LANGUAGE_SAMPLE
 
 _STAGES = ("read", "extract", "normalize", "filter", "pii")
 DIVERSITY_PLOT = "diversity.png"
@@ -94,7 +95,7 @@ def _diversity_section(diversity: dict) -> list[str]:
     unit = diversity["share_unit"]
     lines = ["", "## Diversity", "", f"![languages, lengths, domains and shares per source]({DIVERSITY_PLOT})", "",
              f"Kept documents; share: of the {unit} of the training mixture; languages by py3langid on the first "
-             f"{diversity['language_chars']:,} characters of every {diversity['language_sample'].split()[1]} document of each source and chunk; lengths in bytes (percentiles to within a histogram bin).", ""]  # fmt: skip
+             f"{diversity['language_chars']:,} characters of every {LANGUAGE_SAMPLE}th document of each source and chunk; lengths in bytes (percentiles to within a histogram bin).", ""]  # fmt: skip
     lines.append(_row("source", "documents", "share", "top languages", "median length", "p5 – p95", "top domains"))
     lines.append(_row(*["---"] * 7))
     for name, group in [*diversity["sources"].items(), ("all", diversity["overall"])]:
@@ -136,7 +137,7 @@ def plot_diversity(diversity: dict, path: str | Path) -> Path:
         counts = [group["languages"].get(code, 0) for code in codes]
         languages.barh(codes, counts, left=left, label=name)
         left = [a + b for a, b in zip(left, counts)]
-    languages.set_xlabel("documents")
+    languages.set_xlabel(f"documents classified (every {LANGUAGE_SAMPLE}th)")
     languages.invert_yaxis()
     top = diversity["overall"]["domains"]["top"][:10]
     if top:
