@@ -109,6 +109,7 @@ class LocalExecutor:
             self._pool = None
 
     def close(self) -> None:
+        _STATES.pop(self._setup[0], None)  # the inline worker's state (a tokenizer) lives in this process
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -135,7 +136,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise ConfigError("--executor ray needs Ray: pip install 'ray[data]'") from None
+            raise ConfigError("--executor ray needs Ray: pip install 'scratchlm[ray]' (or 'ray[data]')") from None
         self._ray = ray
         self._owns = not ray.is_initialized()
         if self._owns:
